@@ -1,0 +1,180 @@
+//! `arenaflow`: run and describe plan files.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use arenaflow_engine::plan::RUN_DIR_PARAM;
+use arenaflow_engine::{run_plan, ArenaSession, PlanFile, RunOptions};
+use clap::{Parser, Subcommand};
+use datafusion::sql::parser::{DFParser, Statement};
+
+#[derive(Parser)]
+#[command(
+    name = "arenaflow",
+    version,
+    about = "Pairwise-preference distillation pipelines as DataFusion plans"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run plan files in order, in one run directory.
+    Run {
+        /// Plan files (SQL with `-- param` declarations).
+        #[arg(required = true)]
+        plans: Vec<String>,
+        /// Set a declared parameter (repeatable): --set fold=2
+        #[arg(long = "set", value_name = "NAME=VALUE", value_parser = parse_set)]
+        sets: Vec<(String, String)>,
+        /// Run directory: outputs and manifest.json live here (local path or s3://bucket/prefix).
+        #[arg(long, default_value = "runs/default")]
+        run_dir: String,
+        /// Overwrite outputs recorded for another stage or other parameters.
+        #[arg(long)]
+        force: bool,
+    },
+    /// List a plan's parameters (with defaults) and its outputs.
+    Describe { plan: String },
+}
+
+fn parse_set(arg: &str) -> Result<(String, String), String> {
+    match arg.split_once('=') {
+        Some((name, value)) if !name.trim().is_empty() => {
+            Ok((name.trim().to_string(), value.to_string()))
+        }
+        _ => Err(format!("expected NAME=VALUE, got {arg:?}")),
+    }
+}
+
+async fn run(
+    plans: Vec<String>,
+    sets: Vec<(String, String)>,
+    run_dir: String,
+    force: bool,
+) -> anyhow::Result<()> {
+    let plans = plans
+        .iter()
+        .map(|p| PlanFile::load(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    for (name, _) in &sets {
+        if name == RUN_DIR_PARAM {
+            bail!("--set run_dir: use --run-dir");
+        }
+        if !plans.iter().any(|p| p.declares(name)) {
+            let files: Vec<&str> = plans.iter().map(|p| p.file.as_str()).collect();
+            bail!(
+                "--set {name}: no plan declares such a parameter ({})",
+                files.join(", ")
+            );
+        }
+    }
+    let session = ArenaSession::new();
+    let mut stdout = std::io::stdout().lock();
+    for plan in &plans {
+        let own_sets: Vec<(String, String)> = sets
+            .iter()
+            .filter(|(n, _)| plan.declares(n))
+            .cloned()
+            .collect();
+        let options = RunOptions {
+            run_dir: run_dir.clone(),
+            sets: own_sets,
+            force,
+        };
+        writeln!(stdout, "== {} (stage {})", plan.file, plan.stage)?;
+        let summary = run_plan(&session, plan, &options, &mut stdout).await?;
+        if summary.written.is_empty() && !summary.up_to_date.is_empty() {
+            writeln!(
+                stdout,
+                "{}: all {} outputs up to date, nothing written",
+                plan.file,
+                summary.up_to_date.len()
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn describe(path: &str) -> anyhow::Result<()> {
+    let plan = PlanFile::load(path)?;
+    println!("plan {} (stage {})", plan.file, plan.stage);
+    println!("parameters:");
+    println!(
+        "  {:<16} {:<40} built in: --run-dir",
+        RUN_DIR_PARAM, "runs/default"
+    );
+    let mut values = std::collections::BTreeMap::new();
+    values.insert(RUN_DIR_PARAM.to_string(), "${run_dir}".to_string());
+    for p in &plan.params {
+        let default = p.default.as_deref().map_or("(required)".to_string(), |d| {
+            if d.is_empty() {
+                "''".into()
+            } else {
+                d.to_string()
+            }
+        });
+        println!(
+            "  {:<16} {:<40} {}",
+            p.name,
+            default,
+            p.doc.as_deref().unwrap_or("")
+        );
+        values.insert(
+            p.name.clone(),
+            p.default.clone().unwrap_or_else(|| format!("<{}>", p.name)),
+        );
+    }
+    println!("outputs:");
+    for statement in &plan.statements {
+        let sql = plan.substitute(statement, &values)?;
+        if let Ok(mut parsed) = DFParser::parse_sql(&sql) {
+            if let Some(Statement::CopyTo(copy)) = parsed.pop_front() {
+                let partitions = if copy.partitioned_by.is_empty() {
+                    String::new()
+                } else {
+                    format!(" partitioned by {}", copy.partitioned_by.join(", "))
+                };
+                println!(
+                    "  line {:<4} {} ({}){partitions}",
+                    statement.line,
+                    copy.target,
+                    copy.stored_as.as_deref().unwrap_or("by extension")
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("ARENAFLOW_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run {
+            plans,
+            sets,
+            run_dir,
+            force,
+        } => tokio::runtime::Runtime::new()
+            .context("cannot start the async runtime")
+            .and_then(|rt| rt.block_on(run(plans, sets, run_dir, force))),
+        Command::Describe { plan } => describe(&plan),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,393 @@
+//! Runs a plan file statement by statement. `COPY ... TO` a path inside the run directory
+//! is managed: written to a staging folder, counted, recorded in the manifest as
+//! `writing`, moved into place, then recorded `complete`; an output already complete with
+//! the same fingerprint is skipped.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::time::Duration;
+
+use datafusion::arrow::array::AsArray;
+use datafusion::arrow::datatypes::{Int64Type, UInt64Type};
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::arrow::util::pretty::pretty_format_batches;
+use datafusion::functions_aggregate::expr_fn::{count, count_distinct};
+use datafusion::logical_expr::{col, lit, DdlStatement, LogicalPlan};
+use datafusion::prelude::{CsvReadOptions, JsonReadOptions, ParquetReadOptions};
+use datafusion::sql::parser::{CopyToStatement, DFParser, Statement};
+use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::error::{EngineError, Result};
+use crate::manifest::{Manifest, OutputRecord, OutputStatus};
+use crate::plan::{PlanFile, PlanStatement, RUN_DIR_PARAM};
+use crate::session::ArenaSession;
+use crate::storage::{
+    delete_tree, hash_location, move_tree, objects_under, sha256_hex, InputFile, Location,
+};
+
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub run_dir: String,
+    pub sets: Vec<(String, String)>,
+    /// Overwrite outputs that belong to another stage or other parameters.
+    pub force: bool,
+}
+
+/// What a run did with each managed output.
+#[derive(Debug, Default)]
+pub struct RunSummary {
+    pub written: Vec<String>,
+    pub up_to_date: Vec<String>,
+}
+
+struct PlanRun<'a> {
+    session: &'a ArenaSession,
+    plan: &'a PlanFile,
+    options: &'a RunOptions,
+    run_dir: Location,
+    params: BTreeMap<String, String>,
+    manifest: Manifest,
+    input_hashes: HashMap<String, Vec<InputFile>>,
+    summary: RunSummary,
+}
+
+/// Runs a plan; query results print to `out`.
+pub async fn run_plan(
+    session: &ArenaSession,
+    plan: &PlanFile,
+    options: &RunOptions,
+    out: &mut dyn Write,
+) -> Result<RunSummary> {
+    let params = plan.resolve(&options.sets)?;
+    session.register_stores_for(&options.run_dir)?;
+    let run_dir = Location::parse(&options.run_dir)?;
+    let manifest = Manifest::load(&session.ctx, &run_dir).await?;
+    let mut run = PlanRun {
+        session,
+        plan,
+        options,
+        run_dir,
+        params,
+        manifest,
+        input_hashes: HashMap::new(),
+        summary: RunSummary::default(),
+    };
+    let run_dir_value = options.run_dir.trim_end_matches('/').to_string();
+    // Defaults may name the run directory (`-- param input = ${run_dir}/prepare/...`).
+    let mut values: BTreeMap<String, String> = run
+        .params
+        .iter()
+        .map(|(k, v)| (k.clone(), v.replace("${run_dir}", &run_dir_value)))
+        .collect();
+    values.insert(RUN_DIR_PARAM.to_string(), run_dir_value);
+    for statement in &plan.statements {
+        let sql = plan.substitute(statement, &values)?;
+        run.statement(statement, &sql, out)
+            .await
+            .map_err(|e| match e {
+                EngineError::Plan { .. } | EngineError::Statement { .. } => e,
+                other => EngineError::Statement {
+                    file: plan.file.clone(),
+                    line: statement.line,
+                    source: Box::new(with_plan_line(other, statement.line)),
+                },
+            })?;
+    }
+    Ok(run.summary)
+}
+
+/// Parser errors count lines from the statement's start; add the plan file's line.
+fn with_plan_line(error: EngineError, statement_line: usize) -> EngineError {
+    let message = error.to_string();
+    match message.find("Line: ").and_then(|at| {
+        message[at + 6..]
+            .split(',')
+            .next()?
+            .trim()
+            .parse::<usize>()
+            .ok()
+    }) {
+        Some(line) => EngineError::Param(format!(
+            "{message} (plan line {})",
+            statement_line + line - 1
+        )),
+        None => error,
+    }
+}
+
+fn spinner(message: String) -> ProgressBar {
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {elapsed} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    bar.set_message(message);
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+impl PlanRun<'_> {
+    async fn statement(
+        &mut self,
+        statement: &PlanStatement,
+        sql: &str,
+        out: &mut dyn Write,
+    ) -> Result<()> {
+        self.session.register_stores_for(sql)?;
+        let mut parsed = DFParser::parse_sql(sql)?;
+        if parsed.len() != 1 {
+            return Err(EngineError::Param(format!(
+                "expected one statement, found {}",
+                parsed.len()
+            )));
+        }
+        let parsed = parsed.pop_front().unwrap_or_else(|| unreachable!());
+        if let Statement::CopyTo(copy) = &parsed {
+            let target = Location::parse(&copy.target)?;
+            if let Some(key) = target.relative_to(&self.run_dir) {
+                return self.managed_copy(statement, copy.clone(), key, out).await;
+            }
+        }
+        let prints = matches!(&parsed, Statement::Statement(s) if matches!(**s, SqlStatement::Query(_) | SqlStatement::ShowTables { .. } | SqlStatement::ShowColumns { .. }))
+            || matches!(parsed, Statement::Explain(_));
+        let state = self.session.ctx.state();
+        let logical = state.statement_to_plan(parsed).await?;
+        if let LogicalPlan::Ddl(DdlStatement::CreateExternalTable(table)) = &logical {
+            for location in &table.locations {
+                self.session.inputs.record(location);
+            }
+        }
+        let bar = spinner(format!("{}:{}", self.plan.file, statement.line));
+        let batches = self
+            .session
+            .ctx
+            .execute_logical_plan(logical)
+            .await?
+            .collect()
+            .await;
+        bar.finish_and_clear();
+        let batches = batches?;
+        if prints {
+            writeln!(
+                out,
+                "{}",
+                pretty_format_batches(&batches)
+                    .map_err(datafusion::error::DataFusionError::from)?
+            )?;
+        }
+        Ok(())
+    }
+
+    async fn inputs(&mut self) -> Result<Vec<InputFile>> {
+        let mut all = Vec::new();
+        for location in self.session.inputs.locations() {
+            if !self.input_hashes.contains_key(&location) {
+                let parsed = Location::parse(&location)?;
+                let files =
+                    hash_location(parsed.store(&self.session.ctx)?.as_ref(), &parsed).await?;
+                if files.is_empty() {
+                    return Err(EngineError::Param(format!(
+                        "input {location}: no such file or folder"
+                    )));
+                }
+                self.input_hashes.insert(location.clone(), files);
+            }
+            all.extend(self.input_hashes[&location].iter().cloned());
+        }
+        Ok(all)
+    }
+
+    async fn managed_copy(
+        &mut self,
+        statement: &PlanStatement,
+        mut copy: CopyToStatement,
+        key: String,
+        out: &mut dyn Write,
+    ) -> Result<()> {
+        let ctx = &self.session.ctx;
+        let target = self.run_dir.join(&key);
+        let store = target.store(ctx)?;
+        let inputs = self.inputs().await?;
+        let plan_sha256 = sha256_hex(&self.plan.text);
+        let params_sha256 = sha256_hex(serde_json::to_vec(&self.params)?);
+        let input_digest: Vec<&str> = inputs.iter().map(|i| i.sha256.as_str()).collect();
+        let fingerprint = sha256_hex(format!(
+            "{}\n{key}\n{plan_sha256}\n{params_sha256}\n{}",
+            self.plan.stage,
+            input_digest.join(",")
+        ));
+        let conflict = |message: String| EngineError::Manifest {
+            run_dir: self.run_dir.to_string(),
+            message,
+        };
+
+        match self.manifest.outputs.get(&key) {
+            Some(record)
+                if record.status == OutputStatus::Complete && record.fingerprint == fingerprint =>
+            {
+                let present =
+                    record.rows == 0 || !objects_under(store.as_ref(), &target).await?.is_empty();
+                if present {
+                    writeln!(
+                        out,
+                        "up to date: {key} ({} rows, {} ids); nothing to do",
+                        record.rows,
+                        record.distinct_ids.map_or("-".into(), |n| n.to_string())
+                    )?;
+                    self.summary.up_to_date.push(key);
+                    return Ok(());
+                }
+            }
+            Some(record)
+                if record.status == OutputStatus::Complete
+                    && !self.options.force
+                    && (record.stage != self.plan.stage || record.params != self.params) =>
+            {
+                return Err(conflict(format!(
+                    "{key} is the output of stage {} with parameters {:?}; this run (stage {}, parameters {:?}) would overwrite it. Put what differs into the output path, or pass --force",
+                    record.stage, record.params, self.plan.stage, self.params
+                )));
+            }
+            Some(_) => {}
+            None => {
+                let present = !objects_under(store.as_ref(), &target).await?.is_empty();
+                if present && !self.options.force {
+                    return Err(conflict(format!("{key} exists but the manifest does not record it; remove it or pass --force")));
+                }
+            }
+        }
+        if let Some(other) = self.manifest.outputs.keys().find(|k| {
+            *k != &key && (k.starts_with(&format!("{key}/")) || key.starts_with(&format!("{k}/")))
+        }) {
+            if !self.options.force {
+                return Err(conflict(format!(
+                    "{key} overlaps the recorded output {other}; pass --force to overwrite"
+                )));
+            }
+        }
+
+        let staging_root = self
+            .run_dir
+            .join(&format!(".staging/{}", uuid::Uuid::new_v4()));
+        let staging = staging_root.join(&key);
+        let folder = copy.target.ends_with('/') || !copy.partitioned_by.is_empty();
+        copy.target = if folder {
+            format!("{}/", staging.sql())
+        } else {
+            staging.sql()
+        };
+        let format = copy
+            .stored_as
+            .clone()
+            .unwrap_or_else(|| key.rsplit('.').next().unwrap_or("parquet").to_string())
+            .to_lowercase();
+
+        let bar = spinner(format!("{}:{} -> {key}", self.plan.file, statement.line));
+        let written = async {
+            let logical = ctx
+                .state()
+                .statement_to_plan(Statement::CopyTo(copy))
+                .await?;
+            let result = ctx.execute_logical_plan(logical).await?.collect().await?;
+            let rows = copied_rows(&result);
+            let distinct_ids = if rows == 0 {
+                Some(0)
+            } else {
+                self.distinct_ids(&staging, &format, folder).await?
+            };
+            Ok::<_, EngineError>((rows, distinct_ids))
+        }
+        .await;
+        bar.finish_and_clear();
+        let (rows, distinct_ids) = match written {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = delete_tree(store.as_ref(), &staging_root).await;
+                return Err(e);
+            }
+        };
+
+        let mut record = OutputRecord {
+            status: OutputStatus::Writing,
+            stage: self.plan.stage.clone(),
+            plan: self.plan.file.clone(),
+            line: statement.line,
+            format,
+            params: self.params.clone(),
+            rows,
+            distinct_ids,
+            plan_sha256,
+            params_sha256,
+            inputs,
+            skipped_rows: self.session.inputs.skipped_rows(),
+            fingerprint,
+            written_at: chrono::Utc::now().to_rfc3339(),
+        };
+        self.manifest.outputs.insert(key.clone(), record.clone());
+        self.manifest.save(ctx, &self.run_dir).await?;
+        delete_tree(store.as_ref(), &target).await?;
+        move_tree(store.as_ref(), &staging, &target).await?;
+        delete_tree(store.as_ref(), &staging_root).await?;
+        record.status = OutputStatus::Complete;
+        self.manifest.outputs.insert(key.clone(), record);
+        self.manifest.save(ctx, &self.run_dir).await?;
+        writeln!(
+            out,
+            "wrote {key}: {rows} rows, {} ids",
+            distinct_ids.map_or("-".into(), |n| n.to_string())
+        )?;
+        self.summary.written.push(key);
+        Ok(())
+    }
+
+    /// Distinct `id` values of a written output, read back from where it was written.
+    async fn distinct_ids(
+        &self,
+        staging: &Location,
+        format: &str,
+        folder: bool,
+    ) -> Result<Option<u64>> {
+        let ctx = &self.session.ctx;
+        let path = if folder {
+            format!("{}/", staging.sql())
+        } else {
+            staging.sql()
+        };
+        let frame = match format {
+            "parquet" => {
+                ctx.read_parquet(path, ParquetReadOptions::default())
+                    .await?
+            }
+            "csv" => ctx.read_csv(path, CsvReadOptions::default()).await?,
+            "json" | "ndjson" => ctx.read_json(path, JsonReadOptions::default()).await?,
+            _ => return Ok(None),
+        };
+        if frame.schema().field_with_unqualified_name("id").is_err() {
+            return Ok(None);
+        }
+        let batches = frame
+            .aggregate(vec![], vec![count_distinct(col("id")), count(lit(1))])?
+            .collect()
+            .await?;
+        Ok(batches
+            .first()
+            .map(|b| b.column(0).as_primitive::<Int64Type>().value(0) as u64))
+    }
+}
+
+fn copied_rows(result: &[RecordBatch]) -> u64 {
+    result
+        .iter()
+        .filter(|b| b.num_columns() > 0 && b.num_rows() > 0)
+        .map(|b| {
+            let column = b.column(0);
+            match column.as_primitive_opt::<UInt64Type>() {
+                Some(counts) => counts.value(0),
+                None => column
+                    .as_primitive_opt::<Int64Type>()
+                    .map_or(0, |c| c.value(0) as u64),
+            }
+        })
+        .sum()
+}

@@ -1,0 +1,224 @@
+//! Local paths and `s3://bucket/key` URLs through object_store.
+//!
+//! S3 is configured from the standard AWS variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
+//! AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ALLOW_HTTP, ...), never from a plan file.
+
+use std::sync::Arc;
+
+use datafusion::execution::object_store::ObjectStoreUrl;
+use datafusion::prelude::SessionContext;
+use futures::TryStreamExt;
+use object_store::aws::AmazonS3Builder;
+use object_store::path::Path;
+use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use url::Url;
+
+use crate::error::{EngineError, Result};
+
+/// A file or folder, local or on S3.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location {
+    pub store_url: ObjectStoreUrl,
+    pub path: Path,
+    local: bool,
+}
+
+fn normalise(path: &std::path::Path) -> std::path::PathBuf {
+    use std::path::Component;
+    let mut out = std::path::PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+impl Location {
+    pub fn parse(location: &str) -> Result<Self> {
+        if let Some(rest) = location.strip_prefix("s3://") {
+            let url = Url::parse(location)
+                .map_err(|e| EngineError::Param(format!("{location}: not a valid URL: {e}")))?;
+            let bucket = rest.split('/').next().unwrap_or_default();
+            if bucket.is_empty() {
+                return Err(EngineError::Param(format!(
+                    "{location}: no bucket in the S3 URL"
+                )));
+            }
+            let key = url.path().trim_matches('/');
+            return Ok(Self {
+                store_url: ObjectStoreUrl::parse(format!("s3://{bucket}"))?,
+                path: Path::from(key),
+                local: false,
+            });
+        }
+        if location.contains("://") {
+            return Err(EngineError::Param(format!(
+                "{location}: only local paths and s3:// URLs are supported"
+            )));
+        }
+        let absolute = normalise(&std::path::absolute(location)?);
+        let path = Path::from_absolute_path(&absolute)
+            .map_err(|e| EngineError::Param(format!("{location}: {e}")))?;
+        Ok(Self {
+            store_url: ObjectStoreUrl::local_filesystem(),
+            path,
+            local: true,
+        })
+    }
+
+    pub fn is_local(&self) -> bool {
+        self.local
+    }
+
+    pub fn join(&self, relative: &str) -> Self {
+        let mut path = self.path.clone();
+        for part in relative.split('/').filter(|p| !p.is_empty()) {
+            path = path.join(part);
+        }
+        Self {
+            path,
+            ..self.clone()
+        }
+    }
+
+    /// `relative` such that `base.join(relative) == self`, if `self` lies under `base`.
+    pub fn relative_to(&self, base: &Self) -> Option<String> {
+        if self.store_url != base.store_url {
+            return None;
+        }
+        let parts: Vec<_> = self
+            .path
+            .prefix_match(&base.path)?
+            .map(|p| p.as_ref().to_string())
+            .collect();
+        (!parts.is_empty()).then(|| parts.join("/"))
+    }
+
+    /// The form DataFusion SQL takes: an absolute path, or the s3:// URL.
+    pub fn sql(&self) -> String {
+        if self.local {
+            format!("/{}", self.path)
+        } else {
+            format!("{}{}", self.store_url.as_str(), self.path)
+        }
+    }
+
+    pub fn store(&self, ctx: &SessionContext) -> Result<Arc<dyn ObjectStore>> {
+        Ok(ctx.runtime_env().object_store(&self.store_url)?)
+    }
+}
+
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.sql())
+    }
+}
+
+/// Registers an S3 store for every `s3://bucket` the text names (once per bucket).
+pub fn register_s3_buckets(ctx: &SessionContext, text: &str) -> Result<()> {
+    for (at, _) in text.match_indices("s3://") {
+        let bucket: String = text[at + 5..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+            .collect();
+        if bucket.is_empty() {
+            continue;
+        }
+        let url = ObjectStoreUrl::parse(format!("s3://{bucket}"))?;
+        if ctx.runtime_env().object_store(&url).is_ok() {
+            continue;
+        }
+        let store = AmazonS3Builder::from_env()
+            .with_bucket_name(&bucket)
+            .build()?;
+        ctx.register_object_store(url.as_ref(), Arc::new(store));
+    }
+    Ok(())
+}
+
+/// The objects at a location: the one object itself, or everything under it as a folder.
+pub async fn objects_under(
+    store: &dyn ObjectStore,
+    location: &Location,
+) -> Result<Vec<ObjectMeta>> {
+    if !location.path.as_ref().is_empty() {
+        match store.head(&location.path).await {
+            Ok(meta) => return Ok(vec![meta]),
+            Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) if location.is_local() && std::path::Path::new(&location.sql()).is_dir() => {
+                tracing::debug!("{location} is a folder: {e}")
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let mut objects: Vec<ObjectMeta> = store.list(Some(&location.path)).try_collect().await?;
+    objects.sort_by(|a, b| a.location.cmp(&b.location));
+    Ok(objects)
+}
+
+/// Moves a file or folder; what was at the destination must have been removed first.
+pub async fn move_tree(store: &dyn ObjectStore, from: &Location, to: &Location) -> Result<()> {
+    for object in objects_under(store, from).await? {
+        let destination = match object.location.prefix_match(&from.path) {
+            Some(parts) => parts.fold(to.path.clone(), |path, part| path.join(part)),
+            None => to.path.clone(),
+        };
+        store.rename(&object.location, &destination).await?;
+    }
+    Ok(())
+}
+
+pub async fn delete_tree(store: &dyn ObjectStore, location: &Location) -> Result<()> {
+    for object in objects_under(store, location).await? {
+        store.delete(&object.location).await?;
+    }
+    if location.is_local() {
+        let path = location.sql();
+        if std::path::Path::new(&path).is_dir() {
+            std::fs::remove_dir_all(&path)?;
+        }
+    }
+    Ok(())
+}
+
+/// One input file as the manifest records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InputFile {
+    pub path: String,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+/// Hashes every file at a location (a file, or all files under a folder).
+pub async fn hash_location(store: &dyn ObjectStore, location: &Location) -> Result<Vec<InputFile>> {
+    let mut files = Vec::new();
+    for object in objects_under(store, location).await? {
+        let mut hasher = Sha256::new();
+        let mut chunks = store.get(&object.location).await?.into_stream();
+        while let Some(chunk) = chunks.try_next().await? {
+            hasher.update(&chunk);
+        }
+        let path = Location {
+            path: object.location.clone(),
+            ..location.clone()
+        }
+        .sql();
+        files.push(InputFile {
+            path,
+            bytes: object.size,
+            sha256: hex::encode(hasher.finalize()),
+        });
+    }
+    Ok(files)
+}
+
+pub fn sha256_hex(data: impl AsRef<[u8]>) -> String {
+    hex::encode(Sha256::digest(data.as_ref()))
+}

@@ -1,0 +1,137 @@
+//! Helpers for arenaflow's integration tests: the CLI binary, the repository root, the
+//! shared data, and a real S3-compatible server.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The workspace root (plans and `../shared` paths are relative to it).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+pub fn shared(relative: &str) -> PathBuf {
+    repo_root().join("../shared").join(relative)
+}
+
+/// The `arenaflow` binary of this build, built on first use.
+pub fn arenaflow_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target profile folder");
+    let bin = dir.join(format!("arenaflow{}", std::env::consts::EXE_SUFFIX));
+    static BUILD: std::sync::Once = std::sync::Once::new();
+    BUILD.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "arenaflow-engine", "--bin", "arenaflow"])
+            .current_dir(repo_root())
+            .status()
+            .expect("run cargo build for the arenaflow binary");
+        assert!(status.success(), "building the arenaflow binary failed");
+    });
+    bin
+}
+
+/// Runs `arenaflow ARGS` in the repository root.
+pub fn arenaflow(args: &[&str]) -> Output {
+    arenaflow_with_env(args, &[])
+}
+
+pub fn arenaflow_with_env(args: &[&str], env: &[(&str, String)]) -> Output {
+    let mut command = Command::new(arenaflow_bin());
+    command.args(args).current_dir(repo_root());
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    command.output().expect("run arenaflow")
+}
+
+pub fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// A moto S3 server on a free loopback port, stopped on drop. The server comes from
+/// PyPI's `moto[server]` (`scripts/test.sh` installs it); `MOTO_SERVER` names the program.
+pub struct S3Server {
+    child: Child,
+    pub endpoint: String,
+}
+
+impl S3Server {
+    pub fn start() -> Self {
+        let program = std::env::var("MOTO_SERVER").unwrap_or_else(|_| "moto_server".into());
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let child = Command::new(&program)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {program} ({e}): install it with `pip install 'moto[server]'` or run scripts/test.sh, which does"));
+        let server = Self {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "{program} did not start listening on port {port}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        server
+    }
+
+    /// The AWS variables that point object_store at this server.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL", self.endpoint.clone()),
+            ("AWS_ACCESS_KEY_ID", "testing".into()),
+            ("AWS_SECRET_ACCESS_KEY", "testing".into()),
+            ("AWS_REGION", "us-east-1".into()),
+            ("AWS_ALLOW_HTTP", "true".into()),
+        ]
+    }
+
+    /// A raw S3 PUT (create a bucket with `key` empty, or upload an object).
+    pub fn put(&self, bucket: &str, key: &str, body: &[u8]) {
+        let host = self.endpoint.trim_start_matches("http://");
+        let mut stream = TcpStream::connect(host).expect("connect to the S3 server");
+        let path = if key.is_empty() {
+            format!("/{bucket}")
+        } else {
+            format!("/{bucket}/{key}")
+        };
+        write!(stream, "PUT {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len()).unwrap();
+        stream.write_all(body).unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        assert!(
+            response.starts_with("HTTP/1.1 200"),
+            "S3 PUT {path} failed: {}",
+            response.lines().next().unwrap_or_default()
+        );
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

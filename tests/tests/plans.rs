@@ -1,0 +1,105 @@
+//! Plan files: parameters, errors that point at file and line, describe.
+
+use arenaflow_tests::{arenaflow, text};
+
+fn plan(dir: &std::path::Path, name: &str, sql: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, sql).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+#[test]
+fn parameters_are_declared_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = plan(dir.path(), "p.sql", "-- param n = 2 -- how many\n-- param word\nSELECT ${n} * 21 AS answer, '${word}' AS word;\n");
+    let ok = arenaflow(&[
+        "run",
+        &p,
+        "--set",
+        "word=hi",
+        "--run-dir",
+        dir.path().join("r").to_str().unwrap(),
+    ]);
+    assert!(ok.status.success(), "{}", text(&ok));
+    assert!(text(&ok).contains("| 42     | hi   |"), "{}", text(&ok));
+
+    let missing = arenaflow(&[
+        "run",
+        &p,
+        "--run-dir",
+        dir.path().join("r").to_str().unwrap(),
+    ]);
+    assert!(!missing.status.success());
+    assert!(
+        text(&missing).contains("p.sql:2: parameter word has no default"),
+        "{}",
+        text(&missing)
+    );
+
+    let unknown = arenaflow(&["run", &p, "--set", "word=hi", "--set", "wrod=x"]);
+    assert!(!unknown.status.success());
+    assert!(
+        text(&unknown).contains("--set wrod: no plan declares such a parameter"),
+        "{}",
+        text(&unknown)
+    );
+}
+
+#[test]
+fn errors_point_at_the_plan_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = plan(
+        dir.path(),
+        "bad.sql",
+        "SELECT 1;\n\n-- a comment\nSELECT nosuchfunction(1);\n",
+    );
+    let out = arenaflow(&[
+        "run",
+        &p,
+        "--run-dir",
+        dir.path().join("r").to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("bad.sql:4:"), "{}", text(&out));
+
+    let p = plan(
+        dir.path(),
+        "syntax.sql",
+        "SELECT 1;\nSELECT\n  1 +\n  FROM;\n",
+    );
+    let out = arenaflow(&[
+        "run",
+        &p,
+        "--run-dir",
+        dir.path().join("r").to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("syntax.sql:2:") && text(&out).contains("(plan line 4)"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn describe_lists_parameters_and_outputs() {
+    let out = arenaflow(&["describe", "plans/folds.sql"]);
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    for expected in [
+        "stage folds",
+        "k ",
+        "5",
+        "number of folds",
+        "seed",
+        "2025",
+        "swap",
+        "${run_dir}/folds/k5_seed2025_swaptrue/",
+        "partitioned by fold",
+    ] {
+        assert!(
+            said.contains(expected),
+            "{expected:?} missing from:\n{said}"
+        );
+    }
+}

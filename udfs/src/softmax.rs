@@ -1,0 +1,113 @@
+//! `softmax3(logits)` or `softmax3(z_a, z_b, z_tie)`: three logits to probabilities.
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, Float64Builder, ListBuilder};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, Field, Float64Type};
+use datafusion::common::{exec_err, plan_err, Result};
+use datafusion::logical_expr::{
+    ColumnarValue, ScalarFunctionArgs, ScalarUDFImpl, Signature, Volatility,
+};
+
+/// Softmax of three logits, shifted by the maximum so large logits do not overflow.
+pub fn softmax3(z: [f64; 3]) -> [f64; 3] {
+    let max = z[0].max(z[1]).max(z[2]);
+    let e = z.map(|v| (v - max).exp());
+    let sum = e[0] + e[1] + e[2];
+    e.map(|v| v / sum)
+}
+
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct Softmax3 {
+    signature: Signature,
+}
+
+impl Default for Softmax3 {
+    fn default() -> Self {
+        Self {
+            signature: Signature::user_defined(Volatility::Immutable),
+        }
+    }
+}
+
+fn float_list() -> DataType {
+    DataType::List(Arc::new(Field::new_list_field(DataType::Float64, true)))
+}
+
+impl ScalarUDFImpl for Softmax3 {
+    fn name(&self) -> &str {
+        "softmax3"
+    }
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+    fn coerce_types(&self, arg_types: &[DataType]) -> Result<Vec<DataType>> {
+        match arg_types {
+            [DataType::List(f) | DataType::LargeList(f) | DataType::FixedSizeList(f, 3)]
+                if f.data_type().is_numeric() =>
+            {
+                Ok(vec![float_list()])
+            }
+            [a, b, c] if [a, b, c].iter().all(|t| t.is_numeric() || t.is_null()) => {
+                Ok(vec![DataType::Float64; 3])
+            }
+            other => plan_err!(
+                "softmax3 takes a list of three logits or three numeric logits, got {other:?}"
+            ),
+        }
+    }
+    fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
+        Ok(float_list())
+    }
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let n = args.number_rows;
+        let mut logits: Vec<Option<[f64; 3]>> = Vec::with_capacity(n);
+        if args.args.len() == 1 {
+            let lists = args.args[0].to_array(n)?;
+            let lists = lists.as_list::<i32>();
+            for row in 0..n {
+                if lists.is_null(row) {
+                    logits.push(None);
+                    continue;
+                }
+                let values = lists.value(row);
+                let values = cast(&values, &DataType::Float64)?;
+                let values = values.as_primitive::<Float64Type>();
+                if values.len() != 3 || values.null_count() > 0 {
+                    return exec_err!(
+                        "softmax3: row {row} of the batch has {} logits ({} null); expected 3",
+                        values.len(),
+                        values.null_count()
+                    );
+                }
+                logits.push(Some([values.value(0), values.value(1), values.value(2)]));
+            }
+        } else {
+            let columns = args
+                .args
+                .iter()
+                .map(|a| Ok(cast(&a.to_array(n)?, &DataType::Float64)?))
+                .collect::<Result<Vec<ArrayRef>>>()?;
+            let [a, b, c] = [0, 1, 2].map(|i| columns[i].as_primitive::<Float64Type>());
+            for row in 0..n {
+                logits.push(if a.is_null(row) || b.is_null(row) || c.is_null(row) {
+                    None
+                } else {
+                    Some([a.value(row), b.value(row), c.value(row)])
+                });
+            }
+        }
+        let mut builder = ListBuilder::new(Float64Builder::with_capacity(3 * n));
+        for z in logits {
+            match z {
+                Some(z) => {
+                    builder.values().append_slice(&softmax3(z));
+                    builder.append(true);
+                }
+                None => builder.append_null(),
+            }
+        }
+        Ok(ColumnarValue::Array(Arc::new(builder.finish())))
+    }
+}
