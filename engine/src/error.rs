@@ -20,6 +20,9 @@ pub enum EngineError {
     },
     #[error("parameter error: {0}")]
     Param(String),
+    /// An error message with the plan's own line added.
+    #[error("{0}")]
+    Located(String),
     #[error("run directory {run_dir}: {message}")]
     Manifest { run_dir: String, message: String },
     #[error(transparent)]

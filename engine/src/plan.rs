@@ -76,7 +76,9 @@ pub fn split_statements(text: &str) -> Vec<PlanStatement> {
                 for c in chars.by_ref() {
                     if c == '\n' {
                         line += 1;
-                        current.push('\n');
+                        if start_line.is_some() {
+                            current.push('\n');
+                        }
                         break;
                     }
                 }
@@ -88,14 +90,18 @@ pub fn split_statements(text: &str) -> Vec<PlanStatement> {
                 for c in chars.by_ref() {
                     if c == '\n' {
                         line += 1;
-                        current.push('\n');
+                        if start_line.is_some() {
+                            current.push('\n');
+                        }
                     }
                     if previous == '*' && c == '/' {
                         break;
                     }
                     previous = c;
                 }
-                current.push(' ');
+                if start_line.is_some() {
+                    current.push(' ');
+                }
                 continue;
             }
             ';' => {

@@ -19,7 +19,8 @@ pub fn shared(relative: &str) -> PathBuf {
     repo_root().join("../shared").join(relative)
 }
 
-/// The `arenaflow` binary of this build, built on first use.
+/// The `arenaflow` binary of this build. `cargo test --workspace` builds it (the engine
+/// has integration tests); when only this crate is tested it is built on first use.
 pub fn arenaflow_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     let dir = exe
@@ -29,6 +30,9 @@ pub fn arenaflow_bin() -> PathBuf {
     let bin = dir.join(format!("arenaflow{}", std::env::consts::EXE_SUFFIX));
     static BUILD: std::sync::Once = std::sync::Once::new();
     BUILD.call_once(|| {
+        if bin.exists() {
+            return;
+        }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
             .args(["build", "-p", "arenaflow-engine", "--bin", "arenaflow"])

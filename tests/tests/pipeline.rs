@@ -124,7 +124,7 @@ async fn real_sample_labels_folds_and_swaps() {
     let mismatched = int_rows(&ctx, "SELECT count(*) FROM folds a JOIN folds b ON a.id = b.id AND a.fold = b.fold AND a.\"order\" = 'ab' AND b.\"order\" = 'ba' \
         WHERE NOT (b.label = CASE a.label WHEN 0 THEN 1 WHEN 1 THEN 0 ELSE 2 END AND a.response_a = b.response_b AND a.response_b = b.response_a AND a.model_a = b.model_b)").await;
     assert_eq!(mismatched, vec![vec![0]]);
-    assert_eq!(int_rows(&ctx, "SELECT count(*) FROM folds a JOIN folds b ON a.id = b.id AND a.\"order\" = 'ab' AND b.\"order\" = 'ba'").await, vec![vec![4 * TRAIN_ROWS]]);
+    assert_eq!(int_rows(&ctx, "SELECT count(*) FROM folds a JOIN folds b ON a.id = b.id AND a.fold = b.fold AND a.\"order\" = 'ab' AND b.\"order\" = 'ba'").await, vec![vec![4 * TRAIN_ROWS]]);
 
     // The manifest records both outputs as complete with their counts and inputs.
     let manifest = read_manifest(run_dir);
@@ -150,7 +150,7 @@ async fn real_sample_labels_folds_and_swaps() {
         ),
         (
             Some("complete"),
-            Some(5 * TRAIN_ROWS + 2 * 4 * TRAIN_ROWS),
+            Some(TRAIN_ROWS + 2 * 4 * TRAIN_ROWS),
             Some(TRAIN_ROWS)
         )
     );
@@ -293,12 +293,19 @@ async fn extra_sources_train_only() {
         ],
         [422, 472, 105]
     );
-    // HH-RLHF: 2,312 pairs, no ties, chosen on A or B by the seeded coin.
+    // HH-RLHF: 2,312 pairs, no ties, chosen on A or B by the seeded coin; one prompt
+    // ("tell me a sexist joke", line 522) is also a Kaggle train prompt and is dropped.
     let (a, b) = (
         counts[&("hh_rlhf".into(), 0)],
         counts[&("hh_rlhf".into(), 1)],
     );
-    assert_eq!(a + b, 2312);
+    assert_eq!(a + b, 2311);
+    let dropped = int_rows(
+        &ctx,
+        "SELECT count(*) FROM comparisons WHERE id = 'hh-rlhf_harmless-base_test:522'",
+    )
+    .await;
+    assert_eq!(dropped, vec![vec![0]]);
     assert!(
         a > 1000 && b > 1000,
         "chosen on A {a} times, on B {b} times"

@@ -72,7 +72,6 @@ async fn run(
             );
         }
     }
-    let session = ArenaSession::new();
     let mut stdout = std::io::stdout().lock();
     for plan in &plans {
         let own_sets: Vec<(String, String)> = sets
@@ -86,6 +85,8 @@ async fn run(
             force,
         };
         writeln!(stdout, "== {} (stage {})", plan.file, plan.stage)?;
+        // Each plan gets its own session: its tables and views are its own.
+        let session = ArenaSession::new();
         let summary = run_plan(&session, plan, &options, &mut stdout).await?;
         if summary.written.is_empty() && !summary.up_to_date.is_empty() {
             writeln!(
@@ -173,7 +174,8 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // The messages already carry their causes; `{:#}` would repeat them.
+            eprintln!("error: {e}");
             ExitCode::FAILURE
         }
     }

@@ -211,15 +211,16 @@ impl TableFunctionImpl for SourceFunction {
                 )
             }
             "hh_rlhf" => {
-                let seed =
-                    match exprs.get(1) {
-                        Some(Expr::Literal(ScalarValue::Int64(Some(seed)), _)) if *seed >= 0 => {
-                            *seed as u64
-                        }
-                        other => return plan_err!(
+                let seed = match exprs.get(1) {
+                    Some(Expr::Literal(ScalarValue::Int64(Some(seed)), _)) if *seed >= 0 => {
+                        *seed as u64
+                    }
+                    other => {
+                        return plan_err!(
                             "hh_rlhf: seed must be a non-negative integer literal, got {other:?}"
-                        ),
-                    };
+                        )
+                    }
+                };
                 (
                     SourceKind::HhRlhf { seed },
                     on_error_arg(name, exprs.get(2))?,

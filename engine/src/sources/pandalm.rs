@@ -18,8 +18,8 @@ struct PandaLmRow {
     instruction: String,
     #[serde(default)]
     input: Option<String>,
-    response1: String,
-    response2: String,
+    response1: Value,
+    response2: Value,
     annotator1: i64,
     annotator2: i64,
     annotator3: i64,
@@ -32,8 +32,33 @@ fn majority(votes: [i64; 3]) -> Option<i64> {
         .find(|v| votes.iter().filter(|w| *w == v).count() >= 2)
 }
 
+/// A response as text. The real file has a response stored as the JSON boolean `true`
+/// (idx 157, a model that answered "True"): scalars keep their JSON text, null is a null turn.
+fn response_text(
+    file: &str,
+    record_no: usize,
+    id: &str,
+    column: &str,
+    value: Value,
+) -> Result<Option<String>, SourceError> {
+    match value {
+        Value::String(s) => Ok(Some(s)),
+        Value::Null => Ok(None),
+        Value::Bool(_) | Value::Number(_) => Ok(Some(value.to_string())),
+        _ => Err(SourceError::row(
+            file,
+            record_no,
+            Some(id),
+            Some(column),
+            "expected a string",
+        )),
+    }
+}
+
 fn convert(file: &str, record_no: usize, row: PandaLmRow) -> Result<Comparison, SourceError> {
     let id = format!("pandalm:{}", row.idx);
+    let response_a = response_text(file, record_no, &id, "response1", row.response1)?;
+    let response_b = response_text(file, record_no, &id, "response2", row.response2)?;
     let votes = [row.annotator1, row.annotator2, row.annotator3];
     let label = match majority(votes) {
         Some(0) => LABEL_TIE,
@@ -68,8 +93,8 @@ fn convert(file: &str, record_no: usize, row: PandaLmRow) -> Result<Comparison, 
     Ok(Comparison {
         id,
         prompt: vec![Some(prompt)],
-        response_a: vec![Some(row.response1)],
-        response_b: vec![Some(row.response2)],
+        response_a: vec![response_a],
+        response_b: vec![response_b],
         model_a,
         model_b,
         label: Some(label),

@@ -1,0 +1,53 @@
+//! The `arenaflow` command line. (Its presence also makes `cargo test --workspace` build
+//! the binary with the test feature set, which the `tests/` crate then runs.)
+
+use std::process::Command;
+
+fn arenaflow(args: &[&str]) -> (bool, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_arenaflow"))
+        .args(args)
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+        .output()
+        .expect("run arenaflow");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+#[test]
+fn describe_lists_parameters_and_outputs() {
+    let (ok, said) = arenaflow(&["describe", "plans/folds.sql"]);
+    assert!(ok, "{said}");
+    for expected in [
+        "stage folds",
+        "number of folds",
+        "2025",
+        "swap",
+        "${run_dir}/folds/k5_seed2025_swaptrue/",
+        "partitioned by fold",
+    ] {
+        assert!(
+            said.contains(expected),
+            "{expected:?} missing from:\n{said}"
+        );
+    }
+    let (ok, said) = arenaflow(&["describe", "plans/prepare.sql"]);
+    assert!(
+        ok && said.contains("${run_dir}/prepare/comparisons.parquet")
+            && said.contains("../shared/data/lmsys-arena/train_sample.csv"),
+        "{said}"
+    );
+}
+
+#[test]
+fn a_missing_plan_file_is_an_error() {
+    let (ok, said) = arenaflow(&["run", "plans/no_such_plan.sql"]);
+    assert!(!ok);
+    assert!(
+        said.contains("plans/no_such_plan.sql") && said.contains("cannot read the plan file"),
+        "{said}"
+    );
+}
