@@ -15,7 +15,7 @@ trap 'rm -rf "$work"' EXIT
 csv="$work/train_$ROWS.csv"
 "$VENV/bin/python" benches/prepare_vs_pandas.py --make ../shared/data/lmsys-arena/train_sample.csv "$csv" "$ROWS"
 
-ARENAFLOW_BENCH_CSV="$csv" cargo bench -p arenaflow-benches --bench prepare -- --noplot 2>&1 | grep -v '^\s*$' | tail -n 6
+ARENAFLOW_BENCH_CSV="$csv" cargo bench --workspace --bench prepare -- --noplot 2>&1 | grep -v '^\s*$' | tail -n 6
 target_dir=$(cargo metadata --format-version 1 --no-deps | "$VENV/bin/python" -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 estimates="$target_dir/criterion/prepare/parse_normalise_fold_57477/new/estimates.json"
 rust_s=$("$VENV/bin/python" -c "import json; print(json.load(open('$estimates'))['median']['point_estimate'] / 1e9)")

@@ -9,7 +9,7 @@ use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde_json::Value;
 
 use super::canonical::{Comparison, Turns};
-use super::{OnError, Parsed};
+use super::{file_text, OnError, Parsed};
 use crate::error::SourceError;
 use arenaflow_udfs::{LABEL_A, LABEL_B, LABEL_TIE};
 
@@ -36,9 +36,7 @@ fn rows_from_parquet(file: &str, bytes: Bytes) -> Result<Vec<Value>, SourceError
 }
 
 fn rows_from_json(file: &str, bytes: &[u8]) -> Result<Vec<Value>, SourceError> {
-    let text = std::str::from_utf8(bytes).map_err(|e| {
-        SourceError::file(file, format!("invalid UTF-8 at byte {}", e.valid_up_to()))
-    })?;
+    let text = file_text(file, bytes, "chatbot_arena_conversations rows")?;
     if text.trim_start().starts_with('[') {
         return serde_json::from_str(text)
             .map_err(|e| SourceError::file(file, format!("not a JSON array: {e}")));

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use super::canonical::Comparison;
-use super::{OnError, Parsed};
+use super::{file_text, OnError, Parsed};
 use crate::error::SourceError;
 use arenaflow_udfs::{LABEL_A, LABEL_B};
 
@@ -144,15 +144,7 @@ pub fn parse(
     seed: u64,
     on_error: OnError,
 ) -> Result<Parsed, SourceError> {
-    let text = std::str::from_utf8(bytes).map_err(|e| {
-        SourceError::file(file, format!("invalid UTF-8 at byte {}", e.valid_up_to()))
-    })?;
-    if text.trim().is_empty() {
-        return Err(SourceError::file(
-            file,
-            "the file is empty: expected JSON lines of {\"chosen\", \"rejected\"}",
-        ));
-    }
+    let text = file_text(file, bytes, "JSON lines of {\"chosen\", \"rejected\"}")?;
     let name = file.rsplit('/').next().unwrap_or(file);
     let stem = name.split('.').next().unwrap_or(name);
     let mut parsed = Parsed::default();

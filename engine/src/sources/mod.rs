@@ -78,6 +78,24 @@ impl Parsed {
     }
 }
 
+/// A whole file as text: an error names the file when it is not UTF-8 or holds nothing.
+pub(crate) fn file_text<'b>(
+    file: &str,
+    bytes: &'b [u8],
+    expected: &str,
+) -> Result<&'b str, SourceError> {
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        SourceError::file(file, format!("invalid UTF-8 at byte {}", e.valid_up_to()))
+    })?;
+    if text.trim().is_empty() {
+        return Err(SourceError::file(
+            file,
+            format!("the file is empty: expected {expected}"),
+        ));
+    }
+    Ok(text)
+}
+
 /// Which reader, with its settings.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SourceKind {

@@ -6,7 +6,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::canonical::Comparison;
-use super::{OnError, Parsed};
+use super::{file_text, OnError, Parsed};
 use crate::error::SourceError;
 use arenaflow_udfs::{LABEL_A, LABEL_B, LABEL_TIE};
 
@@ -102,15 +102,7 @@ fn convert(file: &str, record_no: usize, row: PandaLmRow) -> Result<Comparison, 
 }
 
 pub fn parse(file: &str, bytes: &[u8], on_error: OnError) -> Result<Parsed, SourceError> {
-    let text = std::str::from_utf8(bytes).map_err(|e| {
-        SourceError::file(file, format!("invalid UTF-8 at byte {}", e.valid_up_to()))
-    })?;
-    if text.trim().is_empty() {
-        return Err(SourceError::file(
-            file,
-            "the file is empty: expected a JSON array of PandaLM rows",
-        ));
-    }
+    let text = file_text(file, bytes, "a JSON array of PandaLM rows")?;
     let rows: Vec<Value> = serde_json::from_str(text)
         .map_err(|e| SourceError::file(file, format!("not a JSON array: {e}")))?;
     let mut parsed = Parsed::default();
