@@ -5,4 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/arenaflow/target}"
-cargo run --quiet -p arenaflow-engine --bin arenaflow -- run plans/prepare.sql plans/folds.sql --run-dir runs/default "$@"
+# Built as the tests build it (same features), so the two commands share one build.
+cargo build --quiet --workspace --tests
+"$CARGO_TARGET_DIR/debug/arenaflow" run plans/prepare.sql plans/folds.sql --run-dir runs/default "$@"
