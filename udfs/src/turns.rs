@@ -111,25 +111,24 @@ impl TurnsParser<'_> {
     fn string(&mut self) -> Result<String, TurnsError> {
         self.pos += 1; // opening quote
         let mut out = String::new();
-        let mut run_start = self.pos;
         loop {
-            let Some(&b) = self.bytes.get(self.pos) else {
+            // Jump to the next quote or backslash; the run before it is copied whole.
+            let rest = &self.bytes[self.pos..];
+            let Some(at) = memchr::memchr2(b'"', b'\\', rest) else {
                 return self.fail("unterminated string");
             };
-            match b {
-                b'"' => {
-                    out.push_str(&self.text[run_start..self.pos]);
-                    self.pos += 1;
-                    return Ok(out);
-                }
-                b'\\' => {
-                    out.push_str(&self.text[run_start..self.pos]);
-                    self.escape(&mut out)?;
-                    run_start = self.pos;
-                }
-                0x00..=0x1f => return self.fail("raw control character inside a string"),
-                _ => self.pos += 1,
+            let run = &rest[..at];
+            if let Some(control) = run.iter().position(|&b| b < 0x20) {
+                self.pos += control;
+                return self.fail("raw control character inside a string");
             }
+            out.push_str(&self.text[self.pos..self.pos + at]);
+            self.pos += at;
+            if rest[at] == b'"' {
+                self.pos += 1;
+                return Ok(out);
+            }
+            self.escape(&mut out)?;
         }
     }
 

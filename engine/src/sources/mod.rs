@@ -162,12 +162,48 @@ pub async fn read_source(
     .await
     .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;
     let (parsed, kind) = parsed?;
-    let batches = parsed
-        .rows
-        .chunks(canonical::BATCH_ROWS)
-        .map(|rows| comparisons_to_batch(kind.source_name(), rows))
-        .collect::<Result<Vec<_>>>()?;
+    let batches = to_batches(kind.source_name(), parsed.rows)?;
     Ok((batches, parsed.skipped))
+}
+
+/// Canonical record batches of `rows`, built on all cores (each worker owns, converts
+/// and frees its share of the rows).
+pub fn to_batches(source: &str, rows: Vec<Comparison>) -> Result<Vec<RecordBatch>> {
+    let mut chunks: Vec<Vec<Comparison>> =
+        Vec::with_capacity(rows.len().div_ceil(canonical::BATCH_ROWS));
+    let mut rows = rows.into_iter().peekable();
+    while rows.peek().is_some() {
+        chunks.push(rows.by_ref().take(canonical::BATCH_ROWS).collect());
+    }
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let per_worker = chunks.len().div_ceil(workers).max(1);
+    let mut groups: Vec<Vec<Vec<Comparison>>> = Vec::new();
+    while !chunks.is_empty() {
+        let rest = chunks.split_off(per_worker.min(chunks.len()));
+        groups.push(std::mem::replace(&mut chunks, rest));
+    }
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = groups
+            .into_iter()
+            .map(|group| {
+                scope.spawn(move || {
+                    group
+                        .iter()
+                        .map(|rows| comparisons_to_batch(source, rows))
+                        .collect::<Result<Vec<_>>>()
+                })
+            })
+            .collect();
+        let mut batches = Vec::new();
+        for handle in handles {
+            batches.extend(handle.join().map_err(|_| {
+                datafusion::error::DataFusionError::Internal(
+                    "a batch-building thread panicked".into(),
+                )
+            })??);
+        }
+        Ok(batches)
+    })
 }
 
 /// A table function that reads one kind of source.
