@@ -306,6 +306,7 @@ mod tests {
             (r#"[1]"#, 1),
             (r#"["\x"]"#, 3),
             ("", 0),
+            ("[\"ab\u{1}\"]", 4),
         ] {
             let err = parse_turns(text).unwrap_err();
             assert_eq!(err.offset, offset, "{text}: {err}");
