@@ -18,11 +18,9 @@ pub enum EngineError {
         line: usize,
         source: Box<EngineError>,
     },
-    #[error("parameter error: {0}")]
-    Param(String),
-    /// An error message with the plan's own line added.
+    /// A bad location, input or statement; the message names it.
     #[error("{0}")]
-    Located(String),
+    Invalid(String),
     #[error("run directory {run_dir}: {message}")]
     Manifest { run_dir: String, message: String },
     #[error(transparent)]

@@ -108,7 +108,7 @@ fn with_plan_line(error: EngineError, statement_line: usize) -> EngineError {
             .parse::<usize>()
             .ok()
     }) {
-        Some(line) => EngineError::Param(format!(
+        Some(line) => EngineError::Invalid(format!(
             "{message} (plan line {})",
             statement_line + line - 1
         )),
@@ -137,7 +137,7 @@ impl PlanRun<'_> {
         self.session.register_stores_for(sql)?;
         let mut parsed = DFParser::parse_sql(sql)?;
         if parsed.len() != 1 {
-            return Err(EngineError::Param(format!(
+            return Err(EngineError::Invalid(format!(
                 "expected one statement, found {}",
                 parsed.len()
             )));
@@ -187,7 +187,7 @@ impl PlanRun<'_> {
                 let files =
                     hash_location(parsed.store(&self.session.ctx)?.as_ref(), &parsed).await?;
                 if files.is_empty() {
-                    return Err(EngineError::Param(format!(
+                    return Err(EngineError::Invalid(format!(
                         "input {location}: no such file or folder"
                     )));
                 }

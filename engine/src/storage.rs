@@ -44,10 +44,10 @@ impl Location {
     pub fn parse(location: &str) -> Result<Self> {
         if let Some(rest) = location.strip_prefix("s3://") {
             let url = Url::parse(location)
-                .map_err(|e| EngineError::Param(format!("{location}: not a valid URL: {e}")))?;
+                .map_err(|e| EngineError::Invalid(format!("{location}: not a valid URL: {e}")))?;
             let bucket = rest.split('/').next().unwrap_or_default();
             if bucket.is_empty() {
-                return Err(EngineError::Param(format!(
+                return Err(EngineError::Invalid(format!(
                     "{location}: no bucket in the S3 URL"
                 )));
             }
@@ -59,13 +59,13 @@ impl Location {
             });
         }
         if location.contains("://") {
-            return Err(EngineError::Param(format!(
+            return Err(EngineError::Invalid(format!(
                 "{location}: only local paths and s3:// URLs are supported"
             )));
         }
         let absolute = normalise(&std::path::absolute(location)?);
         let path = Path::from_absolute_path(&absolute)
-            .map_err(|e| EngineError::Param(format!("{location}: {e}")))?;
+            .map_err(|e| EngineError::Invalid(format!("{location}: {e}")))?;
         Ok(Self {
             store_url: ObjectStoreUrl::local_filesystem(),
             path,
