@@ -186,6 +186,21 @@ async fn real_sample_labels_folds_and_swaps() {
         "{}",
         text(&clash)
     );
+    // Another stage writing to a recorded output is refused too.
+    let rogue = dir.path().join("rogue.sql");
+    std::fs::write(&rogue, "-- stage rogue\nCOPY (SELECT '1' AS id) TO '${run_dir}/prepare/comparisons.parquet' STORED AS PARQUET;\n").unwrap();
+    let clash = arenaflow(&["run", rogue.to_str().unwrap(), "--run-dir", run_dir]);
+    assert!(!clash.status.success());
+    assert!(
+        text(&clash).contains("is the output of stage prepare"),
+        "{}",
+        text(&clash)
+    );
+    assert_eq!(
+        read_manifest(run_dir)["outputs"]["prepare/comparisons.parquet"]["rows"],
+        TRAIN_ROWS
+    );
+
     let forced = arenaflow(&[
         "run",
         "plans/prepare.sql",
@@ -258,9 +273,16 @@ async fn extra_sources_train_only() {
     let run_dir = run_dir.to_str().unwrap();
     let pandalm = shared("data/pandalm/pandalm_testset-v1.json");
     let hh = shared("data/hh-rlhf/hh-rlhf_harmless-base_test.jsonl.gz");
+    // UltraFeedback in Kaggle format (post-pretraining data): loaded, never in the folds.
+    let ultrafeedback = dir.path().join("ultrafeedback.csv");
+    std::fs::write(&ultrafeedback, "id,model_a,model_b,prompt,response_a,response_b,winner_model_a,winner_model_b,winner_tie\n\
+        uf-1,m1,m2,\"[\"\"Say hi\"\"]\",\"[\"\"hi\"\"]\",\"[\"\"hello\"\"]\",1,0,0\n\
+        uf-2,m1,m2,\"[\"\"Count to 2\"\"]\",\"[\"\"1 2\"\"]\",\"[\"\"1, 2\"\"]\",0,0,1\n").unwrap();
     let output = run_pipeline(
         run_dir,
         &[
+            "--set",
+            &format!("ultrafeedback={}", ultrafeedback.display()),
             "--set",
             &format!("pandalm={}", pandalm.display()),
             "--set",
@@ -311,6 +333,8 @@ async fn extra_sources_train_only() {
         "chosen on A {a} times, on B {b} times"
     );
     assert!(!counts.contains_key(&("hh_rlhf".into(), 2)));
+    let ultrafeedback_rows = int_rows(&ctx, "SELECT (SELECT count(*) FROM comparisons WHERE source = 'ultrafeedback') AS loaded, (SELECT count(*) FROM folds WHERE source = 'ultrafeedback') AS in_folds").await;
+    assert_eq!(ultrafeedback_rows, vec![vec![2, 0]]);
     let held_out_extra = int_rows(
         &ctx,
         "SELECT count(*) FROM folds WHERE split = 'valid' AND source <> 'kaggle'",
