@@ -11,12 +11,12 @@ pub enum EngineError {
         line: usize,
         message: String,
     },
-    /// A statement of a plan failed.
-    #[error("{file}:{line}: {source}")]
+    /// A statement of a plan failed; the message includes the statement's error.
+    #[error("{file}:{line}: {error}")]
     Statement {
         file: String,
         line: usize,
-        source: Box<EngineError>,
+        error: Box<EngineError>,
     },
     /// A bad location, input or statement; the message names it.
     #[error("{0}")]

@@ -11,8 +11,8 @@ use datafusion::arrow::array::AsArray;
 use datafusion::arrow::datatypes::{Int64Type, UInt64Type};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::util::pretty::pretty_format_batches;
-use datafusion::functions_aggregate::expr_fn::{count, count_distinct};
-use datafusion::logical_expr::{col, lit, DdlStatement, LogicalPlan};
+use datafusion::functions_aggregate::expr_fn::count_distinct;
+use datafusion::logical_expr::{col, DdlStatement, LogicalPlan};
 use datafusion::prelude::{CsvReadOptions, JsonReadOptions, ParquetReadOptions};
 use datafusion::sql::parser::{CopyToStatement, DFParser, Statement};
 use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
@@ -90,7 +90,7 @@ pub async fn run_plan(
                 other => EngineError::Statement {
                     file: plan.file.clone(),
                     line: statement.line,
-                    source: Box::new(with_plan_line(other, statement.line)),
+                    error: Box::new(with_plan_line(other, statement.line)),
                 },
             })?;
     }
@@ -290,7 +290,7 @@ impl PlanRun<'_> {
                 .statement_to_plan(Statement::CopyTo(copy))
                 .await?;
             let result = ctx.execute_logical_plan(logical).await?.collect().await?;
-            let rows = copied_rows(&result);
+            let rows = copied_rows(&result)?;
             let distinct_ids = if rows == 0 {
                 Some(0)
             } else {
@@ -367,7 +367,7 @@ impl PlanRun<'_> {
             return Ok(None);
         }
         let batches = frame
-            .aggregate(vec![], vec![count_distinct(col("id")), count(lit(1))])?
+            .aggregate(vec![], vec![count_distinct(col("id"))])?
             .collect()
             .await?;
         Ok(batches
@@ -376,18 +376,19 @@ impl PlanRun<'_> {
     }
 }
 
-fn copied_rows(result: &[RecordBatch]) -> u64 {
-    result
-        .iter()
-        .filter(|b| b.num_columns() > 0 && b.num_rows() > 0)
-        .map(|b| {
-            let column = b.column(0);
-            match column.as_primitive_opt::<UInt64Type>() {
-                Some(counts) => counts.value(0),
-                None => column
-                    .as_primitive_opt::<Int64Type>()
-                    .map_or(0, |c| c.value(0) as u64),
+/// The row count a `COPY` reports (one UInt64 `count`).
+fn copied_rows(result: &[RecordBatch]) -> Result<u64> {
+    let mut rows = 0;
+    for batch in result.iter().filter(|b| b.num_rows() > 0) {
+        match batch.column(0).as_primitive_opt::<UInt64Type>() {
+            Some(counts) => rows += counts.values().iter().sum::<u64>(),
+            None => {
+                return Err(EngineError::Invalid(format!(
+                    "COPY reported its row count as {}, expected UInt64",
+                    batch.column(0).data_type()
+                )))
             }
-        })
-        .sum()
+        }
+    }
+    Ok(rows)
 }

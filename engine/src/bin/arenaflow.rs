@@ -174,7 +174,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // The messages already carry their causes; `{:#}` would repeat them.
+            // Messages carry their causes (DataFusion's too); `{:#}` would repeat them.
             eprintln!("error: {e}");
             ExitCode::FAILURE
         }

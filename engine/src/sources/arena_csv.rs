@@ -10,7 +10,7 @@ use arenaflow_udfs::{one_hot_label, parse_turns};
 use csv::ByteRecord;
 
 use super::canonical::{Comparison, Turns};
-use super::{OnError, Parsed};
+use super::{in_parallel, OnError, Parsed};
 use crate::error::SourceError;
 
 const TEXT_COLUMNS: [&str; 3] = ["prompt", "response_a", "response_b"];
@@ -184,32 +184,19 @@ pub fn parse(file: &str, bytes: &[u8], on_error: OnError) -> Result<Parsed, Sour
             }
         }
     }
-    let workers = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(records.len().max(1));
-    let chunk = records.len().div_ceil(workers).max(1);
-    let results: Vec<Vec<Result<Comparison, SourceError>>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = records
-            .chunks(chunk)
-            .map(|part| {
-                scope.spawn(|| {
-                    part.iter()
-                        .map(|(no, r)| parse_record(file, *no, r, &columns))
-                        .collect()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("a CSV worker thread panicked"))
-            .collect()
-    });
     let mut seen: HashMap<String, usize> = HashMap::with_capacity(records.len());
-    for (result, (record_no, _)) in results.into_iter().flatten().zip(&records) {
-        let row = result.and_then(|row| match seen.insert(row.id.clone(), *record_no) {
+    let results = in_parallel(records, |part| {
+        part.into_iter()
+            .map(|(record_no, record)| {
+                (record_no, parse_record(file, record_no, &record, &columns))
+            })
+            .collect::<Vec<_>>()
+    });
+    for (record_no, result) in results.into_iter().flatten() {
+        let row = result.and_then(|row| match seen.insert(row.id.clone(), record_no) {
             Some(first) => Err(SourceError::row(
                 file,
-                *record_no,
+                record_no,
                 Some(&row.id),
                 Some("id"),
                 format!("duplicate id: row {first} has it too"),

@@ -146,6 +146,7 @@ pub async fn read_source(
         Err(object_store::Error::NotFound { .. }) => return exec_err!("{location}: no such file"),
         Err(e) => return exec_err!("{location}: cannot read: {e}"),
     };
+    let source = kind.source_name().to_string();
     let (kind, file) = (kind.clone(), location.to_string());
     let parsed = tokio::task::spawn_blocking(move || {
         let bytes = if file.ends_with(".gz") {
@@ -157,53 +158,58 @@ pub async fn read_source(
         } else {
             bytes
         };
-        kind.parse(&file, bytes, on_error).map(|p| (p, kind))
+        kind.parse(&file, bytes, on_error)
     })
     .await
     .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;
-    let (parsed, kind) = parsed?;
-    let batches = to_batches(kind.source_name(), parsed.rows)?;
+    let parsed = parsed?;
+    let batches = to_batches(&source, parsed.rows)?;
     Ok((batches, parsed.skipped))
 }
 
-/// Canonical record batches of `rows`, built on all cores (each worker owns, converts
-/// and frees its share of the rows).
-pub fn to_batches(source: &str, rows: Vec<Comparison>) -> Result<Vec<RecordBatch>> {
-    let mut chunks: Vec<Vec<Comparison>> =
-        Vec::with_capacity(rows.len().div_ceil(canonical::BATCH_ROWS));
-    let mut rows = rows.into_iter().peekable();
-    while rows.peek().is_some() {
-        chunks.push(rows.by_ref().take(canonical::BATCH_ROWS).collect());
-    }
+/// Runs `work` on one contiguous part of `items` per core; each thread owns (and frees)
+/// its part. Results come back in input order; a panicking worker panics the caller.
+pub(crate) fn in_parallel<T: Send, R: Send>(
+    mut items: Vec<T>,
+    work: impl Fn(Vec<T>) -> R + Sync,
+) -> Vec<R> {
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let per_worker = chunks.len().div_ceil(workers).max(1);
-    let mut groups: Vec<Vec<Vec<Comparison>>> = Vec::new();
-    while !chunks.is_empty() {
-        let rest = chunks.split_off(per_worker.min(chunks.len()));
-        groups.push(std::mem::replace(&mut chunks, rest));
+    let per_worker = items.len().div_ceil(workers).max(1);
+    let mut parts = Vec::with_capacity(workers);
+    while items.len() > per_worker {
+        let rest = items.split_off(per_worker);
+        parts.push(std::mem::replace(&mut items, rest));
     }
+    parts.push(items);
     std::thread::scope(|scope| {
-        let handles: Vec<_> = groups
+        let work = &work;
+        let handles: Vec<_> = parts
             .into_iter()
-            .map(|group| {
-                scope.spawn(move || {
-                    group
-                        .iter()
-                        .map(|rows| comparisons_to_batch(source, rows))
-                        .collect::<Result<Vec<_>>>()
-                })
-            })
+            .map(|part| scope.spawn(move || work(part)))
             .collect();
-        let mut batches = Vec::new();
-        for handle in handles {
-            batches.extend(handle.join().map_err(|_| {
-                datafusion::error::DataFusionError::Internal(
-                    "a batch-building thread panicked".into(),
-                )
-            })??);
-        }
-        Ok(batches)
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect()
     })
+}
+
+/// Canonical record batches of `rows`, built on all cores.
+pub fn to_batches(source: &str, rows: Vec<Comparison>) -> Result<Vec<RecordBatch>> {
+    let parts = in_parallel(rows, |part| {
+        part.chunks(canonical::BATCH_ROWS)
+            .map(|rows| comparisons_to_batch(source, rows))
+            .collect::<Result<Vec<_>>>()
+    });
+    Ok(parts
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .flatten()
+        .collect())
 }
 
 /// A table function that reads one kind of source.
