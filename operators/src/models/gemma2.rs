@@ -1,0 +1,103 @@
+//! Gemma-2: `Gemma2ForSequenceClassification`. Embeddings scaled by sqrt(hidden), (1 + w)
+//! RMSNorm before and after attention and MLP, attention-logit soft-capping,
+//! `query_pre_attn_scalar`, sliding-window attention on alternating layers,
+//! gelu_pytorch_tanh.
+
+use serde::Deserialize;
+
+use super::{
+    num_labels_of, rope_of, Activation, DecoderConfig, Family, NormStyle, RawRope, SlidingWindow,
+};
+use crate::config_bail;
+use crate::error::Result;
+
+/// The fields of a Hugging Face Gemma-2 `config.json` this model reads.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Config {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: Option<usize>,
+    pub head_dim: usize,
+    pub hidden_activation: Option<String>,
+    pub hidden_act: Option<String>,
+    pub rms_norm_eps: f64,
+    #[serde(default)]
+    pub attention_bias: bool,
+    pub query_pre_attn_scalar: f64,
+    pub attn_logit_softcapping: Option<f64>,
+    pub sliding_window: Option<usize>,
+    /// `sliding_attention` or `full_attention` per layer (transformers >= 4.53 writes it).
+    pub layer_types: Option<Vec<String>>,
+    pub pad_token_id: Option<u32>,
+    #[serde(flatten)]
+    pub rope: RawRope,
+}
+
+impl Config {
+    pub fn decoder_config(&self, raw: &serde_json::Value) -> Result<DecoderConfig> {
+        let activation = self
+            .hidden_activation
+            .as_deref()
+            .or(self.hidden_act.as_deref())
+            .unwrap_or("gelu_pytorch_tanh");
+        // Older configs have no `layer_types`: even layers slide, odd layers see everything.
+        let sliding_layers: Vec<bool> = match &self.layer_types {
+            Some(types) => {
+                if types.len() != self.num_hidden_layers {
+                    config_bail!(
+                        "gemma2: layer_types has {} entries for {} layers",
+                        types.len(),
+                        self.num_hidden_layers
+                    );
+                }
+                types
+                    .iter()
+                    .map(|t| match t.as_str() {
+                        "sliding_attention" => Ok(true),
+                        "full_attention" => Ok(false),
+                        other => Err(crate::error::ModelError::Config(format!(
+                            "gemma2: unknown layer type `{other}`"
+                        ))),
+                    })
+                    .collect::<Result<_>>()?
+            }
+            None => (0..self.num_hidden_layers).map(|i| i % 2 == 0).collect(),
+        };
+        let sliding_window = match self.sliding_window {
+            Some(size) => Some(SlidingWindow {
+                size,
+                layers: sliding_layers,
+            }),
+            None => None,
+        };
+        Ok(DecoderConfig {
+            family: Family::Gemma2,
+            vocab_size: self.vocab_size,
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_layers: self.num_hidden_layers,
+            num_heads: self.num_attention_heads,
+            num_kv_heads: self
+                .num_key_value_heads
+                .unwrap_or(self.num_attention_heads),
+            head_dim: self.head_dim,
+            rms_norm_eps: self.rms_norm_eps,
+            rope: rope_of(&self.rope)?,
+            qkv_bias: self.attention_bias,
+            o_bias: self.attention_bias,
+            mlp_bias: false,
+            activation: Activation::from_hf(activation)?,
+            norm: NormStyle::Gemma,
+            attn_logit_softcap: self.attn_logit_softcapping,
+            query_scale: self.query_pre_attn_scalar.powf(-0.5),
+            sliding_window,
+            num_labels: num_labels_of(raw),
+            pad_token_id: self.pad_token_id,
+            // Gemma-2 always ties its LM head to the embeddings.
+            tie_word_embeddings: true,
+        })
+    }
+}
