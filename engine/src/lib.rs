@@ -3,6 +3,7 @@
 
 pub mod error;
 pub mod inputs;
+pub mod logits;
 pub mod manifest;
 pub mod plan;
 pub mod runner;

@@ -1,5 +1,7 @@
 //! The SQL session every plan runs in: arenaflow's functions, readers and stores.
 
+use std::sync::Arc;
+
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::error::Result;
@@ -25,6 +27,11 @@ impl ArenaSession {
         arenaflow_udfs::register_all(&ctx);
         let inputs = InputTracker::default();
         register_sources(&ctx, &inputs);
+        let tracker = inputs.clone();
+        arenaflow_operators::tokenize::exec::register(
+            &ctx,
+            Arc::new(move |path: &str| tracker.record(path)),
+        );
         Self { ctx, inputs }
     }
 

@@ -67,7 +67,8 @@ pub fn load(path: &Path) -> Result<(ModelConfig, TensorSource)> {
     let hidden = meta_usize(&content, path, &key("embedding_length"))?;
     let heads = meta_usize(&content, path, &key("attention.head_count"))?;
     let kv_heads = meta_usize(&content, path, &key("attention.head_count_kv")).unwrap_or(heads);
-    let head_dim = meta_usize(&content, path, &key("attention.key_length")).unwrap_or(hidden / heads);
+    let head_dim =
+        meta_usize(&content, path, &key("attention.key_length")).unwrap_or(hidden / heads);
     let layers = meta_usize(&content, path, &key("block_count"))?;
     let vocab = match meta_usize(&content, path, &key("vocab_size")) {
         Ok(v) => v,
@@ -105,7 +106,8 @@ pub fn load(path: &Path) -> Result<(ModelConfig, TensorSource)> {
         "tie_word_embeddings": tied,
         "hidden_act": "silu",
     });
-    let config = ModelConfig::from_json(config).map_err(|e| ModelError::file(path, e.to_string()))?;
+    let config =
+        ModelConfig::from_json(config).map_err(|e| ModelError::file(path, e.to_string()))?;
 
     let mut tensors = HashMap::new();
     let mut unknown = Vec::new();
@@ -220,9 +222,6 @@ mod tests {
             .reshape((heads * hd, inp))
             .unwrap();
         let back = unpermute(&permuted, heads).unwrap();
-        assert_eq!(
-            back.to_vec2::<f32>().unwrap(),
-            hf.to_vec2::<f32>().unwrap()
-        );
+        assert_eq!(back.to_vec2::<f32>().unwrap(), hf.to_vec2::<f32>().unwrap());
     }
 }

@@ -1,2 +1,17 @@
 //! Model operators of arenaflow: tokenize, teacher-forward, distill-step, calibrate and
 //! symmetrize, streaming record batches through candle models.
+//!
+//! The models ([`models`]) are the three families of the recipe as 3-class sequence
+//! classifiers with LoRA ([`lora`]), loaded all or nothing ([`weights`], [`checkpoint`],
+//! [`gguf`], [`hub`]).
+
+pub mod checkpoint;
+pub mod error;
+pub mod gguf;
+pub mod hub;
+pub mod lora;
+pub mod models;
+pub mod tokenize;
+pub mod weights;
+
+pub use error::{ModelError, Result};

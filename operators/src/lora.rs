@@ -99,6 +99,12 @@ pub struct LoraConfig {
     #[serde(default)]
     pub alpha_pattern: serde_json::Map<String, serde_json::Value>,
     #[serde(default)]
+    pub lora_bias: bool,
+    #[serde(default)]
+    pub layer_replication: Option<serde_json::Value>,
+    #[serde(default)]
+    pub exclude_modules: Option<serde_json::Value>,
+    #[serde(default)]
     pub task_type: Option<String>,
     #[serde(default)]
     pub base_model_name_or_path: Option<String>,
@@ -134,6 +140,9 @@ impl LoraConfig {
             fan_in_fan_out: false,
             rank_pattern: Default::default(),
             alpha_pattern: Default::default(),
+            lora_bias: false,
+            layer_replication: None,
+            exclude_modules: None,
             task_type: Some("SEQ_CLS".into()),
             base_model_name_or_path: None,
         }
@@ -167,6 +176,23 @@ impl LoraConfig {
         }
         if !self.rank_pattern.is_empty() || !self.alpha_pattern.is_empty() {
             config_bail!("rank_pattern / alpha_pattern are not supported");
+        }
+        if self.lora_bias {
+            config_bail!("lora_bias = true is not supported");
+        }
+        if self
+            .layer_replication
+            .as_ref()
+            .is_some_and(|v| !v.is_null())
+        {
+            config_bail!("layer_replication is not supported");
+        }
+        if self
+            .exclude_modules
+            .as_ref()
+            .is_some_and(|v| !v.is_null() && v.as_array().is_none_or(|a| !a.is_empty()))
+        {
+            config_bail!("exclude_modules is not supported");
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
             config_bail!("lora_dropout {} is not in [0, 1)", self.lora_dropout);
@@ -213,7 +239,9 @@ impl LoraConfig {
                 path == *n || path.ends_with(&format!(".{n}"))
             }),
             TargetModules::Pattern(p) if p == "all-linear" => true,
-            TargetModules::Pattern(p) => regex_full(p)?.is_match(&projection.path(layer)),
+            TargetModules::Pattern(p) => regex_full(p)?
+                .is_match(&projection.path(layer))
+                .unwrap_or(false),
         })
     }
 }
@@ -255,7 +283,11 @@ impl LoraLinear {
         if train && lora.dropout > 0.0 {
             x = candle_nn::ops::dropout(&x, lora.dropout as f32)?;
         }
-        let update = linear(&linear(&x, lora.a.as_tensor(), None)?, lora.b.as_tensor(), None)?;
+        let update = linear(
+            &linear(&x, lora.a.as_tensor(), None)?,
+            lora.b.as_tensor(),
+            None,
+        )?;
         let update = (update * lora.scaling)?.to_dtype(base.dtype())?;
         base + update
     }

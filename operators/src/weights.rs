@@ -78,7 +78,11 @@ impl TensorSource {
                 let count = shape.iter().product::<usize>();
                 let mut rng = SplitMix64::new(*seed ^ fnv1a(name.as_bytes()));
                 // Norm weights start near 1 so that deep random stacks stay finite.
-                let centre = if name.ends_with("norm.weight") { 1.0 } else { 0.0 };
+                let centre = if name.ends_with("norm.weight") {
+                    1.0
+                } else {
+                    0.0
+                };
                 let values: Vec<f32> = (0..count)
                     .map(|_| (centre + std * rng.next_normal()) as f32)
                     .collect();
@@ -204,9 +208,9 @@ pub fn safetensors_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
         let mut files: Vec<String> = map
             .values()
             .map(|v| {
-                v.as_str()
-                    .map(str::to_string)
-                    .ok_or_else(|| ModelError::file(&index, "a `weight_map` value is not a file name"))
+                v.as_str().map(str::to_string).ok_or_else(|| {
+                    ModelError::file(&index, "a `weight_map` value is not a file name")
+                })
             })
             .collect::<Result<_>>()?;
         files.sort();
@@ -220,7 +224,10 @@ pub fn safetensors_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
         if !missing.is_empty() {
             return Err(ModelError::file(
                 &index,
-                format!("names shard files that are not there: {}", missing.join(", ")),
+                format!(
+                    "names shard files that are not there: {}",
+                    missing.join(", ")
+                ),
             ));
         }
         let source = TensorSource::safetensors(index.display().to_string(), &paths)?;

@@ -4,8 +4,10 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
+use arenaflow_engine::logits::{run_logits, LogitsOptions};
 use arenaflow_engine::plan::RUN_DIR_PARAM;
 use arenaflow_engine::{run_plan, ArenaSession, PlanFile, RunOptions};
+use arenaflow_operators::models::decoder::PaddingSide;
 use clap::{Parser, Subcommand};
 use datafusion::sql::parser::{DFParser, Statement};
 
@@ -39,6 +41,29 @@ enum Command {
     },
     /// List a plan's parameters (with defaults) and its outputs.
     Describe { plan: String },
+    /// A model's 3 logits for rows of token ids: reads `id`, `input_ids` (list<int32>,
+    /// unpadded) from Parquet and writes `id`, `logits` (3 x f32).
+    Logits {
+        /// Model folder (config.json + safetensors), .gguf file, or hub id org/name.
+        #[arg(long)]
+        model: String,
+        /// PEFT LoRA adapter folder on top of the model.
+        #[arg(long)]
+        adapter: Option<std::path::PathBuf>,
+        /// Weights and activations: f32, bf16 or f16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        #[arg(long)]
+        input: std::path::PathBuf,
+        #[arg(long)]
+        output: std::path::PathBuf,
+        /// Padded tokens per forward pass.
+        #[arg(long, default_value_t = 8192)]
+        max_batch_tokens: usize,
+        /// Pad rows on the right or the left.
+        #[arg(long, default_value = "right", value_parser = ["right", "left"])]
+        padding: String,
+    },
 }
 
 fn parse_set(arg: &str) -> Result<(String, String), String> {
@@ -151,6 +176,21 @@ fn describe(path: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn logits(options: LogitsOptions) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let summary = run_logits(&options)?;
+    println!(
+        "wrote {}: {} rows, {} tokens ({:.1}% padding) in {:.2} s",
+        options.output.display(),
+        summary.rows,
+        summary.tokens,
+        100.0 * (summary.padded_tokens - summary.tokens) as f64
+            / summary.padded_tokens.max(1) as f64,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -170,6 +210,27 @@ fn main() -> ExitCode {
             .context("cannot start the async runtime")
             .and_then(|rt| rt.block_on(run(plans, sets, run_dir, force))),
         Command::Describe { plan } => describe(&plan),
+        Command::Logits {
+            model,
+            adapter,
+            dtype,
+            input,
+            output,
+            max_batch_tokens,
+            padding,
+        } => logits(LogitsOptions {
+            model,
+            adapter,
+            dtype,
+            input,
+            output,
+            max_batch_tokens,
+            padding: if padding == "left" {
+                PaddingSide::Left
+            } else {
+                PaddingSide::Right
+            },
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -185,7 +185,12 @@ impl SequenceClassifier {
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let p = |name: &str| format!("model.layers.{i}.{name}");
-            let mut proj = |loader: &mut WeightLoader, name: &str, out: usize, inp: usize, bias: bool| -> Result<LoraLinear> {
+            let proj = |loader: &mut WeightLoader,
+                        name: &str,
+                        out: usize,
+                        inp: usize,
+                        bias: bool|
+             -> Result<LoraLinear> {
                 let weight = loader.tensor(&p(&format!("{name}.weight")), &[out, inp])?;
                 let bias = if bias {
                     Some(loader.tensor(&p(&format!("{name}.bias")), &[out])?)
@@ -204,9 +209,27 @@ impl SequenceClassifier {
                 k: proj(&mut loader, "self_attn.k_proj", kv, h, cfg.qkv_bias)?,
                 v: proj(&mut loader, "self_attn.v_proj", kv, h, cfg.qkv_bias)?,
                 o: proj(&mut loader, "self_attn.o_proj", h, q_out, cfg.o_bias)?,
-                gate: proj(&mut loader, "mlp.gate_proj", cfg.intermediate_size, h, cfg.mlp_bias)?,
-                up: proj(&mut loader, "mlp.up_proj", cfg.intermediate_size, h, cfg.mlp_bias)?,
-                down: proj(&mut loader, "mlp.down_proj", h, cfg.intermediate_size, cfg.mlp_bias)?,
+                gate: proj(
+                    &mut loader,
+                    "mlp.gate_proj",
+                    cfg.intermediate_size,
+                    h,
+                    cfg.mlp_bias,
+                )?,
+                up: proj(
+                    &mut loader,
+                    "mlp.up_proj",
+                    cfg.intermediate_size,
+                    h,
+                    cfg.mlp_bias,
+                )?,
+                down: proj(
+                    &mut loader,
+                    "mlp.down_proj",
+                    h,
+                    cfg.intermediate_size,
+                    cfg.mlp_bias,
+                )?,
                 input_norm: norm_weight(&mut loader, &p("input_layernorm.weight"), h, cfg.norm)?,
                 post_attention_norm: norm_weight(
                     &mut loader,
@@ -215,12 +238,22 @@ impl SequenceClassifier {
                     cfg.norm,
                 )?,
                 pre_feedforward_norm: if gemma {
-                    Some(norm_weight(&mut loader, &p("pre_feedforward_layernorm.weight"), h, cfg.norm)?)
+                    Some(norm_weight(
+                        &mut loader,
+                        &p("pre_feedforward_layernorm.weight"),
+                        h,
+                        cfg.norm,
+                    )?)
                 } else {
                     None
                 },
                 post_feedforward_norm: if gemma {
-                    Some(norm_weight(&mut loader, &p("post_feedforward_layernorm.weight"), h, cfg.norm)?)
+                    Some(norm_weight(
+                        &mut loader,
+                        &p("post_feedforward_layernorm.weight"),
+                        h,
+                        cfg.norm,
+                    )?)
                 } else {
                     None
                 },
@@ -365,8 +398,13 @@ impl SequenceClassifier {
     /// merged `*ForSequenceClassification` checkpoint.
     pub fn merged_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
         let mut out = BTreeMap::new();
-        out.insert("model.embed_tokens.weight".to_string(), self.embed_tokens.clone());
-        let unnorm = |w: &Tensor| -> Result<Tensor> { Ok(stored_norm_weight(w, self.config.norm, self.dtype)?) };
+        out.insert(
+            "model.embed_tokens.weight".to_string(),
+            self.embed_tokens.clone(),
+        );
+        let unnorm = |w: &Tensor| -> Result<Tensor> {
+            Ok(stored_norm_weight(w, self.config.norm, self.dtype)?)
+        };
         for (i, layer) in self.layers.iter().enumerate() {
             for p in Projection::ALL {
                 let linear = layer.projection(p);
@@ -377,7 +415,10 @@ impl SequenceClassifier {
             }
             let p = |name: &str| format!("model.layers.{i}.{name}.weight");
             out.insert(p("input_layernorm"), unnorm(&layer.input_norm)?);
-            out.insert(p("post_attention_layernorm"), unnorm(&layer.post_attention_norm)?);
+            out.insert(
+                p("post_attention_layernorm"),
+                unnorm(&layer.post_attention_norm)?,
+            );
             if let Some(w) = &layer.pre_feedforward_norm {
                 out.insert(p("pre_feedforward_layernorm"), unnorm(w)?);
             }
@@ -413,10 +454,12 @@ impl SequenceClassifier {
             xs = (xs * scale)?;
         }
         let (cos, sin) = self.rope_tables(s)?;
-        let full_mask = attention_mask(batch, None, &self.device)?;
+        // Scores are masked and normalised in f32 (f64 for an f64 model, as gradient checks need).
+        let softmax_dtype = adapter_dtype(self.dtype);
+        let full_mask = attention_mask(batch, None, &self.device)?.to_dtype(softmax_dtype)?;
         let sliding_mask = match &cfg.sliding_window {
             Some(w) if self.layers.iter().any(|l| l.sliding) => {
-                Some(attention_mask(batch, Some(w.size), &self.device)?)
+                Some(attention_mask(batch, Some(w.size), &self.device)?.to_dtype(softmax_dtype)?)
             }
             _ => None,
         };
@@ -533,7 +576,9 @@ impl SequenceClassifier {
         } else {
             candle_nn::ops::softmax_last_dim(&scores)?
         };
-        let probs = probs.to_dtype(self.dtype)?.reshape((b, nkv, group * s, s))?;
+        let probs = probs
+            .to_dtype(self.dtype)?
+            .reshape((b, nkv, group * s, s))?;
         let out = probs.matmul(&v)?;
         let out = out
             .reshape((b, nh, s, hd))?
@@ -550,7 +595,11 @@ impl SequenceClassifier {
         if !train && self.dtype == DType::F32 {
             return Ok(candle_nn::ops::rms_norm(xs, weight, eps as f32)?);
         }
-        let internal = if self.dtype == DType::F64 { DType::F64 } else { DType::F32 };
+        let internal = if self.dtype == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
         let x = xs.to_dtype(internal)?;
         let variance = x.sqr()?.mean_keepdim(D::Minus1)?;
         let normed = x.broadcast_div(&(variance + eps)?.sqrt()?)?;
@@ -610,7 +659,11 @@ pub fn inverse_frequencies(cfg: &DecoderConfig) -> Vec<f32> {
                 .iter()
                 .map(|&f| {
                     let wavelen = 2.0 * std::f32::consts::PI / f;
-                    let scaled = if wavelen > low_freq_wavelen { f / factor } else { f };
+                    let scaled = if wavelen > low_freq_wavelen {
+                        f / factor
+                    } else {
+                        f
+                    };
                     let medium = !(wavelen < high_freq_wavelen) && !(wavelen > low_freq_wavelen);
                     if medium {
                         let smooth = (old / wavelen - low) / (high - low);
@@ -667,7 +720,12 @@ fn attention_mask(batch: &PaddedBatch, window: Option<usize>, device: &Device) -
     Ok(Tensor::from_vec(mask, (b, 1, s, s), device)?)
 }
 
-fn norm_weight(loader: &mut WeightLoader, name: &str, h: usize, style: NormStyle) -> Result<Tensor> {
+fn norm_weight(
+    loader: &mut WeightLoader,
+    name: &str,
+    h: usize,
+    style: NormStyle,
+) -> Result<Tensor> {
     match style {
         NormStyle::Llama => loader.tensor(name, &[h]),
         // Kept as 1 + w in f32, the form Gemma multiplies by.

@@ -32,12 +32,17 @@ pub struct Config {
     /// `sliding_attention` or `full_attention` per layer (transformers >= 4.53 writes it).
     pub layer_types: Option<Vec<String>>,
     pub pad_token_id: Option<u32>,
+    #[serde(default)]
+    pub use_bidirectional_attention: Option<bool>,
     #[serde(flatten)]
     pub rope: RawRope,
 }
 
 impl Config {
     pub fn decoder_config(&self, raw: &serde_json::Value) -> Result<DecoderConfig> {
+        if self.use_bidirectional_attention == Some(true) {
+            config_bail!("gemma2: use_bidirectional_attention = true is not supported");
+        }
         let activation = self
             .hidden_activation
             .as_deref()
@@ -80,9 +85,7 @@ impl Config {
             intermediate_size: self.intermediate_size,
             num_layers: self.num_hidden_layers,
             num_heads: self.num_attention_heads,
-            num_kv_heads: self
-                .num_key_value_heads
-                .unwrap_or(self.num_attention_heads),
+            num_kv_heads: self.num_key_value_heads.unwrap_or(self.num_attention_heads),
             head_dim: self.head_dim,
             rms_norm_eps: self.rms_norm_eps,
             rope: rope_of(&self.rope)?,

@@ -224,7 +224,11 @@ pub(crate) fn num_labels_of(raw: &serde_json::Value) -> Option<usize> {
     raw.get("id2label")
         .and_then(|m| m.as_object())
         .map(|m| m.len())
-        .or_else(|| raw.get("num_labels").and_then(|n| n.as_u64()).map(|n| n as usize))
+        .or_else(|| {
+            raw.get("num_labels")
+                .and_then(|n| n.as_u64())
+                .map(|n| n as usize)
+        })
 }
 
 /// What kind of checkpoint `architectures` says this is.

@@ -1,0 +1,181 @@
+//! `arenaflow logits`: a model's 3 logits for rows of token ids, from Parquet to Parquet.
+//! The check from outside the test suite: the same path the operators use.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arenaflow_operators::checkpoint::{load_classifier, parse_dtype};
+use arenaflow_operators::models::decoder::PaddingSide;
+use arenaflow_operators::models::{ForwardMode, PaddedBatch};
+use candle_core::Device;
+use datafusion::arrow::array::{
+    Array, AsArray, FixedSizeListArray, Float32Array, RecordBatch, StringArray,
+};
+use datafusion::arrow::datatypes::{DataType, Field, Int32Type, Schema};
+use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use datafusion::parquet::arrow::ArrowWriter;
+
+use crate::error::{EngineError, Result};
+
+pub struct LogitsOptions {
+    pub model: String,
+    pub adapter: Option<PathBuf>,
+    pub dtype: String,
+    pub input: PathBuf,
+    pub output: PathBuf,
+    /// Padded tokens per forward pass.
+    pub max_batch_tokens: usize,
+    pub padding: PaddingSide,
+}
+
+pub struct LogitsSummary {
+    pub rows: usize,
+    pub tokens: usize,
+    pub padded_tokens: usize,
+}
+
+fn invalid(path: &Path, message: impl std::fmt::Display) -> EngineError {
+    EngineError::Invalid(format!("{}: {message}", path.display()))
+}
+
+/// Reads `id` and `input_ids` from a Parquet file, checking every row.
+pub fn read_token_rows(path: &Path, vocab_size: usize) -> Result<(Vec<String>, Vec<Vec<u32>>)> {
+    let file = File::open(path).map_err(|e| invalid(path, e))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| invalid(path, format!("not a Parquet file: {e}")))?
+        .build()
+        .map_err(|e| invalid(path, e))?;
+    let (mut ids, mut rows) = (Vec::new(), Vec::new());
+    for batch in reader {
+        let batch = batch.map_err(|e| invalid(path, e))?;
+        let id = batch
+            .column_by_name("id")
+            .ok_or_else(|| invalid(path, "no column id"))?;
+        let id = datafusion::arrow::compute::cast(id, &DataType::Utf8)
+            .map_err(|e| invalid(path, format!("column id: {e}")))?;
+        let id = id.as_string::<i32>();
+        let tokens = batch
+            .column_by_name("input_ids")
+            .ok_or_else(|| invalid(path, "no column input_ids"))?;
+        let list_type = DataType::List(Arc::new(Field::new_list_field(DataType::Int32, true)));
+        let tokens = datafusion::arrow::compute::cast(tokens, &list_type).map_err(|e| {
+            invalid(
+                path,
+                format!("column input_ids is not a list of integers: {e}"),
+            )
+        })?;
+        let tokens = tokens.as_list::<i32>();
+        for r in 0..batch.num_rows() {
+            let row = rows.len() + 1;
+            if id.is_null(r) {
+                return Err(invalid(path, format!("row {row}, column id: null")));
+            }
+            let at = |m: String| {
+                invalid(
+                    path,
+                    format!("row {row} (id {}), column input_ids: {m}", id.value(r)),
+                )
+            };
+            if tokens.is_null(r) {
+                return Err(at("null".into()));
+            }
+            let values = tokens.value(r);
+            let values = values.as_primitive::<Int32Type>();
+            if values.is_empty() {
+                return Err(at("no tokens".into()));
+            }
+            let mut row_ids = Vec::with_capacity(values.len());
+            for (i, v) in values.iter().enumerate() {
+                match v {
+                    Some(t) if t >= 0 && (t as usize) < vocab_size => row_ids.push(t as u32),
+                    Some(t) => {
+                        return Err(at(format!(
+                            "token {t} at position {i} is outside the vocabulary (0..{vocab_size})"
+                        )))
+                    }
+                    None => return Err(at(format!("null token at position {i}"))),
+                }
+            }
+            ids.push(id.value(r).to_string());
+            rows.push(row_ids);
+        }
+    }
+    Ok((ids, rows))
+}
+
+/// Runs the model over every row, batched by length under a token budget, and writes
+/// `id`, `logits` (3 x f32) in input order; the file appears only when complete.
+pub fn run_logits(opts: &LogitsOptions) -> Result<LogitsSummary> {
+    let dtype = parse_dtype(&opts.dtype).map_err(|e| EngineError::Invalid(e.to_string()))?;
+    let adapter = opts.adapter.as_deref();
+    let model = load_classifier(&opts.model, adapter, dtype, &Device::Cpu)
+        .map_err(|e| EngineError::Invalid(e.to_string()))?;
+    let (ids, rows) = read_token_rows(&opts.input, model.config.vocab_size)?;
+    let mut order: Vec<usize> = (0..rows.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(rows[i].len()));
+    // Without a pad token, transformers can only run one row at a time.
+    let pad = model.pad_token_id();
+    let mut logits: HashMap<usize, Vec<f32>> = HashMap::with_capacity(rows.len());
+    let (mut tokens, mut padded) = (0, 0);
+    let mut start = 0;
+    while start < order.len() {
+        let longest = rows[order[start]].len();
+        let fit = if pad.is_some() {
+            (opts.max_batch_tokens / longest).max(1)
+        } else {
+            1
+        };
+        let end = (start + fit).min(order.len());
+        let members = &order[start..end];
+        let slices: Vec<&[u32]> = members.iter().map(|&i| rows[i].as_slice()).collect();
+        let batch = PaddedBatch::pad(&slices, pad.unwrap_or(0), opts.padding)
+            .map_err(|e| EngineError::Invalid(e.to_string()))?;
+        tokens += batch.real_tokens();
+        padded += batch.rows * batch.seq_len;
+        let out = model
+            .forward(&batch, ForwardMode::Inference)
+            .and_then(|t| Ok(t.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?))
+            .map_err(|e| EngineError::Invalid(e.to_string()))?;
+        for (&i, l) in members.iter().zip(out) {
+            logits.insert(i, l);
+        }
+        start = end;
+    }
+    let flat: Vec<f32> = (0..rows.len()).flat_map(|i| logits[&i].clone()).collect();
+    let item = Arc::new(Field::new_list_field(DataType::Float32, false));
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Utf8, false),
+        Field::new("logits", DataType::FixedSizeList(item.clone(), 3), false),
+    ]));
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(StringArray::from(ids)),
+            Arc::new(
+                FixedSizeListArray::try_new(item, 3, Arc::new(Float32Array::from(flat)), None)
+                    .map_err(|e| EngineError::Invalid(e.to_string()))?,
+            ),
+        ],
+    )
+    .map_err(|e| EngineError::Invalid(e.to_string()))?;
+    let partial = opts.output.with_extension("parquet.partial");
+    let write = || -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let file = File::create(&partial)?;
+        let mut writer = ArrowWriter::try_new(file, schema.clone(), None)?;
+        writer.write(&batch)?;
+        writer.close()?;
+        std::fs::rename(&partial, &opts.output)?;
+        Ok(())
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_file(&partial);
+        return Err(invalid(&opts.output, e));
+    }
+    Ok(LogitsSummary {
+        rows: rows.len(),
+        tokens,
+        padded_tokens: padded,
+    })
+}

@@ -1,0 +1,228 @@
+//! The three families against transformers + PEFT: logits of the committed tiny checkpoints
+//! (made by tests/fixtures/models/make_fixtures.py) on left- and right-padded batches, with
+//! and without the adapter, and after saving and loading the adapter and the merged model.
+
+use std::path::PathBuf;
+
+use arenaflow_operators::checkpoint::{
+    load_classifier, open_adapter, open_folder, save_adapter, save_merged,
+};
+use arenaflow_operators::models::decoder::PaddingSide;
+use arenaflow_operators::models::{ForwardMode, PaddedBatch, SequenceClassifier};
+use arenaflow_operators::weights::TensorSource;
+use arenaflow_operators::ModelError;
+use candle_core::{DType, Device};
+
+const FAMILIES: [&str; 3] = ["llama", "qwen2", "gemma2"];
+
+fn fixture(family: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures/models")
+        .join(family)
+}
+
+struct Reference {
+    rows: Vec<Vec<u32>>,
+    pad: u32,
+    json: serde_json::Value,
+}
+
+fn reference(family: &str) -> Reference {
+    let text = std::fs::read_to_string(fixture(family).join("reference.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let rows = json["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t.as_u64().unwrap() as u32)
+                .collect()
+        })
+        .collect();
+    Reference {
+        rows,
+        pad: json["pad_token_id"].as_u64().unwrap() as u32,
+        json,
+    }
+}
+
+fn logits(model: &SequenceClassifier, r: &Reference, side: PaddingSide) -> Vec<Vec<f32>> {
+    let rows: Vec<&[u32]> = r.rows.iter().map(|r| r.as_slice()).collect();
+    let batch = PaddedBatch::pad(&rows, r.pad, side).unwrap();
+    model
+        .forward(&batch, ForwardMode::Inference)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec2()
+        .unwrap()
+}
+
+fn max_diff(got: &[Vec<f32>], want: &serde_json::Value) -> f32 {
+    let want = want.as_array().unwrap();
+    assert_eq!(got.len(), want.len());
+    let mut worst = 0f32;
+    for (g, w) in got.iter().zip(want) {
+        let w = w.as_array().unwrap();
+        assert_eq!(g.len(), 3);
+        for (a, b) in g.iter().zip(w) {
+            worst = worst.max((a - b.as_f64().unwrap() as f32).abs());
+        }
+    }
+    worst
+}
+
+fn assert_matches(model: &SequenceClassifier, r: &Reference, key: &str, what: &str) {
+    for (side, name) in [(PaddingSide::Right, "right"), (PaddingSide::Left, "left")] {
+        let diff = max_diff(&logits(model, r, side), &r.json[key][name]);
+        eprintln!("{what}, {name} padding: max |diff| = {diff:.3e}");
+        assert!(diff <= 1e-4, "{what}, {name} padding: max |diff| = {diff}");
+    }
+}
+
+fn base(family: &str) -> String {
+    fixture(family).join("base").display().to_string()
+}
+
+#[test]
+fn base_models_match_transformers() {
+    for family in FAMILIES {
+        let r = reference(family);
+        let model = load_classifier(&base(family), None, DType::F32, &Device::Cpu).unwrap();
+        assert_matches(&model, &r, "base", &format!("{family} base"));
+    }
+}
+
+#[test]
+fn adapters_match_peft() {
+    for family in FAMILIES {
+        let r = reference(family);
+        let adapter = fixture(family).join("adapter");
+        let model =
+            load_classifier(&base(family), Some(&adapter), DType::F32, &Device::Cpu).unwrap();
+        assert_matches(&model, &r, "adapter", &format!("{family} + adapter"));
+    }
+}
+
+#[test]
+fn saved_adapter_and_merged_model_load_back() {
+    for family in FAMILIES {
+        let r = reference(family);
+        let tmp = tempfile::tempdir().unwrap();
+        let model = load_classifier(
+            &base(family),
+            Some(&fixture(family).join("adapter")),
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+
+        let saved = tmp.path().join("adapter");
+        save_adapter(&model, &saved).unwrap();
+        let again = load_classifier(&base(family), Some(&saved), DType::F32, &Device::Cpu).unwrap();
+        assert_matches(&again, &r, "adapter", &format!("{family} saved adapter"));
+        // Saving never overwrites.
+        assert!(save_adapter(&model, &saved).is_err());
+
+        let merged = tmp.path().join("merged");
+        save_merged(&model, &merged).unwrap();
+        let merged_model = load_classifier(
+            &merged.display().to_string(),
+            None,
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert!(merged_model.lora.is_none());
+        assert_matches(&merged_model, &r, "adapter", &format!("{family} merged"));
+    }
+}
+
+/// bf16 weights and activations: the error against the f32 reference stays within a small
+/// multiple of transformers' own bf16 error on the same checkpoint.
+#[test]
+fn bf16_error_is_no_worse_than_transformers() {
+    for family in FAMILIES {
+        let r = reference(family);
+        let model = load_classifier(&base(family), None, DType::BF16, &Device::Cpu).unwrap();
+        let ours = max_diff(
+            &logits(&model, &r, PaddingSide::Right),
+            &r.json["base"]["right"],
+        );
+        let torch_bf16: Vec<Vec<f32>> = r.json["base_bf16"]["right"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|row| {
+                row.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_f64().unwrap() as f32)
+                    .collect()
+            })
+            .collect();
+        let theirs = max_diff(&torch_bf16, &r.json["base"]["right"]);
+        eprintln!(
+            "{family} bf16 vs f32 reference: arenaflow {ours:.3e}, transformers {theirs:.3e}"
+        );
+        assert!(
+            ours <= 3.0 * theirs.max(1e-2),
+            "{family}: bf16 error {ours} vs transformers' {theirs}"
+        );
+    }
+}
+
+/// Loading is all or nothing: a missing tensor and an extra one are both named.
+#[test]
+fn missing_and_unexpected_tensors_are_errors() {
+    let checkpoint = open_folder(&fixture("llama").join("base")).unwrap();
+    let mut tensors = std::collections::HashMap::new();
+    for name in checkpoint.tensors.names().unwrap() {
+        if name == "model.layers.1.mlp.up_proj.weight" {
+            continue;
+        }
+        let TensorSource::Safetensors { files, .. } = &checkpoint.tensors else {
+            unreachable!()
+        };
+        tensors.insert(name.clone(), files.load(&name, &Device::Cpu).unwrap());
+    }
+    tensors.insert(
+        "lm_head.weight".into(),
+        candle_core::Tensor::zeros((97, 48), DType::F32, &Device::Cpu).unwrap(),
+    );
+    let source = TensorSource::Memory {
+        label: "edited".into(),
+        tensors,
+    };
+    let err = SequenceClassifier::load(&checkpoint.config, &source, None, DType::F32, &Device::Cpu)
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, ModelError::TensorMismatch { .. }), "{text}");
+    assert!(text.contains("model.layers.1.mlp.up_proj.weight"), "{text}");
+    assert!(
+        text.contains("unexpected tensor(s): lm_head.weight"),
+        "{text}"
+    );
+
+    // An adapter whose tensors do not cover its target modules.
+    let adapter = open_adapter(&fixture("qwen2").join("adapter")).unwrap();
+    let mut config = adapter.config.clone();
+    config.layers_to_transform = None;
+    let qwen = open_folder(&fixture("qwen2").join("base")).unwrap();
+    let err = SequenceClassifier::load(
+        &qwen.config,
+        &qwen.tensors,
+        Some((&config, &adapter.tensors)),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"),
+        "{err}"
+    );
+}
