@@ -71,13 +71,10 @@ impl Config {
             }
             None => (0..self.num_hidden_layers).map(|i| i % 2 == 0).collect(),
         };
-        let sliding_window = match self.sliding_window {
-            Some(size) => Some(SlidingWindow {
-                size,
-                layers: sliding_layers,
-            }),
-            None => None,
-        };
+        let sliding_window = self.sliding_window.map(|size| SlidingWindow {
+            size,
+            layers: sliding_layers,
+        });
         Ok(DecoderConfig {
             family: Family::Gemma2,
             vocab_size: self.vocab_size,

@@ -135,7 +135,9 @@ pub struct DecoderConfig {
 
 impl DecoderConfig {
     pub fn validate(&self) -> Result<()> {
-        if self.num_heads == 0 || self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0
+        if self.num_heads == 0
+            || self.num_kv_heads == 0
+            || !self.num_heads.is_multiple_of(self.num_kv_heads)
         {
             config_bail!(
                 "{}: num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
@@ -144,7 +146,7 @@ impl DecoderConfig {
                 self.num_kv_heads
             );
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             config_bail!("head_dim {} must be even for RoPE", self.head_dim);
         }
         if let Some(labels) = self.num_labels {
