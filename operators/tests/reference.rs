@@ -226,3 +226,23 @@ fn missing_and_unexpected_tensors_are_errors() {
         "{err}"
     );
 }
+
+/// Writes each family's adapter and merged model as arenaflow saves them, for
+/// `make_fixtures.py check` to load with transformers + PEFT (run by hand:
+/// `ARENAFLOW_EXPORT_DIR=DIR cargo test --workspace --test reference -- --ignored`).
+#[test]
+#[ignore = "writes files for the Python check; run by hand"]
+fn export_for_transformers() {
+    let out = PathBuf::from(std::env::var("ARENAFLOW_EXPORT_DIR").expect("ARENAFLOW_EXPORT_DIR"));
+    for family in FAMILIES {
+        let model = load_classifier(
+            &base(family),
+            Some(&fixture(family).join("adapter")),
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        save_adapter(&model, &out.join(family).join("adapter")).unwrap();
+        save_merged(&model, &out.join(family).join("merged")).unwrap();
+    }
+}
