@@ -208,6 +208,11 @@ impl PlanRun<'_> {
         let ctx = &self.session.ctx;
         let target = self.run_dir.join(&key);
         let store = target.store(ctx)?;
+        // Planning the query is what tells the table functions (readers, tokenize) which
+        // files it reads; the fingerprint needs them before anything runs.
+        ctx.state()
+            .statement_to_plan(Statement::CopyTo(copy.clone()))
+            .await?;
         let inputs = self.inputs().await?;
         let plan_sha256 = sha256_hex(&self.plan.text);
         let params_sha256 = sha256_hex(serde_json::to_vec(&self.params)?);

@@ -1,0 +1,284 @@
+//! Models and tokens from outside the library: `arenaflow logits` on the committed tiny
+//! checkpoints against transformers' logits, its errors on bad input, and the tokenize plan
+//! on the real rows.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use arenaflow_tests::{arenaflow, repo_root, text};
+use datafusion::arrow::array::{
+    Array, AsArray, Int32Builder, ListBuilder, RecordBatch, StringArray,
+};
+use datafusion::arrow::datatypes::Float32Type;
+use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use datafusion::parquet::arrow::ArrowWriter;
+
+fn write_tokens(path: &Path, rows: &[(String, Vec<i32>)]) {
+    let ids = StringArray::from(rows.iter().map(|r| r.0.clone()).collect::<Vec<_>>());
+    let mut tokens = ListBuilder::new(Int32Builder::new());
+    for (_, row) in rows {
+        tokens.values().append_slice(row);
+        tokens.append(true);
+    }
+    let batch = RecordBatch::try_from_iter(vec![
+        ("id", Arc::new(ids) as Arc<dyn Array>),
+        ("input_ids", Arc::new(tokens.finish()) as Arc<dyn Array>),
+    ])
+    .unwrap();
+    let mut writer =
+        ArrowWriter::try_new(std::fs::File::create(path).unwrap(), batch.schema(), None).unwrap();
+    writer.write(&batch).unwrap();
+    writer.close().unwrap();
+}
+
+fn read_logits(path: &Path) -> Vec<(String, Vec<f32>)> {
+    let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(path).unwrap())
+        .unwrap()
+        .build()
+        .unwrap();
+    let mut out = Vec::new();
+    for batch in reader {
+        let batch = batch.unwrap();
+        let ids = batch
+            .column_by_name("id")
+            .unwrap()
+            .as_string::<i32>()
+            .clone();
+        let logits = batch
+            .column_by_name("logits")
+            .unwrap()
+            .as_fixed_size_list()
+            .clone();
+        for r in 0..batch.num_rows() {
+            let row = logits.value(r);
+            out.push((
+                ids.value(r).to_string(),
+                row.as_primitive::<Float32Type>().values().to_vec(),
+            ));
+        }
+    }
+    out
+}
+
+#[test]
+fn logits_command_matches_transformers() {
+    let dir = tempfile::tempdir().unwrap();
+    for family in ["llama", "qwen2", "gemma2"] {
+        let fixture = repo_root().join("tests/fixtures/models").join(family);
+        let reference: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(fixture.join("reference.json")).unwrap())
+                .unwrap();
+        let rows: Vec<(String, Vec<i32>)> = reference["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let tokens = r
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|t| t.as_i64().unwrap() as i32)
+                    .collect();
+                (format!("row{i}"), tokens)
+            })
+            .collect();
+        let input = dir.path().join(format!("{family}.parquet"));
+        write_tokens(&input, &rows);
+        for (padding, adapter) in [("right", false), ("left", true)] {
+            let output = dir.path().join(format!("{family}_{padding}_out.parquet"));
+            let mut args = vec![
+                "logits".to_string(),
+                "--model".into(),
+                fixture.join("base").display().to_string(),
+                "--input".into(),
+                input.display().to_string(),
+                "--output".into(),
+                output.display().to_string(),
+                "--padding".into(),
+                padding.into(),
+                // Two rows per pass: several batches, sorted by length, put back in order.
+                "--max-batch-tokens".into(),
+                "26".into(),
+            ];
+            if adapter {
+                args.push("--adapter".into());
+                args.push(fixture.join("adapter").display().to_string());
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let run = arenaflow(&args);
+            assert!(run.status.success(), "{}", text(&run));
+            let got = read_logits(&output);
+            let want = &reference[if adapter { "adapter" } else { "base" }][padding];
+            let mut worst = 0f32;
+            for (i, (id, logits)) in got.iter().enumerate() {
+                assert_eq!(id, &format!("row{i}"), "rows come back in input order");
+                for (a, b) in logits.iter().zip(want[i].as_array().unwrap()) {
+                    worst = worst.max((a - b.as_f64().unwrap() as f32).abs());
+                }
+            }
+            assert_eq!(got.len(), rows.len());
+            assert!(worst <= 1e-4, "{family} {padding}: max |diff| {worst}");
+        }
+    }
+}
+
+#[test]
+fn logits_command_rejects_bad_rows_and_leaves_no_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("bad.parquet");
+    write_tokens(
+        &input,
+        &[
+            ("ok".into(), vec![1, 2, 3]),
+            ("too-big".into(), vec![4, 500, 6]),
+        ],
+    );
+    let output = dir.path().join("out.parquet");
+    let model = repo_root().join("tests/fixtures/models/llama/base");
+    let run = arenaflow(&[
+        "logits",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert!(!run.status.success());
+    assert!(
+        text(&run).contains("bad.parquet: row 2 (id too-big), column input_ids: token 500 at position 1 is outside the vocabulary (0..97)"),
+        "{}",
+        text(&run)
+    );
+    assert!(!output.exists());
+
+    // A missing tensor names itself.
+    let broken = dir.path().join("broken");
+    std::fs::create_dir(&broken).unwrap();
+    std::fs::copy(model.join("config.json"), broken.join("config.json")).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(broken.join("config.json")).unwrap())
+            .unwrap();
+    config["num_hidden_layers"] = 4.into();
+    std::fs::write(broken.join("config.json"), config.to_string()).unwrap();
+    std::fs::copy(
+        model.join("model.safetensors"),
+        broken.join("model.safetensors"),
+    )
+    .unwrap();
+    write_tokens(&input, &[("ok".into(), vec![1, 2, 3])]);
+    let run = arenaflow(&[
+        "logits",
+        "--model",
+        broken.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert!(!run.status.success());
+    assert!(
+        text(&run).contains("missing tensor(s): model.layers.3."),
+        "{}",
+        text(&run)
+    );
+    assert!(!output.exists());
+}
+
+/// prepare.sql then tokenize.sql on the real rows: every input fits, starts with BOS and
+/// ends with EOS, both orders cover every id, and the swapped order swaps the label.
+#[test]
+fn tokenize_plan_on_the_real_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run");
+    let run = arenaflow(&[
+        "run",
+        "plans/prepare.sql",
+        "plans/tokenize.sql",
+        "--set",
+        "max_length=256",
+        "--run-dir",
+        run_dir.to_str().unwrap(),
+    ]);
+    assert!(run.status.success(), "{}", text(&run));
+    assert!(
+        text(&run).contains(
+            "wrote tokenize/gemma2_blackpearl_256_balanced/tokens.parquet: 3964 rows, 1982 ids"
+        ),
+        "{}",
+        text(&run)
+    );
+    let check = dir.path().join("check.sql");
+    std::fs::write(
+        &check,
+        format!(
+            "CREATE EXTERNAL TABLE t STORED AS PARQUET LOCATION '{}/tokenize/gemma2_blackpearl_256_balanced/tokens.parquet';\n\
+             SELECT ensure(bool_and(n_tokens <= 256 AND array_length(input_ids) = n_tokens AND input_ids[1] = 2 AND input_ids[n_tokens] = 1), 'inputs fit, BOS first, EOS last') AS shape,\n\
+                    ensure(count(DISTINCT id) FILTER (WHERE \"order\" = 'ab') = 1982 AND count(DISTINCT id) FILTER (WHERE \"order\" = 'ba') = 1982, 'both orders cover every id') AS coverage\n\
+             FROM t;\n\
+             SELECT ensure(bool_and(ab.label = swap_label(ba.label) AND ab.n_tokens = ba.n_tokens), 'swapped order swaps the label') AS swap\n\
+             FROM t ab JOIN t ba ON ab.id = ba.id AND ab.\"order\" = 'ab' AND ba.\"order\" = 'ba';\n",
+            run_dir.display()
+        ),
+    )
+    .unwrap();
+    let verify = arenaflow(&[
+        "run",
+        check.to_str().unwrap(),
+        "--run-dir",
+        run_dir.to_str().unwrap(),
+    ]);
+    assert!(verify.status.success(), "{}", text(&verify));
+}
+
+/// A hub id resolves through the local Hugging Face cache; offline, a file the cache lacks
+/// is named in the error.
+#[test]
+fn hub_ids_use_the_cache_and_offline_mode_names_missing_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("hf");
+    let repo = home.join("hub/models--arena--tiny-llama");
+    let snapshot = repo.join("snapshots/0123456789abcdef");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123456789abcdef").unwrap();
+    let fixture = repo_root().join("tests/fixtures/models/llama");
+    std::fs::copy(
+        fixture.join("base/config.json"),
+        snapshot.join("config.json"),
+    )
+    .unwrap();
+    let input = dir.path().join("in.parquet");
+    write_tokens(&input, &[("a".into(), vec![5, 17, 33])]);
+    let output = dir.path().join("out.parquet");
+    let env = [
+        ("HF_HOME", home.display().to_string()),
+        ("HF_HUB_OFFLINE", "1".to_string()),
+    ];
+    let args = [
+        "logits",
+        "--model",
+        "arena/tiny-llama",
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ];
+    let run = arenaflow_tests::arenaflow_with_env(&args, &env);
+    assert!(!run.status.success());
+    assert!(
+        text(&run).contains("arena/tiny-llama: HF_HUB_OFFLINE is set and the cache")
+            && text(&run).contains("lacks: model.safetensors"),
+        "{}",
+        text(&run)
+    );
+    std::fs::copy(
+        fixture.join("base/model.safetensors"),
+        snapshot.join("model.safetensors"),
+    )
+    .unwrap();
+    let run = arenaflow_tests::arenaflow_with_env(&args, &env);
+    assert!(run.status.success(), "{}", text(&run));
+    assert_eq!(read_logits(&output).len(), 1);
+}
