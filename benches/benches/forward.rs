@@ -50,16 +50,25 @@ fn forward(c: &mut Criterion) {
     group.throughput(Throughput::Elements((ROWS * LENGTH) as u64));
     let mut rng = SplitMix64::new(1);
     let rows: Vec<Vec<u32>> = (0..ROWS)
-        .map(|_| (0..LENGTH).map(|_| 1 + (rng.next_u64() % 31_999) as u32).collect())
+        .map(|_| {
+            (0..LENGTH)
+                .map(|_| 1 + (rng.next_u64() % 31_999) as u32)
+                .collect()
+        })
         .collect();
     let refs: Vec<&[u32]> = rows.iter().map(|r| r.as_slice()).collect();
     let batch = PaddedBatch::pad(&refs, 0, PaddingSide::Right).expect("batch");
     for family in ["llama", "qwen2", "gemma2"] {
         let source = TensorSource::Random { seed: 7, std: 0.02 };
-        let model = SequenceClassifier::load(&config(family), &source, None, DType::F32, &Device::Cpu)
-            .expect("model");
+        let model =
+            SequenceClassifier::load(&config(family), &source, None, DType::F32, &Device::Cpu)
+                .expect("model");
         group.bench_function(format!("{family}_4x256"), |b| {
-            b.iter(|| model.forward(&batch, ForwardMode::Inference).expect("forward"))
+            b.iter(|| {
+                model
+                    .forward(&batch, ForwardMode::Inference)
+                    .expect("forward")
+            })
         });
     }
     group.finish();

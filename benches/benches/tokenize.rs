@@ -17,16 +17,20 @@ const COPIES: usize = 10;
 const BATCH_ROWS: usize = 8192;
 
 fn shared(path: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared").join(path)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared")
+        .join(path)
 }
 
 /// The real rows' turns, replicated, as record batches of list<utf8> columns.
 fn batches() -> Vec<RecordBatch> {
-    let mut reader = csv::Reader::from_path(shared("data/lmsys-arena/train_sample.csv")).expect("the real sample");
+    let mut reader = csv::Reader::from_path(shared("data/lmsys-arena/train_sample.csv"))
+        .expect("the real sample");
     let headers = reader.headers().expect("header").clone();
     let column = |name: &str| headers.iter().position(|h| h == name).expect("column");
     let (p, a, b) = (column("prompt"), column("response_a"), column("response_b"));
-    let turns = |field: &str| -> Vec<Option<String>> { serde_json::from_str(field).unwrap_or_default() };
+    let turns =
+        |field: &str| -> Vec<Option<String>> { serde_json::from_str(field).unwrap_or_default() };
     let rows: Vec<[Vec<Option<String>>; 3]> = reader
         .records()
         .map(|r| {
@@ -34,7 +38,8 @@ fn batches() -> Vec<RecordBatch> {
             [turns(&r[p]), turns(&r[a]), turns(&r[b])]
         })
         .collect();
-    let all: Vec<&[Vec<Option<String>>; 3]> = rows.iter().cycle().take(rows.len() * COPIES).collect();
+    let all: Vec<&[Vec<Option<String>>; 3]> =
+        rows.iter().cycle().take(rows.len() * COPIES).collect();
     all.chunks(BATCH_ROWS)
         .map(|chunk| {
             let columns: Vec<Arc<dyn Array>> = (0..3)
@@ -67,7 +72,8 @@ fn tokenize(c: &mut Criterion) {
     group.throughput(Throughput::Elements(rows as u64));
     for family in ["llama3", "gemma2"] {
         let tokenizer = Arc::new(
-            TextTokenizer::open(&shared(&format!("tokenizers/{family}/tokenizer.json"))).expect("tokenizer"),
+            TextTokenizer::open(&shared(&format!("tokenizers/{family}/tokenizer.json")))
+                .expect("tokenizer"),
         );
         let encoder = Encoder::new(
             tokenizer,

@@ -246,3 +246,49 @@ fn export_for_transformers() {
         save_merged(&model, &out.join(family).join("merged")).unwrap();
     }
 }
+
+/// A checkpoint split into shards with `model.safetensors.index.json` loads as the single
+/// file does; an index naming a shard that is not there is an error naming it.
+#[test]
+fn sharded_checkpoints_load() {
+    let r = reference("llama");
+    let checkpoint = open_folder(&fixture("llama").join("base")).unwrap();
+    let TensorSource::Safetensors { files, .. } = &checkpoint.tensors else {
+        unreachable!()
+    };
+    let names: Vec<String> = checkpoint.tensors.names().unwrap().into_iter().collect();
+    let dir = tempfile::tempdir().unwrap();
+    let mut weight_map = serde_json::Map::new();
+    for (part, chunk) in names.chunks(names.len() / 2 + 1).enumerate() {
+        let file = format!("model-{:05}-of-00002.safetensors", part + 1);
+        let tensors: Vec<(String, candle_core::Tensor)> = chunk
+            .iter()
+            .map(|n| (n.clone(), files.load(n, &Device::Cpu).unwrap()))
+            .collect();
+        arenaflow_operators::checkpoint::write_safetensors(&dir.path().join(&file), &tensors)
+            .unwrap();
+        for n in chunk {
+            weight_map.insert(n.clone(), file.clone().into());
+        }
+    }
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        serde_json::json!({"metadata": {}, "weight_map": weight_map}).to_string(),
+    )
+    .unwrap();
+    std::fs::copy(
+        fixture("llama").join("base/config.json"),
+        dir.path().join("config.json"),
+    )
+    .unwrap();
+    let model =
+        load_classifier(dir.path().to_str().unwrap(), None, DType::F32, &Device::Cpu).unwrap();
+    assert_matches(&model, &r, "base", "llama sharded");
+
+    std::fs::remove_file(dir.path().join("model-00002-of-00002.safetensors")).unwrap();
+    let err = load_classifier(dir.path().to_str().unwrap(), None, DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("model-00002-of-00002.safetensors"), "{err}");
+}
