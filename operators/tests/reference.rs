@@ -141,13 +141,16 @@ fn saved_adapter_and_merged_model_load_back() {
     }
 }
 
-/// bf16 weights and activations: the error against the f32 reference stays within a small
-/// multiple of transformers' own bf16 error on the same checkpoint.
+/// bf16 and f16 weights and activations: the error against the f32 reference stays within a
+/// small multiple of transformers' own bf16 error on the same checkpoint.
 #[test]
 fn bf16_error_is_no_worse_than_transformers() {
-    for family in FAMILIES {
+    for (family, dtype) in FAMILIES
+        .iter()
+        .flat_map(|f| [(*f, DType::BF16), (*f, DType::F16)])
+    {
         let r = reference(family);
-        let model = load_classifier(&base(family), None, DType::BF16, &Device::Cpu).unwrap();
+        let model = load_classifier(&base(family), None, dtype, &Device::Cpu).unwrap();
         let ours = max_diff(
             &logits(&model, &r, PaddingSide::Right),
             &r.json["base"]["right"],
@@ -166,11 +169,11 @@ fn bf16_error_is_no_worse_than_transformers() {
             .collect();
         let theirs = max_diff(&torch_bf16, &r.json["base"]["right"]);
         eprintln!(
-            "{family} bf16 vs f32 reference: arenaflow {ours:.3e}, transformers {theirs:.3e}"
+            "{family} {dtype:?} vs f32 reference: arenaflow {ours:.3e}, transformers bf16 {theirs:.3e}"
         );
         assert!(
             ours <= 3.0 * theirs.max(1e-2),
-            "{family}: bf16 error {ours} vs transformers' {theirs}"
+            "{family} {dtype:?}: error {ours} vs transformers' bf16 {theirs}"
         );
     }
 }
