@@ -36,15 +36,13 @@ pub fn fetch_model(spec: &str) -> Result<PathBuf> {
         if config.is_none() {
             missing.push("config.json".to_string());
         }
-        let shards = match cached.get("model.safetensors.index.json") {
+        match cached.get("model.safetensors.index.json") {
             Some(index) => {
-                let names = shard_names(&index)?;
-                for name in &names {
-                    if cached.get(name).is_none() {
-                        missing.push(name.clone());
+                for name in shard_names(&index)? {
+                    if cached.get(&name).is_none() {
+                        missing.push(name);
                     }
                 }
-                true
             }
             None => {
                 if cached.get("model.safetensors").is_none() {
@@ -52,10 +50,8 @@ pub fn fetch_model(spec: &str) -> Result<PathBuf> {
                         "model.safetensors (or model.safetensors.index.json and its shards)".into(),
                     );
                 }
-                false
             }
-        };
-        let _ = shards;
+        }
         if !missing.is_empty() {
             return Err(ModelError::Hub(format!(
                 "{spec}: HF_HUB_OFFLINE is set and the cache {} lacks: {}",
