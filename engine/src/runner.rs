@@ -208,10 +208,27 @@ impl PlanRun<'_> {
         let ctx = &self.session.ctx;
         let target = self.run_dir.join(&key);
         let store = target.store(ctx)?;
+        let staging_root = self
+            .run_dir
+            .join(&format!(".staging/{}", uuid::Uuid::new_v4()));
+        let staging = staging_root.join(&key);
+        let folder = copy.target.ends_with('/') || !copy.partitioned_by.is_empty();
+        copy.target = if folder {
+            format!("{}/", staging.sql())
+        } else {
+            staging.sql()
+        };
+        let format = copy
+            .stored_as
+            .clone()
+            .unwrap_or_else(|| key.rsplit('.').next().unwrap_or("parquet").to_string())
+            .to_lowercase();
         // Planning the query is what tells the table functions (readers, tokenize) which
-        // files it reads; the fingerprint needs them before anything runs.
-        ctx.state()
-            .statement_to_plan(Statement::CopyTo(copy.clone()))
+        // files it reads; the fingerprint needs them before anything runs. The plan (into
+        // the staging folder) is kept and run below, so nothing is planned twice.
+        let logical = ctx
+            .state()
+            .statement_to_plan(Statement::CopyTo(copy))
             .await?;
         let inputs = self.inputs().await?;
         let plan_sha256 = sha256_hex(&self.plan.text);
@@ -272,28 +289,8 @@ impl PlanRun<'_> {
             }
         }
 
-        let staging_root = self
-            .run_dir
-            .join(&format!(".staging/{}", uuid::Uuid::new_v4()));
-        let staging = staging_root.join(&key);
-        let folder = copy.target.ends_with('/') || !copy.partitioned_by.is_empty();
-        copy.target = if folder {
-            format!("{}/", staging.sql())
-        } else {
-            staging.sql()
-        };
-        let format = copy
-            .stored_as
-            .clone()
-            .unwrap_or_else(|| key.rsplit('.').next().unwrap_or("parquet").to_string())
-            .to_lowercase();
-
         let bar = spinner(format!("{}:{} -> {key}", self.plan.file, statement.line));
         let written = async {
-            let logical = ctx
-                .state()
-                .statement_to_plan(Statement::CopyTo(copy))
-                .await?;
             let result = ctx.execute_logical_plan(logical).await?.collect().await?;
             let rows = copied_rows(&result)?;
             let distinct_ids = if rows == 0 {
