@@ -5,25 +5,18 @@
 
 use serde::Deserialize;
 
-use super::{
-    num_labels_of, rope_of, Activation, DecoderConfig, Family, NormStyle, RawRope, SlidingWindow,
-};
+use super::{CommonConfig, DecoderConfig, Family, NormStyle, SlidingWindow};
 use crate::config_bail;
 use crate::error::Result;
 
 /// The fields of a Hugging Face Gemma-2 `config.json` this model reads.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Config {
-    pub vocab_size: usize,
-    pub hidden_size: usize,
-    pub intermediate_size: usize,
-    pub num_hidden_layers: usize,
-    pub num_attention_heads: usize,
-    pub num_key_value_heads: Option<usize>,
+    #[serde(flatten)]
+    pub common: CommonConfig,
     pub head_dim: usize,
     pub hidden_activation: Option<String>,
     pub hidden_act: Option<String>,
-    pub rms_norm_eps: f64,
     #[serde(default)]
     pub attention_bias: bool,
     pub query_pre_attn_scalar: f64,
@@ -31,11 +24,8 @@ pub struct Config {
     pub sliding_window: Option<usize>,
     /// `sliding_attention` or `full_attention` per layer (transformers >= 4.53 writes it).
     pub layer_types: Option<Vec<String>>,
-    pub pad_token_id: Option<u32>,
     #[serde(default)]
     pub use_bidirectional_attention: Option<bool>,
-    #[serde(flatten)]
-    pub rope: RawRope,
 }
 
 impl Config {
@@ -51,11 +41,11 @@ impl Config {
         // Older configs have no `layer_types`: even layers slide, odd layers see everything.
         let sliding_layers: Vec<bool> = match &self.layer_types {
             Some(types) => {
-                if types.len() != self.num_hidden_layers {
+                if types.len() != self.common.num_hidden_layers {
                     config_bail!(
                         "gemma2: layer_types has {} entries for {} layers",
                         types.len(),
-                        self.num_hidden_layers
+                        self.common.num_hidden_layers
                     );
                 }
                 types
@@ -69,35 +59,26 @@ impl Config {
                     })
                     .collect::<Result<_>>()?
             }
-            None => (0..self.num_hidden_layers).map(|i| i % 2 == 0).collect(),
+            None => (0..self.common.num_hidden_layers)
+                .map(|i| i % 2 == 0)
+                .collect(),
         };
         let sliding_window = self.sliding_window.map(|size| SlidingWindow {
             size,
             layers: sliding_layers,
         });
         Ok(DecoderConfig {
-            family: Family::Gemma2,
-            vocab_size: self.vocab_size,
-            hidden_size: self.hidden_size,
-            intermediate_size: self.intermediate_size,
-            num_layers: self.num_hidden_layers,
-            num_heads: self.num_attention_heads,
-            num_kv_heads: self.num_key_value_heads.unwrap_or(self.num_attention_heads),
-            head_dim: self.head_dim,
-            rms_norm_eps: self.rms_norm_eps,
-            rope: rope_of(&self.rope)?,
             qkv_bias: self.attention_bias,
             o_bias: self.attention_bias,
-            mlp_bias: false,
-            activation: Activation::from_hf(activation)?,
             norm: NormStyle::Gemma,
             attn_logit_softcap: self.attn_logit_softcapping,
             query_scale: self.query_pre_attn_scalar.powf(-0.5),
             sliding_window,
-            num_labels: num_labels_of(raw),
-            pad_token_id: self.pad_token_id,
             // Gemma-2 always ties its LM head to the embeddings.
             tie_word_embeddings: true,
+            ..self
+                .common
+                .decoder(Family::Gemma2, self.head_dim, activation, raw)?
         })
     }
 }

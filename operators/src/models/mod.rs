@@ -170,6 +170,57 @@ impl DecoderConfig {
     }
 }
 
+/// The fields every family's `config.json` shares.
+#[derive(Debug, Clone, Deserialize)]
+pub struct CommonConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: Option<usize>,
+    pub rms_norm_eps: f64,
+    pub pad_token_id: Option<u32>,
+    #[serde(flatten)]
+    pub rope: RawRope,
+}
+
+impl CommonConfig {
+    /// The Llama block with these sizes (no biases, Llama's norm, head_dim^-0.5 scaling);
+    /// each family's file changes what differs.
+    pub(crate) fn decoder(
+        &self,
+        family: Family,
+        head_dim: usize,
+        activation: &str,
+        raw: &serde_json::Value,
+    ) -> Result<DecoderConfig> {
+        Ok(DecoderConfig {
+            family,
+            vocab_size: self.vocab_size,
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_layers: self.num_hidden_layers,
+            num_heads: self.num_attention_heads,
+            num_kv_heads: self.num_key_value_heads.unwrap_or(self.num_attention_heads),
+            head_dim,
+            rms_norm_eps: self.rms_norm_eps,
+            rope: rope_of(&self.rope)?,
+            qkv_bias: false,
+            o_bias: false,
+            mlp_bias: false,
+            activation: Activation::from_hf(activation)?,
+            norm: NormStyle::Llama,
+            attn_logit_softcap: None,
+            query_scale: (head_dim as f64).powf(-0.5),
+            sliding_window: None,
+            num_labels: num_labels_of(raw),
+            pad_token_id: self.pad_token_id,
+            tie_word_embeddings: false,
+        })
+    }
+}
+
 /// The rope fields of a config.json, as transformers 4 (`rope_theta`, `rope_scaling`) or 5
 /// (`rope_parameters`) writes them.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -179,7 +230,7 @@ pub struct RawRope {
     pub rope_parameters: Option<serde_json::Value>,
 }
 
-pub(crate) fn rope_of(raw: &RawRope) -> Result<RopeConfig> {
+fn rope_of(raw: &RawRope) -> Result<RopeConfig> {
     let params = raw
         .rope_parameters
         .as_ref()
@@ -222,7 +273,7 @@ pub(crate) fn rope_of(raw: &RawRope) -> Result<RopeConfig> {
     Ok(RopeConfig { theta, scaling })
 }
 
-pub(crate) fn num_labels_of(raw: &serde_json::Value) -> Option<usize> {
+fn num_labels_of(raw: &serde_json::Value) -> Option<usize> {
     raw.get("id2label")
         .and_then(|m| m.as_object())
         .map(|m| m.len())
