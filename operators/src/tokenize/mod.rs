@@ -184,10 +184,19 @@ pub struct Encoder {
     pub truncation: Truncation,
     pub order: Order,
     pub prompt_cap: usize,
-    literals: Vec<Option<Vec<u32>>>,
+    /// The template with its text already tokenized.
+    parts: Vec<Part>,
+    /// The slots in text order (for `right` and `left` truncation).
+    slot_order: Vec<Slot>,
     /// Tokens every input spends outside the slots.
     overhead: usize,
     eos_id: Option<u32>,
+}
+
+/// A piece of a template, ready to copy into an input.
+enum Part {
+    Tokens(Vec<u32>),
+    Slot(Slot),
 }
 
 /// One encoded row.
@@ -206,12 +215,12 @@ impl Encoder {
         order: Order,
         prompt_cap: usize,
     ) -> Result<Self> {
-        let literals = template
+        let parts = template
             .pieces
             .iter()
             .map(|p| match p {
-                Piece::Text(t) => tokenizer.encode_plain(t).map(Some),
-                Piece::Slot(_) => Ok(None),
+                Piece::Text(t) => tokenizer.encode_plain(t).map(Part::Tokens),
+                Piece::Slot(slot) => Ok(Part::Slot(*slot)),
             })
             .collect::<Result<Vec<_>>>()?;
         let eos_id = if template.append_eos {
@@ -229,7 +238,13 @@ impl Encoder {
         };
         let overhead = tokenizer.prefix.len()
             + tokenizer.suffix.len()
-            + literals.iter().flatten().map(Vec::len).sum::<usize>()
+            + parts
+                .iter()
+                .map(|p| match p {
+                    Part::Tokens(t) => t.len(),
+                    Part::Slot(_) => 0,
+                })
+                .sum::<usize>()
             + usize::from(eos_id.is_some());
         if overhead >= max_length {
             return Err(ModelError::Input(format!(
@@ -239,12 +254,13 @@ impl Encoder {
         }
         Ok(Self {
             tokenizer,
+            slot_order: template.slot_order(),
             template,
             max_length,
             truncation,
             order,
             prompt_cap,
-            literals,
+            parts,
             overhead,
             eos_id,
         })
@@ -272,34 +288,33 @@ impl Encoder {
             Order::Ab => (response_a, response_b),
             Order::Ba => (response_b, response_a),
         };
-        let prompt = self.tokenizer.encode_plain(&self.slot_text(prompt))?;
-        let a = self.tokenizer.encode_plain(&self.slot_text(first))?;
-        let b = self.tokenizer.encode_plain(&self.slot_text(second))?;
+        // Indexed as `Slot::index`: prompt, the A slot's response, the B slot's.
+        let slots = [
+            self.tokenizer.encode_plain(&self.slot_text(prompt))?,
+            self.tokenizer.encode_plain(&self.slot_text(first))?,
+            self.tokenizer.encode_plain(&self.slot_text(second))?,
+        ];
         let budget = self.max_length - self.overhead;
-        let order = self.template.slot_order();
-        let lengths = [prompt.len(), a.len(), b.len()];
-        let kept = truncate(self.truncation, lengths, budget, self.prompt_cap, &order);
-        let truncated = kept != lengths;
-        let slice = |ids: &[u32], keep: usize| -> Vec<u32> {
-            match self.truncation {
-                Truncation::Left => ids[ids.len() - keep..].to_vec(),
-                _ => ids[..keep].to_vec(),
-            }
-        };
-        let (prompt, a, b) = (
-            slice(&prompt, kept[0]),
-            slice(&a, kept[1]),
-            slice(&b, kept[2]),
+        let lengths = slots.each_ref().map(Vec::len);
+        let kept = truncate(
+            self.truncation,
+            lengths,
+            budget,
+            self.prompt_cap,
+            &self.slot_order,
         );
         let mut ids = Vec::with_capacity(self.overhead + kept.iter().sum::<usize>());
         ids.extend_from_slice(&self.tokenizer.prefix);
-        for (piece, literal) in self.template.pieces.iter().zip(&self.literals) {
-            match (piece, literal) {
-                (_, Some(lit)) => ids.extend_from_slice(lit),
-                (Piece::Slot(Slot::Prompt), None) => ids.extend_from_slice(&prompt),
-                (Piece::Slot(Slot::ResponseA), None) => ids.extend_from_slice(&a),
-                (Piece::Slot(Slot::ResponseB), None) => ids.extend_from_slice(&b),
-                (Piece::Text(_), None) => unreachable!("every text piece is pre-tokenized"),
+        for part in &self.parts {
+            match part {
+                Part::Tokens(tokens) => ids.extend_from_slice(tokens),
+                Part::Slot(slot) => {
+                    let (tokens, keep) = (&slots[slot.index()], kept[slot.index()]);
+                    ids.extend_from_slice(match self.truncation {
+                        Truncation::Left => &tokens[tokens.len() - keep..],
+                        _ => &tokens[..keep],
+                    });
+                }
             }
         }
         ids.extend(self.eos_id);
@@ -307,7 +322,7 @@ impl Encoder {
         debug_assert!(ids.len() <= self.max_length);
         Ok(Encoded {
             input_ids: ids,
-            truncated,
+            truncated: kept != lengths,
         })
     }
 }
@@ -325,19 +340,14 @@ pub fn truncate(
     {
         return lengths;
     }
-    let index = |s: &Slot| match s {
-        Slot::Prompt => 0,
-        Slot::ResponseA => 1,
-        Slot::ResponseB => 2,
-    };
     match policy {
         Truncation::Right | Truncation::Left => {
             let mut kept = [0; 3];
             let mut left = budget;
             let order: Vec<usize> = if policy == Truncation::Right {
-                text_order.iter().map(index).collect()
+                text_order.iter().map(|s| s.index()).collect()
             } else {
-                text_order.iter().rev().map(index).collect()
+                text_order.iter().rev().map(|s| s.index()).collect()
             };
             for i in order {
                 kept[i] = lengths[i].min(left);

@@ -16,6 +16,15 @@ pub enum Slot {
 }
 
 impl Slot {
+    /// Position in (prompt, response A, response B) triples.
+    pub fn index(self) -> usize {
+        match self {
+            Self::Prompt => 0,
+            Self::ResponseA => 1,
+            Self::ResponseB => 2,
+        }
+    }
+
     pub fn placeholder(self) -> &'static str {
         match self {
             Self::Prompt => "{prompt}",
