@@ -1,7 +1,6 @@
 //! `arenaflow logits`: a model's 3 logits for rows of token ids, from Parquet to Parquet.
 //! The check from outside the test suite: the same path the operators use.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -117,7 +116,8 @@ pub fn run_logits(opts: &LogitsOptions) -> Result<LogitsSummary> {
     order.sort_by_key(|&i| std::cmp::Reverse(rows[i].len()));
     // Without a pad token, transformers can only run one row at a time.
     let pad = model.pad_token_id();
-    let mut logits: HashMap<usize, Vec<f32>> = HashMap::with_capacity(rows.len());
+    // Three logits per row, in input order.
+    let mut flat = vec![0f32; 3 * rows.len()];
     let (mut tokens, mut padded) = (0, 0);
     let mut start = 0;
     while start < order.len() {
@@ -139,11 +139,10 @@ pub fn run_logits(opts: &LogitsOptions) -> Result<LogitsSummary> {
             .and_then(|t| Ok(t.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?))
             .map_err(|e| EngineError::Invalid(e.to_string()))?;
         for (&i, l) in members.iter().zip(out) {
-            logits.insert(i, l);
+            flat[3 * i..3 * i + 3].copy_from_slice(&l);
         }
         start = end;
     }
-    let flat: Vec<f32> = (0..rows.len()).flat_map(|i| logits[&i].clone()).collect();
     let item = Arc::new(Field::new_list_field(DataType::Float32, false));
     let schema = Arc::new(Schema::new(vec![
         Field::new("id", DataType::Utf8, false),

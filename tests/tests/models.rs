@@ -123,6 +123,19 @@ fn logits_command_matches_transformers() {
     }
 }
 
+/// `arenaflow logits --model MODEL --input INPUT --output OUTPUT`.
+fn logits(model: &Path, input: &Path, output: &Path) -> std::process::Output {
+    arenaflow(&[
+        "logits",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ])
+}
+
 #[test]
 fn logits_command_rejects_bad_rows_and_leaves_no_output() {
     let dir = tempfile::tempdir().unwrap();
@@ -136,15 +149,7 @@ fn logits_command_rejects_bad_rows_and_leaves_no_output() {
     );
     let output = dir.path().join("out.parquet");
     let model = repo_root().join("tests/fixtures/models/llama/base");
-    let run = arenaflow(&[
-        "logits",
-        "--model",
-        model.to_str().unwrap(),
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        output.to_str().unwrap(),
-    ]);
+    let run = logits(&model, &input, &output);
     assert!(!run.status.success());
     assert!(
         text(&run).contains("bad.parquet: row 2 (id too-big), column input_ids: token 500 at position 1 is outside the vocabulary (0..97)"),
@@ -156,10 +161,8 @@ fn logits_command_rejects_bad_rows_and_leaves_no_output() {
     // A missing tensor names itself.
     let broken = dir.path().join("broken");
     std::fs::create_dir(&broken).unwrap();
-    std::fs::copy(model.join("config.json"), broken.join("config.json")).unwrap();
     let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(broken.join("config.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
     config["num_hidden_layers"] = 4.into();
     std::fs::write(broken.join("config.json"), config.to_string()).unwrap();
     std::fs::copy(
@@ -168,15 +171,7 @@ fn logits_command_rejects_bad_rows_and_leaves_no_output() {
     )
     .unwrap();
     write_tokens(&input, &[("ok".into(), vec![1, 2, 3])]);
-    let run = arenaflow(&[
-        "logits",
-        "--model",
-        broken.to_str().unwrap(),
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        output.to_str().unwrap(),
-    ]);
+    let run = logits(&broken, &input, &output);
     assert!(!run.status.success());
     assert!(
         text(&run).contains("missing tensor(s): model.layers.3."),
