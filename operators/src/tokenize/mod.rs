@@ -38,7 +38,7 @@ impl TextTokenizer {
         let probe = inner.encode("", true).map_err(|e| err(e.to_string()))?;
         let ids = probe.get_ids();
         let special = probe.get_special_tokens_mask();
-        let prefix: Vec<u32> = ids
+        let mut prefix: Vec<u32> = ids
             .iter()
             .zip(special)
             .take_while(|(_, s)| **s == 1)
@@ -82,7 +82,6 @@ impl TextTokenizer {
             Some(name) => Some((name.clone(), id_of(&name)?)),
             None => None,
         };
-        let mut prefix = prefix;
         if let Some(name) = bos {
             prefix.push(id_of(&name)?);
         }
