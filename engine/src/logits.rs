@@ -5,10 +5,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arenaflow_operators::checkpoint::{load_classifier, parse_dtype};
-use arenaflow_operators::models::decoder::PaddingSide;
-use arenaflow_operators::models::{ForwardMode, PaddedBatch};
-use candle_core::Device;
+use arenaflow_operators::teacher::{start_pass, ForwardStats, Teacher, TeacherSettings};
 use datafusion::arrow::array::{
     Array, AsArray, FixedSizeListArray, Float32Array, RecordBatch, StringArray,
 };
@@ -19,20 +16,11 @@ use datafusion::parquet::arrow::ArrowWriter;
 use crate::error::{EngineError, Result};
 
 pub struct LogitsOptions {
-    pub model: String,
-    pub adapter: Option<PathBuf>,
-    pub dtype: String,
+    pub teacher: TeacherSettings,
     pub input: PathBuf,
     pub output: PathBuf,
-    /// Padded tokens per forward pass.
-    pub max_batch_tokens: usize,
-    pub padding: PaddingSide,
-}
-
-pub struct LogitsSummary {
-    pub rows: usize,
-    pub tokens: usize,
-    pub padded_tokens: usize,
+    /// Run the first batch once, untimed, before the pass (benchmarks).
+    pub warmup: bool,
 }
 
 fn invalid(path: &Path, message: impl std::fmt::Display) -> EngineError {
@@ -104,45 +92,46 @@ pub fn read_token_rows(path: &Path, vocab_size: usize) -> Result<(Vec<String>, V
     Ok((ids, rows))
 }
 
-/// Runs the model over every row, batched by length under a token budget, and writes
-/// `id`, `logits` (3 x f32) in input order; the file appears only when complete.
-pub fn run_logits(opts: &LogitsOptions) -> Result<LogitsSummary> {
-    let dtype = parse_dtype(&opts.dtype).map_err(|e| EngineError::Invalid(e.to_string()))?;
-    let adapter = opts.adapter.as_deref();
-    let model = load_classifier(&opts.model, adapter, dtype, &Device::Cpu)
-        .map_err(|e| EngineError::Invalid(e.to_string()))?;
-    let (ids, rows) = read_token_rows(&opts.input, model.config.vocab_size)?;
-    let mut order: Vec<usize> = (0..rows.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(rows[i].len()));
-    // Without a pad token, transformers can only run one row at a time.
-    let pad = model.pad_token_id();
+/// Runs the model over every row, batched by length under a token budget (the batches of
+/// the `teacher_forward` operator), and writes `id`, `logits` (3 x f32) in input order; the
+/// file appears only when complete. The figures exclude loading (and the warm-up batch).
+pub fn run_logits(opts: &LogitsOptions) -> Result<ForwardStats> {
+    let teacher = Teacher::load(&opts.teacher).map_err(|e| EngineError::Invalid(e.to_string()))?;
+    let (ids, rows) = read_token_rows(&opts.input, teacher.vocab_size())?;
+    let lengths: Vec<usize> = rows.iter().map(Vec::len).collect();
+    let batches = teacher.plan(&lengths);
+    let forward = |members: &[usize]| {
+        let slices: Vec<&[u32]> = members.iter().map(|&i| rows[i].as_slice()).collect();
+        teacher
+            .forward(&slices)
+            .map_err(|e| EngineError::Invalid(e.to_string()))
+    };
+    if opts.warmup {
+        if let Some(first) = batches.first() {
+            forward(first)?;
+        }
+    }
+    let started = start_pass();
+    let mut stats = ForwardStats {
+        operator: "logits".into(),
+        model: opts.teacher.model.clone(),
+        dtype: opts.teacher.dtype.clone(),
+        ..Default::default()
+    };
     // Three logits per row, in input order.
     let mut flat = vec![0f32; 3 * rows.len()];
-    let (mut tokens, mut padded) = (0, 0);
-    let mut start = 0;
-    while start < order.len() {
-        let longest = rows[order[start]].len();
-        let fit = if pad.is_some() {
-            (opts.max_batch_tokens / longest).max(1)
-        } else {
-            1
-        };
-        let end = (start + fit).min(order.len());
-        let members = &order[start..end];
-        let slices: Vec<&[u32]> = members.iter().map(|&i| rows[i].as_slice()).collect();
-        let batch = PaddedBatch::pad(&slices, pad.unwrap_or(0), opts.padding)
-            .map_err(|e| EngineError::Invalid(e.to_string()))?;
-        tokens += batch.real_tokens();
-        padded += batch.rows * batch.seq_len;
-        let out = model
-            .forward(&batch, ForwardMode::Inference)
-            .and_then(|t| Ok(t.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?))
-            .map_err(|e| EngineError::Invalid(e.to_string()))?;
-        for (&i, l) in members.iter().zip(out) {
+    for members in &batches {
+        for (&i, l) in members.iter().zip(forward(members)?) {
             flat[3 * i..3 * i + 3].copy_from_slice(&l);
         }
-        start = end;
+        let longest = members.iter().map(|&i| lengths[i]).max().unwrap_or(0);
+        stats.tokens += members.iter().map(|&i| lengths[i] as u64).sum::<u64>();
+        stats.padded_tokens += (longest * members.len()) as u64;
+        stats.batches += 1;
     }
+    stats.computed_rows = rows.len() as u64;
+    stats.rows = rows.len() as u64;
+    stats.finish(&teacher.device, started.elapsed());
     let item = Arc::new(Field::new_list_field(DataType::Float32, false));
     let schema = Arc::new(Schema::new(vec![
         Field::new("id", DataType::Utf8, false),
@@ -172,9 +161,5 @@ pub fn run_logits(opts: &LogitsOptions) -> Result<LogitsSummary> {
         let _ = std::fs::remove_file(&partial);
         return Err(invalid(&opts.output, e));
     }
-    Ok(LogitsSummary {
-        rows: rows.len(),
-        tokens,
-        padded_tokens: padded,
-    })
+    Ok(stats)
 }

@@ -2,14 +2,14 @@
 //! there, with its row count, id coverage, and the hashes of its plan, parameters and
 //! inputs. An output is complete only once its record says so.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use datafusion::prelude::SessionContext;
 use object_store::{ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{EngineError, Result};
-use crate::storage::{InputFile, Location};
+use crate::storage::{objects_under, InputFile, Location};
 
 pub const MANIFEST_FILE: &str = "manifest.json";
 
@@ -41,42 +41,116 @@ pub struct OutputRecord {
     /// Hash of stage, output path, plan, parameters and inputs: equal means up to date.
     pub fingerprint: String,
     pub written_at: String,
+    /// Figures of the model operators that produced it (rows, tokens, padding, tokens/s,
+    /// peak memory).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metrics: Vec<serde_json::Value>,
 }
+
+/// Where the shards of an array job record their outputs: one file each, so that
+/// concurrent tasks never overwrite each other's records.
+pub const SHARD_MANIFESTS: &str = "manifest.d";
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
     pub version: u32,
     /// By path relative to the run directory.
     pub outputs: BTreeMap<String, OutputRecord>,
+    /// The file this process writes under `manifest.d/` (a shard of an array job), or
+    /// None for `manifest.json` itself.
+    #[serde(skip)]
+    writer: Option<String>,
+    /// The outputs this writer's file holds.
+    #[serde(skip)]
+    owned: BTreeSet<String>,
 }
 
 impl Manifest {
-    pub async fn load(ctx: &SessionContext, run_dir: &Location) -> Result<Self> {
+    /// The run directory's records: `manifest.json` and every shard's file under
+    /// `manifest.d/` (the latest record of an output wins). With a `writer`, saves go to
+    /// `manifest.d/{writer}.json` and hold only what this writer recorded.
+    pub async fn load(
+        ctx: &SessionContext,
+        run_dir: &Location,
+        writer: Option<String>,
+    ) -> Result<Self> {
         let store = run_dir.store(ctx)?;
-        let path = run_dir.join(MANIFEST_FILE).path;
-        match store.get(&path).await {
-            Ok(result) => {
-                let bytes = result.bytes().await?;
+        let mut manifest = Self {
+            version: 1,
+            ..Default::default()
+        };
+        let mut files = vec![run_dir.join(MANIFEST_FILE).path];
+        let shards = run_dir.join(SHARD_MANIFESTS);
+        for object in objects_under(store.as_ref(), &shards).await? {
+            if object.location.as_ref().ends_with(".json") {
+                files.push(object.location);
+            }
+        }
+        let own = writer
+            .as_ref()
+            .map(|w| run_dir.join(&format!("{SHARD_MANIFESTS}/{w}.json")).path);
+        for path in files {
+            let bytes = match store.get(&path).await {
+                Ok(result) => result.bytes().await?,
+                Err(object_store::Error::NotFound { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let part: Manifest =
                 serde_json::from_slice(&bytes).map_err(|e| EngineError::Manifest {
                     run_dir: run_dir.to_string(),
-                    message: format!("{MANIFEST_FILE} is not a valid manifest: {e}"),
-                })
+                    message: format!("{path} is not a valid manifest: {e}"),
+                })?;
+            let mine = own.as_ref() == Some(&path);
+            for (key, record) in part.outputs {
+                if mine {
+                    manifest.owned.insert(key.clone());
+                }
+                match manifest.outputs.get(&key) {
+                    Some(seen) if seen.written_at > record.written_at => {}
+                    _ => {
+                        manifest.outputs.insert(key, record);
+                    }
+                }
             }
-            Err(object_store::Error::NotFound { .. }) => Ok(Self {
-                version: 1,
-                outputs: BTreeMap::new(),
-            }),
-            Err(e) => Err(e.into()),
         }
+        manifest.writer = writer;
+        Ok(manifest)
     }
 
-    /// Writes the whole manifest in one atomic put.
+    /// Records an output (saved with the next `save`).
+    pub fn record(&mut self, key: &str, record: OutputRecord) {
+        self.owned.insert(key.to_string());
+        self.outputs.insert(key.to_string(), record);
+    }
+
+    /// Writes this writer's file whole, in one atomic put.
     pub async fn save(&self, ctx: &SessionContext, run_dir: &Location) -> Result<()> {
         let store = run_dir.store(ctx)?;
-        let json = serde_json::to_vec_pretty(self)?;
-        store
-            .put(&run_dir.join(MANIFEST_FILE).path, PutPayload::from(json))
-            .await?;
+        let (path, json) = match &self.writer {
+            None => (
+                run_dir.join(MANIFEST_FILE).path,
+                serde_json::to_vec_pretty(self)?,
+            ),
+            Some(writer) => {
+                let own = Manifest {
+                    version: self.version,
+                    outputs: self
+                        .outputs
+                        .iter()
+                        .filter(|(k, _)| self.owned.contains(*k))
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
+                    ..Default::default()
+                };
+                (
+                    run_dir
+                        .join(&format!("{SHARD_MANIFESTS}/{writer}.json"))
+                        .path,
+                    serde_json::to_vec_pretty(&own)?,
+                )
+            }
+        };
+        store.put(&path, PutPayload::from(json)).await?;
         Ok(())
     }
 }

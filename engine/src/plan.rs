@@ -15,6 +15,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::error::{EngineError, Result};
 
 pub const RUN_DIR_PARAM: &str = "run_dir";
+/// Built in: this process's shard (0-based) and the number of shards (`--shard i/n`, or
+/// SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT; 0 and 1 otherwise).
+pub const SHARD_INDEX_PARAM: &str = "shard_index";
+pub const SHARD_COUNT_PARAM: &str = "shard_count";
+pub const BUILTIN_PARAMS: [&str; 3] = [RUN_DIR_PARAM, SHARD_INDEX_PARAM, SHARD_COUNT_PARAM];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParamDecl {
@@ -208,11 +213,13 @@ impl PlanFile {
                     format!("parameter name {name:?} must be lower_snake_case"),
                 ));
             }
-            if name == RUN_DIR_PARAM {
+            if BUILTIN_PARAMS.contains(&name) {
                 return Err(plan_error(
                     file,
                     i + 1,
-                    "run_dir is built in (set it with --run-dir); do not declare it",
+                    format!(
+                        "{name} is built in (set it with --run-dir or --shard); do not declare it"
+                    ),
                 ));
             }
             if let Some(first) = params.iter().find(|p| p.name == name) {
@@ -240,7 +247,7 @@ impl PlanFile {
         for statement in &statements {
             for (offset, name) in references(&statement.text) {
                 let line = statement.line + statement.text[..offset].matches('\n').count();
-                if name != RUN_DIR_PARAM && !params.iter().any(|p| p.name == name) {
+                if !BUILTIN_PARAMS.contains(&name) && !params.iter().any(|p| p.name == name) {
                     return Err(plan_error(file, line, format!("${{{name}}} is not a declared parameter (declare it with `-- param {name} = DEFAULT`)")));
                 }
                 used.insert(name);
@@ -259,6 +266,15 @@ impl PlanFile {
             stage,
             params,
             statements,
+        })
+    }
+
+    /// Whether the plan picks its rows by shard (`${shard_index}`).
+    pub fn uses_shard(&self) -> bool {
+        self.statements.iter().any(|s| {
+            references(&s.text)
+                .iter()
+                .any(|(_, name)| *name == SHARD_INDEX_PARAM)
         })
     }
 

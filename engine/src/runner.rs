@@ -20,7 +20,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::error::{EngineError, Result};
 use crate::manifest::{Manifest, OutputRecord, OutputStatus};
-use crate::plan::{PlanFile, PlanStatement, RUN_DIR_PARAM};
+use crate::plan::{PlanFile, PlanStatement, RUN_DIR_PARAM, SHARD_COUNT_PARAM, SHARD_INDEX_PARAM};
 use crate::session::ArenaSession;
 use crate::storage::{
     delete_tree, hash_location, move_tree, objects_under, sha256_hex, InputFile, Location,
@@ -32,6 +32,71 @@ pub struct RunOptions {
     pub sets: Vec<(String, String)>,
     /// Overwrite outputs that belong to another stage or other parameters.
     pub force: bool,
+    pub shard: Shard,
+}
+
+/// One shard of an array job: `index` of `count` (0-based).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    pub index: u32,
+    pub count: u32,
+}
+
+impl Default for Shard {
+    fn default() -> Self {
+        Self { index: 0, count: 1 }
+    }
+}
+
+impl Shard {
+    /// `i/n`, with 0 <= i < n.
+    pub fn parse(text: &str) -> Result<Self> {
+        let bad = || {
+            EngineError::Invalid(format!(
+                "--shard {text:?}: expected i/n with 0 <= i < n, e.g. 0/4"
+            ))
+        };
+        let (i, n) = text.split_once('/').ok_or_else(bad)?;
+        let (index, count) = (
+            i.trim().parse::<u32>().map_err(|_| bad())?,
+            n.trim().parse::<u32>().map_err(|_| bad())?,
+        );
+        if count == 0 || index >= count {
+            return Err(bad());
+        }
+        Ok(Self { index, count })
+    }
+
+    /// From a SLURM array job's environment: SLURM_ARRAY_TASK_ID (less
+    /// SLURM_ARRAY_TASK_MIN, so `--array=1-4` works) of SLURM_ARRAY_TASK_COUNT.
+    pub fn from_env(var: impl Fn(&str) -> Option<String>) -> Result<Option<Self>> {
+        let (Some(id), Some(count)) = (var("SLURM_ARRAY_TASK_ID"), var("SLURM_ARRAY_TASK_COUNT"))
+        else {
+            return Ok(None);
+        };
+        let number = |name: &str, v: &str| {
+            v.trim()
+                .parse::<u32>()
+                .map_err(|_| EngineError::Invalid(format!("{name}={v:?} is not a task number")))
+        };
+        let id = number("SLURM_ARRAY_TASK_ID", &id)?;
+        let min = match var("SLURM_ARRAY_TASK_MIN") {
+            Some(m) => number("SLURM_ARRAY_TASK_MIN", &m)?,
+            None => 0,
+        };
+        let count = number("SLURM_ARRAY_TASK_COUNT", &count)?;
+        let index = id.checked_sub(min).filter(|&i| i < count).ok_or_else(|| {
+            EngineError::Invalid(format!(
+                "SLURM array task {id} (first {min}) is not one of {count} tasks: use a contiguous --array range, or pass --shard"
+            ))
+        })?;
+        Ok(Some(Self { index, count }))
+    }
+
+    /// The name of this shard's manifest file.
+    pub fn writer(&self) -> Option<String> {
+        (self.count > 1).then(|| format!("shard-{}-of-{}", self.index, self.count))
+    }
 }
 
 /// What a run did with each managed output.
@@ -60,9 +125,15 @@ pub async fn run_plan(
     out: &mut dyn Write,
 ) -> Result<RunSummary> {
     let params = plan.resolve(&options.sets)?;
+    if options.shard.count > 1 && !plan.uses_shard() {
+        return Err(EngineError::Invalid(format!(
+            "{}: runs as shard {}/{}, but the plan does not split its rows by ${{{SHARD_INDEX_PARAM}}}: every shard would write the same outputs",
+            plan.file, options.shard.index, options.shard.count
+        )));
+    }
     session.register_stores_for(&options.run_dir)?;
     let run_dir = Location::parse(&options.run_dir)?;
-    let manifest = Manifest::load(&session.ctx, &run_dir).await?;
+    let manifest = Manifest::load(&session.ctx, &run_dir, options.shard.writer()).await?;
     let mut run = PlanRun {
         session,
         plan,
@@ -81,6 +152,14 @@ pub async fn run_plan(
         .map(|(k, v)| (k.clone(), v.replace("${run_dir}", &run_dir_value)))
         .collect();
     values.insert(RUN_DIR_PARAM.to_string(), run_dir_value);
+    values.insert(
+        SHARD_INDEX_PARAM.to_string(),
+        options.shard.index.to_string(),
+    );
+    values.insert(
+        SHARD_COUNT_PARAM.to_string(),
+        options.shard.count.to_string(),
+    );
     for statement in &plan.statements {
         let sql = plan.substitute(statement, &values)?;
         run.statement(statement, &sql, out)
@@ -289,6 +368,10 @@ impl PlanRun<'_> {
             }
         }
 
+        // Model operators commit batch by batch here, so that a rerun after kill -9 goes
+        // on where it stopped; the folder is keyed by the fingerprint.
+        let resume_dir = self.resume_dir(&fingerprint);
+        self.session.forward.begin(Some(resume_dir.clone()));
         let bar = spinner(format!("{}:{} -> {key}", self.plan.file, statement.line));
         let written = async {
             let result = ctx.execute_logical_plan(logical).await?.collect().await?;
@@ -302,6 +385,7 @@ impl PlanRun<'_> {
         }
         .await;
         bar.finish_and_clear();
+        let metrics = self.session.forward.finish();
         let (rows, distinct_ids) = match written {
             Ok(v) => v,
             Err(e) => {
@@ -309,6 +393,10 @@ impl PlanRun<'_> {
                 return Err(e);
             }
         };
+        let metrics = metrics
+            .into_iter()
+            .map(serde_json::to_value)
+            .collect::<std::result::Result<Vec<_>, _>>()?;
 
         let mut record = OutputRecord {
             status: OutputStatus::Writing,
@@ -325,15 +413,20 @@ impl PlanRun<'_> {
             skipped_rows: self.session.inputs.skipped_rows(),
             fingerprint,
             written_at: chrono::Utc::now().to_rfc3339(),
+            metrics,
         };
-        self.manifest.outputs.insert(key.clone(), record.clone());
+        self.manifest.record(&key, record.clone());
         self.manifest.save(ctx, &self.run_dir).await?;
         delete_tree(store.as_ref(), &target).await?;
         move_tree(store.as_ref(), &staging, &target).await?;
         delete_tree(store.as_ref(), &staging_root).await?;
         record.status = OutputStatus::Complete;
-        self.manifest.outputs.insert(key.clone(), record);
+        self.manifest.record(&key, record);
         self.manifest.save(ctx, &self.run_dir).await?;
+        if resume_dir.exists() {
+            std::fs::remove_dir_all(&resume_dir)
+                .map_err(|e| EngineError::Invalid(format!("{}: {e}", resume_dir.display())))?;
+        }
         writeln!(
             out,
             "wrote {key}: {rows} rows, {} ids",
@@ -341,6 +434,20 @@ impl PlanRun<'_> {
         )?;
         self.summary.written.push(key);
         Ok(())
+    }
+
+    /// The local folder where model operators commit their batches for one output: under
+    /// the run directory when it is local, else in the system's temporary folder (a node's
+    /// own disk: a rerun on another node starts over).
+    fn resume_dir(&self, fingerprint: &str) -> std::path::PathBuf {
+        let name = &fingerprint[..16.min(fingerprint.len())];
+        if self.run_dir.is_local() {
+            std::path::Path::new(&self.run_dir.sql())
+                .join(".resume")
+                .join(name)
+        } else {
+            std::env::temp_dir().join("arenaflow-resume").join(name)
+        }
     }
 
     /// Distinct `id` values of a written output, read back from where it was written.

@@ -2,6 +2,8 @@
 
 use std::sync::Arc;
 
+use arenaflow_operators::teacher::ForwardEnv;
+use arenaflow_operators::tokenize::exec::InputHook;
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::error::Result;
@@ -12,6 +14,8 @@ use crate::storage::register_s3_buckets;
 pub struct ArenaSession {
     pub ctx: SessionContext,
     pub inputs: InputTracker,
+    /// Where `teacher_forward` commits, and the figures it reports back.
+    pub forward: ForwardEnv,
 }
 
 impl Default for ArenaSession {
@@ -28,11 +32,15 @@ impl ArenaSession {
         let inputs = InputTracker::default();
         register_sources(&ctx, &inputs);
         let tracker = inputs.clone();
-        arenaflow_operators::tokenize::exec::register(
-            &ctx,
-            Arc::new(move |path: &str| tracker.record(path)),
-        );
-        Self { ctx, inputs }
+        let on_input: InputHook = Arc::new(move |path: &str| tracker.record(path));
+        arenaflow_operators::tokenize::exec::register(&ctx, on_input.clone());
+        let forward = ForwardEnv::default();
+        arenaflow_operators::teacher::exec::register(&ctx, on_input, forward.clone());
+        Self {
+            ctx,
+            inputs,
+            forward,
+        }
     }
 
     /// Registers S3 stores for the buckets a SQL text names.

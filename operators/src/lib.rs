@@ -6,11 +6,16 @@
 //! [`gguf`], [`hub`]).
 
 pub mod checkpoint;
+pub mod device;
 pub mod error;
 pub mod gguf;
 pub mod hub;
+#[cfg(feature = "cuda")]
+pub mod kernels;
 pub mod lora;
 pub mod models;
+pub mod sql;
+pub mod teacher;
 pub mod tokenize;
 pub mod weights;
 

@@ -76,13 +76,19 @@ impl TensorSource {
             Self::Memory { tensors, .. } => Ok(tensors[name].to_device(device)?),
             Self::Random { seed, std } => {
                 let count = shape.iter().product::<usize>();
-                let mut rng = SplitMix64::new(*seed ^ fnv1a(name.as_bytes()));
+                let seed = *seed ^ fnv1a(name.as_bytes());
                 // Norm weights start near 1 so that deep random stacks stay finite.
                 let centre = if name.ends_with("norm.weight") {
                     1.0
                 } else {
                     0.0
                 };
+                if device.is_cuda() {
+                    // Billions of values: drawn on the GPU (curand), seeded per tensor.
+                    device.set_seed(seed)?;
+                    return Ok(Tensor::randn(centre as f32, *std as f32, shape, device)?);
+                }
+                let mut rng = SplitMix64::new(seed);
                 let values: Vec<f32> = (0..count)
                     .map(|_| (centre + std * rng.next_normal()) as f32)
                     .collect();

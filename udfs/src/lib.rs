@@ -4,6 +4,7 @@ pub mod ensure;
 pub mod fold;
 pub mod label;
 pub mod log_loss;
+pub mod shard;
 pub mod softmax;
 pub mod turns;
 
@@ -23,4 +24,5 @@ pub fn register_all(ctx: &SessionContext) {
     ctx.register_udf(ScalarUDF::from(ensure::Ensure::default()));
     ctx.register_udaf(AggregateUDF::from(log_loss::LogLoss::default()));
     ctx.register_udwf(WindowUDF::from(fold::FoldOf::default()));
+    ctx.register_udf(ScalarUDF::from(shard::ShardOf::default()));
 }

@@ -6,8 +6,10 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use arenaflow_engine::logits::{run_logits, LogitsOptions};
 use arenaflow_engine::plan::RUN_DIR_PARAM;
+use arenaflow_engine::runner::Shard;
 use arenaflow_engine::{run_plan, ArenaSession, PlanFile, RunOptions};
 use arenaflow_operators::models::decoder::PaddingSide;
+use arenaflow_operators::teacher::TeacherSettings;
 use clap::{Parser, Subcommand};
 use datafusion::sql::parser::{DFParser, Statement};
 
@@ -38,6 +40,10 @@ enum Command {
         /// Overwrite outputs recorded for another stage or other parameters.
         #[arg(long)]
         force: bool,
+        /// Run shard i of n (0-based) of a plan that splits its rows by ${shard_index};
+        /// defaults from SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT when set, else 0/1.
+        #[arg(long, value_name = "I/N")]
+        shard: Option<String>,
     },
     /// List a plan's parameters (with defaults) and its outputs.
     Describe { plan: String },
@@ -53,6 +59,16 @@ enum Command {
         /// Weights and activations: f32, bf16 or f16.
         #[arg(long, default_value = "f32")]
         dtype: String,
+        /// cpu, cuda or cuda:N (a missing device is an error, never a fallback).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Benchmarks: seeded random weights (std 0.02) for the architecture in --model
+        /// (a config.json or a folder with one) instead of its weights.
+        #[arg(long, value_name = "SEED")]
+        random_weights: Option<u64>,
+        /// Benchmarks: run the first batch once before the timed pass.
+        #[arg(long)]
+        warmup: bool,
         #[arg(long)]
         input: std::path::PathBuf,
         #[arg(long)]
@@ -75,11 +91,20 @@ fn parse_set(arg: &str) -> Result<(String, String), String> {
     }
 }
 
+/// `--shard`, else the SLURM array task, else the whole input.
+fn shard_of_run(flag: Option<&str>) -> anyhow::Result<Shard> {
+    Ok(match flag {
+        Some(text) => Shard::parse(text)?,
+        None => Shard::from_env(|name| std::env::var(name).ok())?.unwrap_or_default(),
+    })
+}
+
 async fn run(
     plans: Vec<String>,
     sets: Vec<(String, String)>,
     run_dir: String,
     force: bool,
+    shard: Shard,
 ) -> anyhow::Result<()> {
     let plans = plans
         .iter()
@@ -108,6 +133,7 @@ async fn run(
             run_dir: run_dir.clone(),
             sets: own_sets,
             force,
+            shard,
         };
         writeln!(stdout, "== {} (stage {})", plan.file, plan.stage)?;
         // Each plan gets its own session: its tables and views are its own.
@@ -177,17 +203,9 @@ fn describe(path: &str) -> anyhow::Result<()> {
 }
 
 fn logits(options: LogitsOptions) -> anyhow::Result<()> {
-    let started = std::time::Instant::now();
-    let summary = run_logits(&options)?;
-    println!(
-        "wrote {}: {} rows, {} tokens ({:.1}% padding) in {:.2} s",
-        options.output.display(),
-        summary.rows,
-        summary.tokens,
-        100.0 * (summary.padded_tokens - summary.tokens) as f64
-            / summary.padded_tokens.max(1) as f64,
-        started.elapsed().as_secs_f64()
-    );
+    let stats = run_logits(&options)?;
+    println!("wrote {}: {}", options.output.display(), stats.summary());
+    println!("stats {}", serde_json::to_string(&stats)?);
     Ok(())
 }
 
@@ -206,30 +224,41 @@ fn main() -> ExitCode {
             sets,
             run_dir,
             force,
-        } => tokio::runtime::Runtime::new()
-            .context("cannot start the async runtime")
-            .and_then(|rt| rt.block_on(run(plans, sets, run_dir, force))),
+            shard,
+        } => shard_of_run(shard.as_deref()).and_then(|shard| {
+            tokio::runtime::Runtime::new()
+                .context("cannot start the async runtime")
+                .and_then(|rt| rt.block_on(run(plans, sets, run_dir, force, shard)))
+        }),
         Command::Describe { plan } => describe(&plan),
         Command::Logits {
             model,
             adapter,
             dtype,
+            device,
+            random_weights,
+            warmup,
             input,
             output,
             max_batch_tokens,
             padding,
         } => logits(LogitsOptions {
-            model,
-            adapter,
-            dtype,
+            teacher: TeacherSettings {
+                adapter,
+                dtype,
+                device,
+                max_batch_tokens,
+                random_weights,
+                padding: if padding == "left" {
+                    PaddingSide::Left
+                } else {
+                    PaddingSide::Right
+                },
+                ..TeacherSettings::new(model)
+            },
             input,
             output,
-            max_batch_tokens,
-            padding: if padding == "left" {
-                PaddingSide::Left
-            } else {
-                PaddingSide::Right
-            },
+            warmup,
         }),
     };
     match result {

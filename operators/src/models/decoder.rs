@@ -133,6 +133,12 @@ impl Layer {
     }
 }
 
+/// What the GPU kernels need of a batch: each row's real span.
+struct Fused {
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    bounds: Tensor,
+}
+
 /// A Llama / Qwen2 / Gemma-2 sequence classifier with optional LoRA adapters.
 #[derive(Debug, Clone)]
 pub struct SequenceClassifier {
@@ -456,22 +462,30 @@ impl SequenceClassifier {
         let (cos, sin) = self.rope_tables(s)?;
         // Scores are masked and normalised in f32 (f64 for an f64 model, as gradient checks need).
         let softmax_dtype = adapter_dtype(self.dtype);
-        let full_mask = attention_mask(batch, None, &self.device)?.to_dtype(softmax_dtype)?;
+        // The fused GPU attention masks as it goes; the composed path needs the masks.
+        let composed = self.fused_kernels(batch, mode.training())?.is_none();
+        let full_mask = if composed {
+            attention_mask(batch, None, &self.device)?.to_dtype(softmax_dtype)?
+        } else {
+            Tensor::zeros(1, softmax_dtype, &self.device)?
+        };
         let sliding_mask = match &cfg.sliding_window {
-            Some(w) if self.layers.iter().any(|l| l.sliding) => {
+            Some(w) if composed && self.layers.iter().any(|l| l.sliding) => {
                 Some(attention_mask(batch, Some(w.size), &self.device)?.to_dtype(softmax_dtype)?)
             }
             _ => None,
         };
         let train = mode.training();
+        let fused = self.fused_kernels(batch, train)?;
         for layer in &self.layers {
             let mask = match (&sliding_mask, layer.sliding) {
                 (Some(m), true) => m,
                 _ => &full_mask,
             };
-            xs = self.layer_forward(layer, &xs, &cos, &sin, mask, train)?;
+            xs = self.layer_forward(layer, &xs, &cos, &sin, mask, train, fused.as_ref())?;
+            crate::device::sample_memory(&self.device);
         }
-        let xs = self.rms_norm(&xs, &self.norm, train)?;
+        let xs = self.norm_any(&xs, &self.norm, train, fused.as_ref())?;
         let rows: Vec<u32> = pool
             .iter()
             .enumerate()
@@ -491,6 +505,52 @@ impl SequenceClassifier {
         Ok(logits)
     }
 
+    /// The GPU kernels' inputs for a batch, or None where the composed ops run (CPU,
+    /// training, or `ARENAFLOW_GPU_KERNELS=off`).
+    fn fused_kernels(&self, batch: &PaddedBatch, train: bool) -> Result<Option<Fused>> {
+        #[cfg(feature = "cuda")]
+        if self.device.is_cuda() && !train && crate::kernels::enabled() {
+            let s = batch.seq_len;
+            let mut bounds = Vec::with_capacity(2 * batch.rows);
+            for row in batch.attention_mask.chunks(s) {
+                let start = row.iter().position(|&m| m != 0).unwrap_or(s);
+                let end = row.iter().rposition(|&m| m != 0).map_or(start, |e| e + 1);
+                if row[start..end].iter().any(|&m| m == 0) {
+                    return Err(ModelError::Input(
+                        "the GPU attention needs each row's real tokens in one span (left or right padding)".into(),
+                    ));
+                }
+                bounds.extend([start as u32, end as u32]);
+            }
+            let bounds = Tensor::from_vec(bounds, (batch.rows, 2), &self.device)?;
+            return Ok(Some(Fused { bounds }));
+        }
+        let _ = (batch, train);
+        Ok(None)
+    }
+
+    /// RMSNorm through the GPU kernel where it runs, else the composed ops.
+    fn norm_any(
+        &self,
+        xs: &Tensor,
+        weight: &Tensor,
+        train: bool,
+        fused: Option<&Fused>,
+    ) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if fused.is_some() {
+            return Ok(crate::kernels::rms_norm(
+                xs,
+                weight,
+                self.config.rms_norm_eps as f32,
+                self.config.norm == NormStyle::Gemma,
+            )?);
+        }
+        let _ = fused;
+        self.rms_norm(xs, weight, train)
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn layer_forward(
         &self,
         layer: &Layer,
@@ -499,34 +559,102 @@ impl SequenceClassifier {
         sin: &Tensor,
         mask: &Tensor,
         train: bool,
+        fused: Option<&Fused>,
     ) -> Result<Tensor> {
         let residual = xs;
-        let h = self.rms_norm(xs, &layer.input_norm, train)?;
-        let h = self.attention(layer, &h, cos, sin, mask, train)?;
+        let h = self.norm_any(xs, &layer.input_norm, train, fused)?;
+        let h = match fused {
+            Some(f) => self.fused_attention(layer, &h, cos, sin, f)?,
+            None => self.attention(layer, &h, cos, sin, mask, train)?,
+        };
         let h = match &layer.pre_feedforward_norm {
             // Gemma-2 normalises the attention output before the residual add.
-            Some(_) => self.rms_norm(&h, &layer.post_attention_norm, train)?,
+            Some(_) => self.norm_any(&h, &layer.post_attention_norm, train, fused)?,
             None => h,
         };
         let xs = (residual + h)?;
         let residual = &xs;
         let h = match &layer.pre_feedforward_norm {
-            Some(pre) => self.rms_norm(&xs, pre, train)?,
-            None => self.rms_norm(&xs, &layer.post_attention_norm, train)?,
+            Some(pre) => self.norm_any(&xs, pre, train, fused)?,
+            None => self.norm_any(&xs, &layer.post_attention_norm, train, fused)?,
         };
         let gate = layer.gate.forward(&h, train)?;
-        let gate = match self.config.activation {
-            Activation::Silu => candle_nn::ops::silu(&gate)?,
-            Activation::GeluTanh => gate.gelu()?,
-            Activation::GeluErf => gate.gelu_erf()?,
-        };
-        let h = (gate * layer.up.forward(&h, train)?)?;
+        let up = layer.up.forward(&h, train)?;
+        let h = self.gated_activation(&gate, &up, fused)?;
         let h = layer.down.forward(&h, train)?;
         let h = match &layer.post_feedforward_norm {
-            Some(post) => self.rms_norm(&h, post, train)?,
+            Some(post) => self.norm_any(&h, post, train, fused)?,
             None => h,
         };
         Ok((residual + h)?)
+    }
+
+    fn gated_activation(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        fused: Option<&Fused>,
+    ) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if fused.is_some() {
+            let kind = match self.config.activation {
+                Activation::Silu => 0,
+                Activation::GeluTanh => 1,
+                Activation::GeluErf => 2,
+            };
+            return Ok(crate::kernels::gated(gate, up, kind)?);
+        }
+        let _ = fused;
+        let gate = match self.config.activation {
+            Activation::Silu => candle_nn::ops::silu(gate)?,
+            Activation::GeluTanh => gate.gelu()?,
+            Activation::GeluErf => gate.gelu_erf()?,
+        };
+        Ok((gate * up)?)
+    }
+
+    /// Attention through the fused GPU kernel: q, k, v stay (b, s, heads, d), RoPE in
+    /// that layout, and the output comes back in it, so nothing is transposed.
+    fn fused_attention(
+        &self,
+        layer: &Layer,
+        xs: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        fused: &Fused,
+    ) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        {
+            let cfg = &self.config;
+            let (b, s, _) = xs.dims3()?;
+            let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+            let q = layer.q.forward(xs, false)?.reshape((b, s, nh, hd))?;
+            let k = layer.k.forward(xs, false)?.reshape((b, s, nkv, hd))?;
+            let v = layer.v.forward(xs, false)?.reshape((b, s, nkv, hd))?;
+            let q = candle_nn::rotary_emb::rope_thd(&q.contiguous()?, cos, sin)?;
+            let k = candle_nn::rotary_emb::rope_thd(&k.contiguous()?, cos, sin)?;
+            let window = match (&cfg.sliding_window, layer.sliding) {
+                (Some(w), true) => w.size as i32,
+                _ => 0,
+            };
+            let out = crate::kernels::attention(
+                &q,
+                &k,
+                &v,
+                crate::kernels::Attention {
+                    scale: cfg.query_scale as f32,
+                    softcap: cfg.attn_logit_softcap.unwrap_or(0.0) as f32,
+                    window,
+                    bounds: fused.bounds.clone(),
+                },
+            )?;
+            Ok(layer.o.forward(&out.reshape((b, s, nh * hd))?, false)?)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (layer, xs, cos, sin, fused);
+            Err(ModelError::Config("built without CUDA".into()))
+        }
     }
 
     fn attention(

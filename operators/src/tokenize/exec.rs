@@ -14,7 +14,7 @@ use datafusion::arrow::buffer::OffsetBuffer;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::catalog::{Session, TableFunctionArgs, TableFunctionImpl, TableProvider};
 use datafusion::common::tree_node::TreeNodeRecursion;
-use datafusion::common::{exec_err, plan_err, Result, ScalarValue};
+use datafusion::common::{plan_err, Result};
 use datafusion::datasource::TableType;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::Expr;
@@ -28,6 +28,7 @@ use rayon::prelude::*;
 
 use super::{Encoder, Order, Template, TextTokenizer, Truncation};
 use crate::error::ModelError;
+use crate::sql::{count_arg, project, resolve_table, string_arg};
 
 /// The columns the operator reads and adds.
 pub const TEXT_COLUMNS: [&str; 3] = ["prompt", "response_a", "response_b"];
@@ -261,25 +262,6 @@ impl fmt::Debug for TokenizeFunction {
     }
 }
 
-fn string_arg(what: &str, expr: &Expr) -> Result<String> {
-    match expr {
-        Expr::Literal(
-            ScalarValue::Utf8(Some(s))
-            | ScalarValue::LargeUtf8(Some(s))
-            | ScalarValue::Utf8View(Some(s)),
-            _,
-        ) => Ok(s.clone()),
-        other => plan_err!("tokenize: {what} must be a string literal, got {other}"),
-    }
-}
-
-fn count_arg(what: &str, expr: &Expr) -> Result<usize> {
-    match expr {
-        Expr::Literal(ScalarValue::Int64(Some(n)), _) if *n > 0 => Ok(*n as usize),
-        other => plan_err!("tokenize: {what} must be a positive integer literal, got {other}"),
-    }
-}
-
 const USAGE: &str =
     "tokenize(table, tokenizer, template, max_length [, truncation [, order [, prompt_cap]]])";
 
@@ -289,20 +271,22 @@ impl TableFunctionImpl for TokenizeFunction {
         if !(4..=7).contains(&exprs.len()) {
             return plan_err!("{USAGE}: got {} arguments", exprs.len());
         }
-        let table = string_arg("table", &exprs[0])?;
-        let tokenizer = string_arg("tokenizer", &exprs[1])?;
-        let template = string_arg("template", &exprs[2])?;
-        let max_length = count_arg("max_length", &exprs[3])?;
+        let table = string_arg("tokenize", "table", &exprs[0])?;
+        let tokenizer = string_arg("tokenize", "tokenizer", &exprs[1])?;
+        let template = string_arg("tokenize", "template", &exprs[2])?;
+        let max_length = count_arg("tokenize", "max_length", &exprs[3])?;
         let truncation = match exprs.get(4) {
-            Some(e) => Truncation::parse(&string_arg("truncation", e)?).map_err(external)?,
+            Some(e) => {
+                Truncation::parse(&string_arg("tokenize", "truncation", e)?).map_err(external)?
+            }
             None => Truncation::Balanced,
         };
         let order = match exprs.get(5) {
-            Some(e) => Order::parse(&string_arg("order", e)?).map_err(external)?,
+            Some(e) => Order::parse(&string_arg("tokenize", "order", e)?).map_err(external)?,
             None => Order::Ab,
         };
         let prompt_cap = match exprs.get(6) {
-            Some(e) => count_arg("prompt_cap", e)?,
+            Some(e) => count_arg("tokenize", "prompt_cap", e)?,
             None => 256,
         };
         (self.on_input)(&tokenizer);
@@ -318,20 +302,7 @@ impl TableFunctionImpl for TokenizeFunction {
             prompt_cap,
         )
         .map_err(external)?;
-        let Some(state) = self.state.upgrade() else {
-            return exec_err!("tokenize: the session is gone");
-        };
-        let state = state.read().clone();
-        let reference = datafusion::common::TableReference::from(table.as_str());
-        let provider = futures::executor::block_on(async {
-            state
-                .schema_for_ref(reference.clone())?
-                .table(reference.table())
-                .await
-        })?;
-        let Some(input) = provider else {
-            return plan_err!("tokenize: no table or view named {table}");
-        };
+        let input = resolve_table("tokenize", &self.state, &table)?;
         let schema = output_schema(&input.schema())?;
         Ok(Arc::new(TokenizeTable {
             input,
@@ -364,26 +335,10 @@ impl TableProvider for TokenizeTable {
         _limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
         let input = self.input.scan(state, None, &[], None).await?;
-        let exec: Arc<dyn ExecutionPlan> =
-            Arc::new(TokenizeExec::try_new(input, self.encoder.clone())?);
-        match projection {
-            None => Ok(exec),
-            Some(columns) => {
-                let exprs = columns
-                    .iter()
-                    .map(|&i| {
-                        let name = self.schema.field(i).name().clone();
-                        let column: Arc<dyn PhysicalExpr> = Arc::new(
-                            datafusion::physical_expr::expressions::Column::new(&name, i),
-                        );
-                        (column, name)
-                    })
-                    .collect::<Vec<_>>();
-                Ok(Arc::new(
-                    datafusion::physical_plan::projection::ProjectionExec::try_new(exprs, exec)?,
-                ))
-            }
-        }
+        project(
+            Arc::new(TokenizeExec::try_new(input, self.encoder.clone())?),
+            projection,
+        )
     }
 }
 

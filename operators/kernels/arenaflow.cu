@@ -1,0 +1,404 @@
+// arenaflow's CUDA kernels: fused attention (scores, soft-cap, causal + padding + sliding
+// window mask, online softmax, times V, in one pass; the scores never reach device memory),
+// RMSNorm with transformers' rounding, and the gated activations of the MLP.
+//
+// Built to PTX for sm_90 by operators/build.rs (feature `cuda`) and loaded through candle's
+// CUDA device (cudarc). Layouts: q (b, s, nh, d), k and v (b, s, nkv, d), out (b, s, nh, d),
+// all contiguous, so that no transposes are needed around attention.
+// bounds (b, 2) u32: the first and one-past-last real position of each row (padding is
+// on the left or on the right, so the real tokens are contiguous).
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
+template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half(x); }
+
+// Score of one query-key pair after scaling and the optional soft-cap; -inf when masked.
+__device__ __forceinline__ float finish_score(float s, float scale, float softcap, bool valid) {
+    s *= scale;
+    if (softcap > 0.f) s = softcap * tanhf(s / softcap);
+    return valid ? s : -INFINITY;
+}
+
+__device__ __forceinline__ bool key_visible(int q, int k, int start, int end, int window) {
+    return k <= q && k >= start && k < end && (window <= 0 || q - k < window);
+}
+
+// ---------------------------------------------------------------------------------------
+// Reference-grade attention for any dtype and head size up to 256: one warp per query,
+// keys in order, online softmax in f32. Used for f32 models and head sizes the tensor-core
+// kernel does not take.
+template <typename T>
+__device__ void attention_simple(const T* __restrict__ q, const T* __restrict__ k,
+                                 const T* __restrict__ v, const uint32_t* __restrict__ bounds,
+                                 T* __restrict__ out, int b, int s, int nh, int nkv, int d,
+                                 float scale, float softcap, int window) {
+    const int lane = threadIdx.x % 32;
+    const int warp = threadIdx.x / 32;
+    const int query = blockIdx.x * (blockDim.x / 32) + warp;
+    const int head = blockIdx.y;
+    const int row = blockIdx.z;
+    if (query >= s) return;
+    const int group = nh / nkv;
+    const int kvh = head / group;
+    const int start = bounds[2 * row], end = bounds[2 * row + 1];
+    const T* qp = q + ((size_t)(row * s + query) * nh + head) * d;
+    T* op = out + ((size_t)(row * s + query) * nh + head) * d;
+    float qv[8], acc[8];
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        int c = lane + 32 * i;
+        qv[i] = c < d ? to_float(qp[c]) : 0.f;
+        acc[i] = 0.f;
+    }
+    float m = -INFINITY, l = 0.f;
+    if (query >= start && query < end) {
+        int first = start;
+        if (window > 0 && query - window + 1 > first) first = query - window + 1;
+        for (int key = first; key <= query; key++) {
+            const T* kp = k + ((size_t)(row * s + key) * nkv + kvh) * d;
+            const T* vp = v + ((size_t)(row * s + key) * nkv + kvh) * d;
+            float part = 0.f;
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                int c = lane + 32 * i;
+                if (c < d) part += qv[i] * to_float(kp[c]);
+            }
+#pragma unroll
+            for (int off = 16; off > 0; off /= 2) part += __shfl_xor_sync(0xffffffff, part, off);
+            float score = finish_score(part, scale, softcap, true);
+            float m_new = fmaxf(m, score);
+            float alpha = __expf(m - m_new);
+            float p = __expf(score - m_new);
+            l = l * alpha + p;
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                int c = lane + 32 * i;
+                acc[i] = acc[i] * alpha + (c < d ? p * to_float(vp[c]) : 0.f);
+            }
+            m = m_new;
+        }
+    }
+    float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        int c = lane + 32 * i;
+        if (c < d) op[c] = from_float<T>(acc[i] * inv);
+    }
+}
+
+#define SIMPLE(NAME, T)                                                                        \
+    extern "C" __global__ void NAME(const T* q, const T* k, const T* v, const uint32_t* bounds, \
+                                    T* out, int b, int s, int nh, int nkv, int d, float scale,  \
+                                    float softcap, int window) {                               \
+        attention_simple<T>(q, k, v, bounds, out, b, s, nh, nkv, d, scale, softcap, window);  \
+    }
+SIMPLE(attention_simple_f32, float)
+SIMPLE(attention_simple_bf16, __nv_bfloat16)
+SIMPLE(attention_simple_f16, __half)
+
+// ---------------------------------------------------------------------------------------
+// Tensor-core attention (flash-attention-2 style) for bf16/f16 and head sizes 16..256:
+// 4 warps, 64 queries per block (16 per warp), keys in tiles of BN staged in shared memory;
+// S = Q K^T and O += P V with mma.sync m16n8k16 (f32 accumulators), online softmax in f32.
+// Query blocks are taken heaviest first (causal attention: later queries see more keys).
+
+template <typename T> struct Mma;
+template <> struct Mma<__nv_bfloat16> {
+    static __device__ __forceinline__ void run(float* c, const uint32_t* a, const uint32_t* b) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    }
+    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+        __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+        return *reinterpret_cast<uint32_t*>(&v);
+    }
+};
+template <> struct Mma<__half> {
+    static __device__ __forceinline__ void run(float* c, const uint32_t* a, const uint32_t* b) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    }
+    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+        __half2 v = __floats2half2_rn(lo, hi);
+        return *reinterpret_cast<uint32_t*>(&v);
+    }
+};
+
+__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t* r, const void* smem_row) {
+    uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_row));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(addr));
+}
+
+template <typename T, int D, int BN>
+__device__ __forceinline__ void attention_mma(const T* __restrict__ q, const T* __restrict__ k,
+                                              const T* __restrict__ v,
+                                              const uint32_t* __restrict__ bounds,
+                                              T* __restrict__ out, int b, int s, int nh, int nkv,
+                                              float scale, float softcap, int window) {
+    constexpr int BM = 64;
+    constexpr int PAD = 8;            // row padding (16 bytes): conflict-free fragment loads
+    constexpr int KSTEPS = D / 16;    // k-steps of Q K^T
+    constexpr int NTILES = BN / 8;    // n8 tiles of S
+    constexpr int OTILES = D / 8;     // n8 tiles of O
+    __shared__ __align__(16) T ks[BN][D + PAD];
+    __shared__ __align__(16) T vs[BN][D + PAD];
+
+    const int lane = threadIdx.x % 32;
+    const int warp = threadIdx.x / 32;
+    const int qblock = gridDim.x - 1 - blockIdx.x;
+    const int head = blockIdx.y;
+    const int row = blockIdx.z;
+    const int kvh = head / (nh / nkv);
+    const int start = bounds[2 * row], end = bounds[2 * row + 1];
+    const int m0 = qblock * BM;
+    const int qrow0 = m0 + warp * 16 + lane / 4;  // this thread's rows: qrow0 and qrow0 + 8
+    const int qrow1 = qrow0 + 8;
+    const size_t q_stride = (size_t)nh * D, kv_stride = (size_t)nkv * D;
+
+    // The block's queries hold no real token: their output is never read; zeros.
+    if (m0 >= end || m0 + BM <= start) {
+        for (int i = threadIdx.x; i < BM * D; i += blockDim.x) {
+            int r = m0 + i / D;
+            if (r < s) out[((size_t)row * s + r) * q_stride + (size_t)head * D + i % D] = from_float<T>(0.f);
+        }
+        return;
+    }
+
+    // Q fragments (A operand, row-major 16 x 16 per k-step) straight from global memory.
+    uint32_t qa[KSTEPS][4];
+    {
+        const T* q0 = q + ((size_t)row * s + min(qrow0, s - 1)) * q_stride + (size_t)head * D;
+        const T* q1 = q + ((size_t)row * s + min(qrow1, s - 1)) * q_stride + (size_t)head * D;
+        const int c = (lane % 4) * 2;
+#pragma unroll
+        for (int t = 0; t < KSTEPS; t++) {
+            qa[t][0] = *reinterpret_cast<const uint32_t*>(q0 + t * 16 + c);
+            qa[t][1] = *reinterpret_cast<const uint32_t*>(q1 + t * 16 + c);
+            qa[t][2] = *reinterpret_cast<const uint32_t*>(q0 + t * 16 + c + 8);
+            qa[t][3] = *reinterpret_cast<const uint32_t*>(q1 + t * 16 + c + 8);
+        }
+    }
+
+    float o[OTILES][4];
+#pragma unroll
+    for (int j = 0; j < OTILES; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+    float m_run[2] = {-INFINITY, -INFINITY}, l_run[2] = {0.f, 0.f};
+
+    // Keys this block can see: [lo, hi).
+    int lo = start;
+    if (window > 0 && m0 - window + 1 > lo) lo = m0 - window + 1;
+    int hi = min(end, m0 + BM);
+    lo = (lo / BN) * BN;
+
+    for (int n0 = lo; n0 < hi; n0 += BN) {
+        __syncthreads();  // the previous tile is no longer read
+        // Stage K and V tiles: 16-byte chunks, zeros past the sequence.
+        constexpr int CHUNKS = BN * D / 8;
+        for (int i = threadIdx.x; i < CHUNKS; i += blockDim.x) {
+            int r = i / (D / 8), c = (i % (D / 8)) * 8;
+            int key = n0 + r;
+            uint4 kval = make_uint4(0, 0, 0, 0), vval = make_uint4(0, 0, 0, 0);
+            if (key < s) {
+                size_t off = ((size_t)row * s + key) * kv_stride + (size_t)kvh * D + c;
+                kval = *reinterpret_cast<const uint4*>(k + off);
+                vval = *reinterpret_cast<const uint4*>(v + off);
+            }
+            *reinterpret_cast<uint4*>(&ks[r][c]) = kval;
+            *reinterpret_cast<uint4*>(&vs[r][c]) = vval;
+        }
+        __syncthreads();
+
+        // S = Q K^T for this warp's 16 queries and BN keys.
+        float sc[NTILES][4];
+#pragma unroll
+        for (int j = 0; j < NTILES; j++) {
+            sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
+#pragma unroll
+            for (int t = 0; t < KSTEPS; t++) {
+                uint32_t kb[2];
+                const T* kr = &ks[j * 8 + lane / 4][t * 16 + (lane % 4) * 2];
+                kb[0] = *reinterpret_cast<const uint32_t*>(kr);
+                kb[1] = *reinterpret_cast<const uint32_t*>(kr + 8);
+                Mma<T>::run(sc[j], qa[t], kb);
+            }
+        }
+        // Scale, soft-cap, mask; the running maximum of each of the thread's two rows.
+        float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int j = 0; j < NTILES; j++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int qi = e < 2 ? qrow0 : qrow1;
+                int key = n0 + j * 8 + (lane % 4) * 2 + (e % 2);
+                float val = finish_score(sc[j][e], scale, softcap, key_visible(qi, key, start, end, window));
+                sc[j][e] = val;
+                tile_max[e / 2] = fmaxf(tile_max[e / 2], val);
+            }
+        }
+        float alpha[2];
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffff, tile_max[h], 1));
+            tile_max[h] = fmaxf(tile_max[h], __shfl_xor_sync(0xffffffff, tile_max[h], 2));
+            float m_new = fmaxf(m_run[h], tile_max[h]);
+            float m_use = m_new == -INFINITY ? 0.f : m_new;
+            alpha[h] = __expf(m_run[h] - m_use);
+            m_run[h] = m_new;
+            tile_max[h] = m_use;
+        }
+        float tile_sum[2] = {0.f, 0.f};
+#pragma unroll
+        for (int j = 0; j < NTILES; j++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                float p = __expf(sc[j][e] - tile_max[e / 2]);
+                sc[j][e] = p;
+                tile_sum[e / 2] += p;
+            }
+        }
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            tile_sum[h] += __shfl_xor_sync(0xffffffff, tile_sum[h], 1);
+            tile_sum[h] += __shfl_xor_sync(0xffffffff, tile_sum[h], 2);
+            l_run[h] = l_run[h] * alpha[h] + tile_sum[h];
+        }
+#pragma unroll
+        for (int j = 0; j < OTILES; j++) {
+            o[j][0] *= alpha[0];
+            o[j][1] *= alpha[0];
+            o[j][2] *= alpha[1];
+            o[j][3] *= alpha[1];
+        }
+        // O += P V: P from the S accumulators (their layout is the A operand's), V through
+        // ldmatrix.trans.
+#pragma unroll
+        for (int t = 0; t < BN / 16; t++) {
+            uint32_t pa[4];
+            pa[0] = Mma<T>::pack(sc[2 * t][0], sc[2 * t][1]);
+            pa[1] = Mma<T>::pack(sc[2 * t][2], sc[2 * t][3]);
+            pa[2] = Mma<T>::pack(sc[2 * t + 1][0], sc[2 * t + 1][1]);
+            pa[3] = Mma<T>::pack(sc[2 * t + 1][2], sc[2 * t + 1][3]);
+#pragma unroll
+            for (int j = 0; j < OTILES; j++) {
+                uint32_t vb[2];
+                ldmatrix_x2_trans(vb, &vs[t * 16 + (lane % 16)][j * 8]);
+                Mma<T>::run(o[j], pa, vb);
+            }
+        }
+    }
+
+    // Normalise and write (b, s, nh, d).
+    float inv0 = l_run[0] > 0.f ? 1.f / l_run[0] : 0.f;
+    float inv1 = l_run[1] > 0.f ? 1.f / l_run[1] : 0.f;
+    bool real0 = qrow0 < s, real1 = qrow1 < s;
+    T* o0 = out + ((size_t)row * s + qrow0) * q_stride + (size_t)head * D;
+    T* o1 = out + ((size_t)row * s + qrow1) * q_stride + (size_t)head * D;
+#pragma unroll
+    for (int j = 0; j < OTILES; j++) {
+        int c = j * 8 + (lane % 4) * 2;
+        if (real0) *reinterpret_cast<uint32_t*>(o0 + c) = Mma<T>::pack(o[j][0] * inv0, o[j][1] * inv0);
+        if (real1) *reinterpret_cast<uint32_t*>(o1 + c) = Mma<T>::pack(o[j][2] * inv1, o[j][3] * inv1);
+    }
+}
+
+#define MMA_KERNEL(NAME, T, D, BN)                                                              \
+    extern "C" __global__ void __launch_bounds__(128) NAME(                                      \
+        const T* q, const T* k, const T* v, const uint32_t* bounds, T* out, int b, int s, int nh, \
+        int nkv, float scale, float softcap, int window) {                                       \
+        attention_mma<T, D, BN>(q, k, v, bounds, out, b, s, nh, nkv, scale, softcap, window);    \
+    }
+MMA_KERNEL(attention_mma_bf16_d16, __nv_bfloat16, 16, 64)
+MMA_KERNEL(attention_mma_bf16_d32, __nv_bfloat16, 32, 64)
+MMA_KERNEL(attention_mma_bf16_d64, __nv_bfloat16, 64, 64)
+MMA_KERNEL(attention_mma_bf16_d128, __nv_bfloat16, 128, 64)
+MMA_KERNEL(attention_mma_bf16_d256, __nv_bfloat16, 256, 32)
+MMA_KERNEL(attention_mma_f16_d16, __half, 16, 64)
+MMA_KERNEL(attention_mma_f16_d32, __half, 32, 64)
+MMA_KERNEL(attention_mma_f16_d64, __half, 64, 64)
+MMA_KERNEL(attention_mma_f16_d128, __half, 128, 64)
+MMA_KERNEL(attention_mma_f16_d256, __half, 256, 32)
+
+// ---------------------------------------------------------------------------------------
+// RMSNorm over the last axis, one block per row, statistics in f32, weight in f32.
+// Llama (gemma = 0): T(T(x * r) * w), the rounding of transformers' `w * x.to(dtype)`.
+// Gemma (gemma = 1): T(x * r * w) with w = 1 + weight, all in f32.
+template <typename T>
+__device__ void rms_norm(const T* __restrict__ x, const float* __restrict__ w, T* __restrict__ out,
+                         int cols, float eps, int gemma) {
+    __shared__ float partial[32];
+    const T* xr = x + (size_t)blockIdx.x * cols;
+    T* orow = out + (size_t)blockIdx.x * cols;
+    float sum = 0.f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        float v = to_float(xr[c]);
+        sum += v * v;
+    }
+    for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffff, sum, off);
+    if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = sum;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        int warps = blockDim.x / 32;
+        float v = threadIdx.x < warps ? partial[threadIdx.x] : 0.f;
+        for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffff, v, off);
+        if (threadIdx.x == 0) partial[0] = v;
+    }
+    __syncthreads();
+    float r = rsqrtf(partial[0] / cols + eps);
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        float v = to_float(xr[c]) * r;
+        orow[c] = gemma ? from_float<T>(v * w[c]) : from_float<T>(to_float(from_float<T>(v)) * w[c]);
+    }
+}
+
+#define RMS(NAME, T)                                                                          \
+    extern "C" __global__ void NAME(const T* x, const float* w, T* out, int cols, float eps,  \
+                                    int gemma) {                                              \
+        rms_norm<T>(x, w, out, cols, eps, gemma);                                             \
+    }
+RMS(rms_norm_f32, float)
+RMS(rms_norm_bf16, __nv_bfloat16)
+RMS(rms_norm_f16, __half)
+
+// ---------------------------------------------------------------------------------------
+// act(gate) * up in one pass, each step rounded to T as PyTorch does it.
+// kind 0: silu, 1: gelu (tanh approximation), 2: gelu (erf).
+__device__ __forceinline__ float activate(float g, int kind) {
+    if (kind == 0) return g / (1.f + __expf(-g));
+    if (kind == 1) {
+        const float c = 0.7978845608028654f;  // sqrt(2 / pi)
+        return 0.5f * g * (1.f + tanhf(c * (g + 0.044715f * g * g * g)));
+    }
+    return 0.5f * g * (1.f + erff(g * 0.7071067811865476f));
+}
+
+template <typename T>
+__device__ void gated(const T* __restrict__ gate, const T* __restrict__ up, T* __restrict__ out,
+                      size_t n, int kind) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        float a = to_float(from_float<T>(activate(to_float(gate[i]), kind)));
+        out[i] = from_float<T>(a * to_float(up[i]));
+    }
+}
+
+#define GATED(NAME, T)                                                                         \
+    extern "C" __global__ void NAME(const T* gate, const T* up, T* out, size_t n, int kind) {  \
+        gated<T>(gate, up, out, n, kind);                                                      \
+    }
+GATED(gated_f32, float)
+GATED(gated_bf16, __nv_bfloat16)
+GATED(gated_f16, __half)

@@ -1,0 +1,129 @@
+//! Devices by name (`cpu`, `cuda`, `cuda:N`) and the peak memory a run used on them.
+//! A requested device that is missing is an error: there is no silent CPU fallback.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use candle_core::Device;
+
+use crate::error::{ModelError, Result};
+
+/// Opens a device by name: `cpu`, `cuda` (GPU 0) or `cuda:N`.
+pub fn parse_device(spec: &str) -> Result<Device> {
+    let spec = spec.trim();
+    if spec == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let ordinal = match spec.strip_prefix("cuda") {
+        Some("") => 0,
+        Some(rest) => rest
+            .strip_prefix(':')
+            .and_then(|n| n.parse::<usize>().ok())
+            .ok_or_else(|| {
+                ModelError::Config(format!("device {spec:?}: expected cpu, cuda or cuda:N"))
+            })?,
+        None => {
+            return Err(ModelError::Config(format!(
+                "device {spec:?}: expected cpu, cuda or cuda:N"
+            )))
+        }
+    };
+    open_cuda(spec, ordinal)
+}
+
+/// Checks a device name without opening the device.
+pub fn check_device_name(spec: &str) -> Result<()> {
+    let spec = spec.trim();
+    let ok = spec == "cpu"
+        || spec == "cuda"
+        || spec
+            .strip_prefix("cuda:")
+            .is_some_and(|n| n.parse::<usize>().is_ok());
+    if ok {
+        Ok(())
+    } else {
+        Err(ModelError::Config(format!(
+            "device {spec:?}: expected cpu, cuda or cuda:N"
+        )))
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn open_cuda(spec: &str, ordinal: usize) -> Result<Device> {
+    Device::new_cuda(ordinal).map_err(|e| {
+        ModelError::Config(format!(
+            "device {spec}: cannot open CUDA GPU {ordinal} ({e}); the run does not fall back to the CPU"
+        ))
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_cuda(spec: &str, _ordinal: usize) -> Result<Device> {
+    Err(ModelError::Config(format!(
+        "device {spec}: this arenaflow was built without CUDA (cargo build --features cuda; scripts/build-cuda.sh); the run does not fall back to the CPU"
+    )))
+}
+
+/// The name a device is reported under.
+pub fn device_name(device: &Device) -> String {
+    match device {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(_) => match device.location() {
+            candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+            _ => "cuda".into(),
+        },
+        Device::Metal(_) => "metal".into(),
+    }
+}
+
+/// The highest device memory in use seen by [`sample_memory`] since [`reset_peak`].
+static CUDA_PEAK: AtomicU64 = AtomicU64::new(0);
+
+/// Notes the GPU memory in use now (all of the device's, as nvidia-smi counts it). The
+/// forward pass samples once per layer, when the layer's intermediates are alive. A no-op
+/// on the CPU.
+pub fn sample_memory(device: &Device) {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        if let Ok((free, total)) = cuda.cuda_stream().context().mem_get_info() {
+            CUDA_PEAK.fetch_max((total - free) as u64, Ordering::Relaxed);
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = device;
+}
+
+pub fn reset_peak() {
+    CUDA_PEAK.store(0, Ordering::Relaxed);
+}
+
+/// Peak memory in bytes: GPU memory in use at its highest sample on a GPU; the process's
+/// peak resident memory (VmHWM) on the CPU.
+pub fn peak_memory(device: &Device) -> Option<u64> {
+    match device {
+        Device::Cpu => std::fs::read_to_string("/proc/self/status")
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024),
+        _ => Some(CUDA_PEAK.load(Ordering::Relaxed)).filter(|&p| p > 0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_by_name() {
+        assert!(matches!(parse_device("cpu"), Ok(Device::Cpu)));
+        let bad = parse_device("gpu0").unwrap_err().to_string();
+        assert!(bad.contains("expected cpu, cuda or cuda:N"), "{bad}");
+        assert!(parse_device("cuda:x").is_err());
+        if !cfg!(feature = "cuda") {
+            let missing = parse_device("cuda:0").unwrap_err().to_string();
+            assert!(missing.contains("built without CUDA"), "{missing}");
+        }
+        assert!(peak_memory(&Device::Cpu).unwrap_or(0) > 0);
+    }
+}

@@ -1,0 +1,366 @@
+//! Teacher-forward: a model's 3 logits for every tokenized row, batched by length under a
+//! token budget. [`exec`] is the streaming, resumable operator and its SQL table function;
+//! [`parts`] the batch-by-batch commits it resumes from.
+
+pub mod exec;
+pub mod parts;
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use crate::checkpoint::{load_classifier, open_adapter, parse_dtype};
+use crate::device::{device_name, parse_device, peak_memory, reset_peak};
+use crate::error::{ModelError, Result};
+use crate::models::decoder::PaddingSide;
+use crate::models::{ForwardMode, ModelConfig, PaddedBatch, SequenceClassifier};
+use crate::weights::TensorSource;
+
+/// What a teacher pass runs: every knob of the operator.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TeacherSettings {
+    /// A model folder, a `.gguf` file or a hub id.
+    pub model: String,
+    /// A PEFT adapter folder.
+    pub adapter: Option<PathBuf>,
+    pub dtype: String,
+    /// `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+    /// Padded tokens per forward pass.
+    pub max_batch_tokens: usize,
+    /// Rows sorted by length together; 0 sorts all rows at once.
+    pub sort_window: usize,
+    pub padding: PaddingSide,
+    /// Benchmarks only: seeded random weights for the architecture of `model` (a
+    /// config.json, or a folder with one) instead of its weights.
+    pub random_weights: Option<u64>,
+}
+
+impl TeacherSettings {
+    pub fn new(model: impl Into<String>) -> Self {
+        Self {
+            model: model.into(),
+            adapter: None,
+            dtype: "bf16".into(),
+            device: "cpu".into(),
+            max_batch_tokens: 8192,
+            sort_window: 0,
+            padding: PaddingSide::Right,
+            random_weights: None,
+        }
+    }
+
+    /// Checks what can be checked without loading the model.
+    pub fn validate(&self) -> Result<DType> {
+        if self.max_batch_tokens == 0 {
+            return Err(ModelError::Config(
+                "max_batch_tokens must be at least 1".into(),
+            ));
+        }
+        parse_dtype(&self.dtype)
+    }
+}
+
+/// A loaded teacher on its device.
+pub struct Teacher {
+    pub model: SequenceClassifier,
+    pub settings: TeacherSettings,
+    pub device: Device,
+}
+
+impl Teacher {
+    pub fn load(settings: &TeacherSettings) -> Result<Self> {
+        let dtype = settings.validate()?;
+        let device = parse_device(&settings.device)?;
+        let model = match settings.random_weights {
+            None => load_classifier(&settings.model, settings.adapter.as_deref(), dtype, &device)?,
+            Some(seed) => {
+                let path = Path::new(&settings.model);
+                let config = if path.is_dir() {
+                    path.join("config.json")
+                } else {
+                    path.to_path_buf()
+                };
+                let config = ModelConfig::from_file(&config)?;
+                let adapter = settings.adapter.as_deref().map(open_adapter).transpose()?;
+                SequenceClassifier::load(
+                    &config,
+                    &TensorSource::Random { seed, std: 0.02 },
+                    adapter.as_ref().map(|a| (&a.config, &a.tensors)),
+                    dtype,
+                    &device,
+                )?
+            }
+        };
+        Ok(Self {
+            model,
+            settings: settings.clone(),
+            device,
+        })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.model.config.vocab_size
+    }
+
+    /// One padded forward pass over `rows`: their logits, in order.
+    pub fn forward(&self, rows: &[&[u32]]) -> Result<Vec<[f32; 3]>> {
+        let pad = self.model.pad_token_id().unwrap_or(0);
+        let batch = PaddedBatch::pad(rows, pad, self.settings.padding)?;
+        let logits = self
+            .model
+            .forward(&batch, ForwardMode::Inference)?
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?;
+        logits
+            .into_iter()
+            .map(|l| {
+                <[f32; 3]>::try_from(l.as_slice()).map_err(|_| {
+                    ModelError::Config(format!(
+                        "the score head gives {} logits per row, not 3",
+                        l.len()
+                    ))
+                })
+            })
+            .collect()
+    }
+
+    /// The batches `plan_batches` makes for these rows under this teacher's budget.
+    pub fn plan(&self, lengths: &[usize]) -> Vec<Vec<usize>> {
+        plan_batches(
+            lengths,
+            self.settings.max_batch_tokens,
+            self.model.pad_token_id().is_none(),
+        )
+    }
+}
+
+/// Splits rows into forward batches: longest first (an out-of-memory shows at once), each
+/// batch as many rows as fit `max_batch_tokens` once padded to its longest row (at least
+/// one). Without a pad token every row is its own batch, as transformers requires.
+pub fn plan_batches(
+    lengths: &[usize],
+    max_batch_tokens: usize,
+    one_row_each: bool,
+) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
+    let mut batches = Vec::new();
+    let mut start = 0;
+    while start < order.len() {
+        let longest = lengths[order[start]].max(1);
+        let fit = if one_row_each {
+            1
+        } else {
+            (max_batch_tokens / longest).max(1)
+        };
+        let end = (start + fit).min(order.len());
+        batches.push(order[start..end].to_vec());
+        start = end;
+    }
+    batches
+}
+
+/// The final figures of one teacher pass, recorded in the run manifest.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct ForwardStats {
+    pub operator: String,
+    pub model: String,
+    pub device: String,
+    pub dtype: String,
+    /// Rows in the output, including those resumed from earlier commits.
+    pub rows: u64,
+    /// Rows computed by this invocation (the rest were resumed).
+    pub computed_rows: u64,
+    pub resumed_rows: u64,
+    /// Real tokens of the computed rows.
+    pub tokens: u64,
+    /// Tokens including padding.
+    pub padded_tokens: u64,
+    pub padding_percent: f64,
+    pub batches: u64,
+    pub seconds: f64,
+    pub tokens_per_second: f64,
+    pub rows_per_second: f64,
+    /// GPU memory in use at its peak (device-wide), or the process's peak resident memory.
+    pub peak_memory_bytes: Option<u64>,
+}
+
+impl ForwardStats {
+    pub fn finish(&mut self, device: &Device, elapsed: Duration) {
+        self.seconds = elapsed.as_secs_f64();
+        let secs = self.seconds.max(1e-9);
+        self.tokens_per_second = self.tokens as f64 / secs;
+        self.rows_per_second = self.computed_rows as f64 / secs;
+        self.padding_percent = if self.padded_tokens == 0 {
+            0.0
+        } else {
+            100.0 * (self.padded_tokens - self.tokens) as f64 / self.padded_tokens as f64
+        };
+        self.peak_memory_bytes = peak_memory(device);
+        self.device = device_name(device);
+    }
+
+    pub fn summary(&self) -> String {
+        format!(
+            "{} rows ({} computed, {} resumed), {} tokens, padding {:.1}%, {:.1} s, {:.0} tokens/s, {:.1} rows/s, peak memory {}",
+            self.rows,
+            self.computed_rows,
+            self.resumed_rows,
+            self.tokens,
+            self.padding_percent,
+            self.seconds,
+            self.tokens_per_second,
+            self.rows_per_second,
+            self.peak_memory_bytes
+                .map_or("-".into(), |b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64))
+        )
+    }
+}
+
+/// Progress of a pass: a bar (rows, tokens/s, ETA) on a terminal, a log line every
+/// `ARENAFLOW_LOG_EVERY` seconds (default 30) otherwise.
+pub struct Progress {
+    bar: Option<ProgressBar>,
+    started: Instant,
+    last_log: Instant,
+    log_every: Duration,
+    total: u64,
+    done: u64,
+    tokens: u64,
+    label: String,
+}
+
+impl Progress {
+    pub fn new(label: &str, total: u64, already: u64) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::new(total);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{prefix} [{bar:30}] {pos}/{len} rows, {msg}, ETA {eta}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar.set_prefix(label.to_string());
+            bar.set_position(already);
+            bar
+        });
+        let log_every = std::env::var("ARENAFLOW_LOG_EVERY")
+            .ok()
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(30.0);
+        Self {
+            bar,
+            started: Instant::now(),
+            last_log: Instant::now(),
+            log_every: Duration::from_secs_f64(log_every.max(0.0)),
+            total,
+            done: already,
+            tokens: 0,
+            label: label.to_string(),
+        }
+    }
+
+    pub fn advance(&mut self, rows: u64, tokens: u64) {
+        self.done += rows;
+        self.tokens += tokens;
+        let rate = self.tokens as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
+        if let Some(bar) = &self.bar {
+            bar.set_message(format!("{rate:.0} tokens/s"));
+            bar.set_position(self.done);
+        } else if self.last_log.elapsed() >= self.log_every || self.done == self.total {
+            self.last_log = Instant::now();
+            let elapsed = self.started.elapsed().as_secs_f64();
+            let left = self.total.saturating_sub(self.done);
+            let per_row = elapsed / (self.done as f64).max(1.0);
+            eprintln!(
+                "{}: {}/{} rows, {rate:.0} tokens/s, ETA {:.0} s",
+                self.label,
+                self.done,
+                self.total,
+                per_row * left as f64
+            );
+        }
+    }
+
+    /// Rows known so far (the total grows window by window).
+    pub fn set_total(&mut self, total: u64) {
+        self.total = total.max(self.done);
+        if let Some(bar) = &self.bar {
+            bar.set_length(self.total);
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// What the plan runner and the operators share: where a managed output's commits go,
+/// and the figures of every pass that ran for it.
+#[derive(Clone, Default)]
+pub struct ForwardEnv(Arc<parking_lot::Mutex<EnvState>>);
+
+#[derive(Default)]
+struct EnvState {
+    resume_dir: Option<PathBuf>,
+    stats: Vec<ForwardStats>,
+}
+
+impl ForwardEnv {
+    /// Sets the folder the operators commit to (None: no commits, nothing resumes).
+    pub fn begin(&self, resume_dir: Option<PathBuf>) {
+        let mut state = self.0.lock();
+        state.resume_dir = resume_dir;
+        state.stats.clear();
+    }
+
+    /// The figures of the passes since `begin`.
+    pub fn finish(&self) -> Vec<ForwardStats> {
+        let mut state = self.0.lock();
+        state.resume_dir = None;
+        std::mem::take(&mut state.stats)
+    }
+
+    pub fn resume_dir(&self) -> Option<PathBuf> {
+        self.0.lock().resume_dir.clone()
+    }
+
+    pub fn record(&self, stats: ForwardStats) {
+        self.0.lock().stats.push(stats);
+    }
+}
+
+/// Resets the peak-memory meter of a pass.
+pub fn start_pass() -> Instant {
+    reset_peak();
+    Instant::now()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_are_sorted_and_under_budget() {
+        let lengths = [5, 100, 7, 60, 60, 3, 99];
+        let batches = plan_batches(&lengths, 200, false);
+        assert_eq!(batches, vec![vec![1, 6], vec![3, 4, 2], vec![0, 5]]);
+        for b in &batches {
+            let longest = b.iter().map(|&i| lengths[i]).max().unwrap();
+            assert!(b.len() == 1 || b.len() * longest <= 200);
+        }
+        let one = plan_batches(&lengths, 200, true);
+        assert_eq!(one.len(), lengths.len());
+        // A row longer than the budget still runs, alone.
+        assert_eq!(plan_batches(&[500, 10], 100, false), vec![vec![0], vec![1]]);
+    }
+}

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Builds the CUDA binary of arenaflow on a machine without a GPU (../shared/GPU.md) and
+# packs it for the GPU machine: device/arenaflow.xz (device/ is git-ignored and is what
+# the GPU runs carry). Target: sm_90 (H100/H200). CARGO_TARGET_DIR defaults to a folder
+# beside the checkout so that the CPU and CUDA builds do not evict each other.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+eval "$(scripts/cuda-toolchain.sh)"
+export CARGO_TARGET_DIR=${CUDA_TARGET_DIR:-$PWD/../cuda-target}
+cargo build --release --features arenaflow-engine/cuda -p arenaflow-engine --bin arenaflow
+mkdir -p device
+strip -o device/arenaflow "$CARGO_TARGET_DIR/release/arenaflow"
+xz -9e -T2 -f device/arenaflow
+ls -l device/arenaflow.xz

@@ -1,0 +1,473 @@
+//! The teacher-forward operator and plans on the CPU: coverage, resume after kill -9,
+//! shards and their merge, the same logits as single-row forwards, and bad input. The
+//! teacher is tests/fixtures/teacher: a byte-level tokenizer and a tiny random Llama.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use arenaflow_tests::{arenaflow, arenaflow_bin, arenaflow_with_env, repo_root, shared, text};
+use datafusion::arrow::array::{Array, AsArray};
+use datafusion::arrow::datatypes::Float32Type;
+use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+const MODEL: &str = "tests/fixtures/teacher/model";
+const TOKENIZER: &str = "tests/fixtures/teacher/tokenizer.json";
+
+/// (id, order, split) -> logits.
+type Logits = HashMap<(String, String, String), [f32; 3]>;
+
+/// The first `n` rows of the real Kaggle sample, as a CSV of their own.
+fn small_train(dir: &Path, n: usize) -> PathBuf {
+    let mut reader = csv::Reader::from_path(shared("data/lmsys-arena/train_sample.csv")).unwrap();
+    let path = dir.join("train.csv");
+    let mut writer = csv::Writer::from_path(&path).unwrap();
+    writer.write_record(reader.headers().unwrap()).unwrap();
+    for record in reader.records().take(n) {
+        writer.write_record(&record.unwrap()).unwrap();
+    }
+    writer.flush().unwrap();
+    path
+}
+
+fn prepare(run_dir: &Path, train: &Path) {
+    let out = arenaflow(&[
+        "run",
+        "plans/prepare.sql",
+        "plans/folds.sql",
+        "--run-dir",
+        run_dir.to_str().unwrap(),
+        "--set",
+        &format!("train={}", train.display()),
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+fn teacher_args(run_dir: &Path) -> Vec<String> {
+    [
+        "run",
+        "plans/teacher_logits.sql",
+        "--run-dir",
+        run_dir.to_str().unwrap(),
+        "--set",
+        &format!("model={MODEL}"),
+        "--set",
+        &format!("tokenizer={TOKENIZER}"),
+        "--set",
+        "max_length=96",
+        "--set",
+        "dtype=f32",
+        "--set",
+        "max_batch_tokens=512",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn parquet_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            parquet_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "parquet") {
+            out.push(path);
+        }
+    }
+}
+
+/// Every row of a teacher output folder (split from the hive path) or merged file.
+fn read_teacher(path: &Path) -> (Logits, usize) {
+    let mut files = Vec::new();
+    if path.is_dir() {
+        parquet_files(path, &mut files);
+    } else {
+        files.push(path.to_path_buf());
+    }
+    let (mut logits, mut rows) = (Logits::new(), 0);
+    for file in files {
+        let split_from_path = file
+            .components()
+            .filter_map(|c| {
+                c.as_os_str()
+                    .to_str()?
+                    .strip_prefix("split=")
+                    .map(String::from)
+            })
+            .next();
+        let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&file).unwrap())
+            .unwrap()
+            .build()
+            .unwrap();
+        for batch in reader {
+            let batch = batch.unwrap();
+            let string = |name: &str| {
+                datafusion::arrow::compute::cast(
+                    batch.column_by_name(name).unwrap(),
+                    &datafusion::arrow::datatypes::DataType::Utf8,
+                )
+                .unwrap()
+            };
+            let (ids, orders) = (string("id"), string("order"));
+            let splits = batch.column_by_name("split").map(|_| string("split"));
+            let values = batch
+                .column_by_name("logits")
+                .unwrap()
+                .as_fixed_size_list()
+                .clone();
+            for r in 0..batch.num_rows() {
+                let split = match &splits {
+                    Some(s) => s.as_string::<i32>().value(r).to_string(),
+                    None => split_from_path.clone().expect("split in the path"),
+                };
+                let v = values.value(r);
+                let v = v.as_primitive::<Float32Type>().values();
+                let key = (
+                    ids.as_string::<i32>().value(r).to_string(),
+                    orders.as_string::<i32>().value(r).to_string(),
+                    split,
+                );
+                assert!(
+                    logits.insert(key.clone(), [v[0], v[1], v[2]]).is_none(),
+                    "{key:?} twice"
+                );
+                rows += 1;
+            }
+        }
+    }
+    (logits, rows)
+}
+
+fn max_diff(a: &Logits, b: &Logits) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .map(|(k, x)| {
+            let y = b.get(k).unwrap_or_else(|| panic!("{k:?} missing"));
+            (0..3).map(|i| (x[i] - y[i]).abs()).fold(0.0, f32::max)
+        })
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn teacher_logits_cover_the_fold_resume_after_kill_and_match_single_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = small_train(dir.path(), 40);
+    let (killed, clean) = (dir.path().join("killed"), dir.path().join("clean"));
+    prepare(&killed, &train);
+    prepare(&clean, &train);
+
+    // Uninterrupted.
+    let out = arenaflow(
+        &teacher_args(&clean)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let log = text(&out);
+    assert!(
+        log.contains("wrote teacher/teacher/fold0/shard=0-of-1: 80 rows, 40 ids"),
+        "{log}"
+    );
+    assert!(
+        log.contains("| true    | true | true         | 80   |"),
+        "{log}"
+    );
+    let output = clean.join("teacher/teacher/fold0/shard=0-of-1");
+    let (reference, rows) = read_teacher(&output);
+    assert_eq!(rows, 80);
+    assert_eq!(reference.keys().filter(|k| k.2 == "valid").count(), 20);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(clean.join("manifest.json")).unwrap()).unwrap();
+    let record = &manifest["outputs"]["teacher/teacher/fold0/shard=0-of-1"];
+    assert_eq!(record["status"], "complete");
+    let metrics = &record["metrics"][0];
+    assert_eq!(metrics["rows"], 80);
+    assert_eq!(metrics["computed_rows"], 80);
+    assert!(metrics["tokens"].as_u64().unwrap() > 80 * 40, "{metrics}");
+    assert!(
+        metrics["padding_percent"].as_f64().unwrap() < 25.0,
+        "{metrics}"
+    );
+    assert!(
+        metrics["peak_memory_bytes"].as_u64().unwrap() > 0,
+        "{metrics}"
+    );
+    assert!(
+        !clean.join(".resume").exists()
+            || std::fs::read_dir(clean.join(".resume"))
+                .unwrap()
+                .next()
+                .is_none(),
+        "the resume folder is removed once the output is complete"
+    );
+
+    // Killed with SIGKILL after two committed batches, then the same command again.
+    let mut child = Command::new(arenaflow_bin())
+        .args(teacher_args(&killed))
+        .current_dir(repo_root())
+        .env("ARENAFLOW_TEST_PAUSE_AFTER_COMMITS", "2")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = Vec::new();
+    for line in stderr.lines() {
+        let line = line.unwrap();
+        seen.push(line.clone());
+        if line.contains("paused after 2 commits") {
+            break;
+        }
+    }
+    assert!(
+        seen.iter().any(|l| l.contains("paused after 2 commits")),
+        "{seen:?}"
+    );
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let manifest = std::fs::read_to_string(killed.join("manifest.json")).unwrap();
+    assert!(
+        !manifest.contains("teacher/teacher/fold0"),
+        "nothing recorded after kill -9"
+    );
+    let mut parts = Vec::new();
+    parquet_files(&killed.join(".resume"), &mut parts);
+    assert_eq!(parts.len(), 2, "{parts:?}");
+
+    let out = arenaflow(
+        &teacher_args(&killed)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("teacher_forward: resuming after"), "{log}");
+    let (resumed, rows) = read_teacher(&killed.join("teacher/teacher/fold0/shard=0-of-1"));
+    assert_eq!(rows, 80);
+    let diff = max_diff(&reference, &resumed);
+    assert!(diff < 1e-5, "resumed logits differ by {diff}");
+    let again = arenaflow(
+        &teacher_args(&killed)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(
+        text(&again).contains("up to date: teacher/teacher/fold0/shard=0-of-1"),
+        "{}",
+        text(&again)
+    );
+
+    // Each row alone through `arenaflow logits` (no padding, no batching) gives the same.
+    let tokens = arenaflow(&[
+        "run",
+        "plans/tokenize.sql",
+        "--run-dir",
+        clean.to_str().unwrap(),
+        "--set",
+        &format!("tokenizer={TOKENIZER}"),
+        "--set",
+        "max_length=96",
+        "--set",
+        "model_name=tiny",
+    ]);
+    assert!(tokens.status.success(), "{}", text(&tokens));
+    let tokens_file = clean.join("tokenize/tiny_blackpearl_96_balanced/tokens.parquet");
+    let single = dir.path().join("single.parquet");
+    let out = arenaflow(&[
+        "logits",
+        "--model",
+        MODEL,
+        "--input",
+        tokens_file.to_str().unwrap(),
+        "--output",
+        single.to_str().unwrap(),
+        "--max-batch-tokens",
+        "1",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    // tokens.parquet holds both orders of every comparison; logits keeps its row order.
+    let orders = {
+        let reader =
+            ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&tokens_file).unwrap())
+                .unwrap()
+                .build()
+                .unwrap();
+        let mut orders = Vec::new();
+        for batch in reader {
+            let batch = batch.unwrap();
+            let o = batch
+                .column_by_name("order")
+                .unwrap()
+                .as_string::<i32>()
+                .clone();
+            orders.extend((0..o.len()).map(|r| o.value(r).to_string()));
+        }
+        orders
+    };
+    let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&single).unwrap())
+        .unwrap()
+        .build()
+        .unwrap();
+    let mut compared = 0;
+    let mut worst = 0f32;
+    let mut row = 0;
+    for batch in reader {
+        let batch = batch.unwrap();
+        let ids = batch
+            .column_by_name("id")
+            .unwrap()
+            .as_string::<i32>()
+            .clone();
+        let values = batch
+            .column_by_name("logits")
+            .unwrap()
+            .as_fixed_size_list()
+            .clone();
+        for r in 0..batch.num_rows() {
+            let v = values.value(r);
+            let v = v.as_primitive::<Float32Type>().values();
+            for split in ["train", "valid"] {
+                let key = (
+                    ids.value(r).to_string(),
+                    orders[row].clone(),
+                    split.to_string(),
+                );
+                if let Some(x) = reference.get(&key) {
+                    compared += 1;
+                    worst = (0..3).map(|i| (x[i] - v[i]).abs()).fold(worst, f32::max);
+                }
+            }
+            row += 1;
+        }
+    }
+    assert_eq!(compared, 80);
+    assert!(worst < 1e-4, "operator vs single rows: {worst}");
+}
+
+#[test]
+fn shards_split_the_rows_and_the_merge_checks_coverage() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = small_train(dir.path(), 30);
+    let run = dir.path().join("run");
+    prepare(&run, &train);
+    let mut args = teacher_args(&run);
+    let args: Vec<&str> = args.iter_mut().map(|s| s.as_str()).collect();
+    // Shard 0 by flag, shard 1 as a SLURM array task (ids 1..2, so TASK_MIN matters).
+    let mut first = args.clone();
+    first.extend(["--shard", "0/2"]);
+    let out = arenaflow(&first);
+    assert!(out.status.success(), "{}", text(&out));
+    let slurm = [
+        ("SLURM_ARRAY_TASK_ID", "2".to_string()),
+        ("SLURM_ARRAY_TASK_MIN", "1".to_string()),
+        ("SLURM_ARRAY_TASK_COUNT", "2".to_string()),
+    ];
+    let out = arenaflow_with_env(&args, &slurm);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("shard=1-of-2"), "{}", text(&out));
+    for shard in ["shard-0-of-2", "shard-1-of-2"] {
+        let file = run.join(format!("manifest.d/{shard}.json"));
+        assert!(file.is_file(), "{} is missing", file.display());
+    }
+    let (a, rows_a) = read_teacher(&run.join("teacher/teacher/fold0/shard=0-of-2"));
+    let (b, rows_b) = read_teacher(&run.join("teacher/teacher/fold0/shard=1-of-2"));
+    assert_eq!(rows_a + rows_b, 60);
+    assert!(rows_a > 0 && rows_b > 0);
+    assert!(a.keys().all(|k| !b.contains_key(k)));
+
+    let merge = |shards: &str| {
+        arenaflow(&[
+            "run",
+            "plans/teacher_merge.sql",
+            "--run-dir",
+            run.to_str().unwrap(),
+            "--set",
+            &format!("shards={shards}"),
+        ])
+    };
+    let wrong = merge("3");
+    assert!(!wrong.status.success());
+    assert!(
+        text(&wrong).contains("teacher_merge: expected 3 shards of fold 0, found 2"),
+        "{}",
+        text(&wrong)
+    );
+    let out = merge("2");
+    assert!(out.status.success(), "{}", text(&out));
+    let (merged, rows) = read_teacher(&run.join("teacher/teacher/fold0.parquet"));
+    assert_eq!(rows, 60);
+    assert_eq!(merged.len(), a.len() + b.len());
+
+    // A plan that does not split by shard refuses to run as one.
+    let out = arenaflow(&[
+        "run",
+        "plans/folds.sql",
+        "--run-dir",
+        run.to_str().unwrap(),
+        "--shard",
+        "1/2",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("does not split its rows by ${shard_index}"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn bad_teacher_input_is_an_error_naming_row_id_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = dir.path().join("bad.sql");
+    let run = |sql: &str, extra: &[&str]| {
+        std::fs::write(&plan, sql).unwrap();
+        let mut args = vec![
+            "run",
+            plan.to_str().unwrap(),
+            "--run-dir",
+            dir.path().to_str().unwrap(),
+        ];
+        args.extend(extra);
+        let out = arenaflow(&args);
+        assert!(!out.status.success());
+        text(&out)
+    };
+    let vocab = run(
+        &format!("CREATE TABLE t AS SELECT * FROM (VALUES ('a', 'ab', [1, 2]), ('b', 'ab', [1, 500])) AS v(id, \"order\", input_ids);\nSELECT * FROM teacher_forward('t', '{MODEL}', '', 'f32');\n"),
+        &[],
+    );
+    assert!(
+        vocab.contains("input row 2 (id b, order ab), column input_ids: token 500 at position 1 is outside the vocabulary (0..260)"),
+        "{vocab}"
+    );
+    let twice = run(
+        &format!("CREATE TABLE t AS SELECT * FROM (VALUES ('a', 'ab', [1, 2]), ('a', 'ab', [3])) AS v(id, \"order\", input_ids);\nSELECT * FROM teacher_forward('t', '{MODEL}', '', 'f32');\n"),
+        &[],
+    );
+    assert!(
+        twice.contains("input rows 1 and 2 are both id a, order ab"),
+        "{twice}"
+    );
+    let no_order = run(
+        &format!("CREATE TABLE t AS SELECT 'a' AS id, [1] AS input_ids;\nSELECT * FROM teacher_forward('t', '{MODEL}');\n"),
+        &[],
+    );
+    assert!(
+        no_order.contains("teacher_forward: the input has no column order"),
+        "{no_order}"
+    );
+    if !cfg!(feature = "cuda") {
+        let gpu = run(
+            &format!("CREATE TABLE t AS SELECT 'a' AS id, 'ab' AS \"order\", [1] AS input_ids;\nSELECT * FROM teacher_forward('t', '{MODEL}', '', 'bf16', 'cuda:0');\n"),
+            &[],
+        );
+        assert!(
+            gpu.contains("device cuda:0: this arenaflow was built without CUDA"),
+            "{gpu}"
+        );
+    }
+}
