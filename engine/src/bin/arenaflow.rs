@@ -69,6 +69,10 @@ enum Command {
         /// Benchmarks: run the first batch once before the timed pass.
         #[arg(long)]
         warmup: bool,
+        /// Benchmarks: seconds by section of the forward pass (projections, attention,
+        /// norms...), synchronising the device around each, in the printed figures.
+        #[arg(long)]
+        profile: bool,
         #[arg(long)]
         input: std::path::PathBuf,
         #[arg(long)]
@@ -238,6 +242,7 @@ fn main() -> ExitCode {
             device,
             random_weights,
             warmup,
+            profile,
             input,
             output,
             max_batch_tokens,
@@ -259,6 +264,7 @@ fn main() -> ExitCode {
             input,
             output,
             warmup,
+            profile,
         }),
     };
     match result {

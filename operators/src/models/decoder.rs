@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 
 use super::{Activation, CheckpointHead, DecoderConfig, ModelConfig, NormStyle, RopeScaling};
 use crate::error::{ModelError, Result};
+use crate::profile;
 use crate::lora::{LoraConfig, LoraLinear, LoraWeights, Projection};
 use crate::weights::{SplitMix64, WeightLoader};
 
@@ -561,32 +562,36 @@ impl SequenceClassifier {
         train: bool,
         fused: Option<&Fused>,
     ) -> Result<Tensor> {
+        let dev = &self.device;
         let residual = xs;
-        let h = self.norm_any(xs, &layer.input_norm, train, fused)?;
+        let h = profile::time(dev, "norms", || self.norm_any(xs, &layer.input_norm, train, fused))?;
         let h = match fused {
             Some(f) => self.fused_attention(layer, &h, cos, sin, f)?,
             None => self.attention(layer, &h, cos, sin, mask, train)?,
         };
         let h = match &layer.pre_feedforward_norm {
             // Gemma-2 normalises the attention output before the residual add.
-            Some(_) => self.norm_any(&h, &layer.post_attention_norm, train, fused)?,
+            Some(_) => profile::time(dev, "norms", || {
+                self.norm_any(&h, &layer.post_attention_norm, train, fused)
+            })?,
             None => h,
         };
-        let xs = (residual + h)?;
+        let xs = profile::time(dev, "residual", || Ok((residual + h)?))?;
         let residual = &xs;
-        let h = match &layer.pre_feedforward_norm {
-            Some(pre) => self.norm_any(&xs, pre, train, fused)?,
-            None => self.norm_any(&xs, &layer.post_attention_norm, train, fused)?,
-        };
-        let gate = layer.gate.forward(&h, train)?;
-        let up = layer.up.forward(&h, train)?;
-        let h = self.gated_activation(&gate, &up, fused)?;
-        let h = layer.down.forward(&h, train)?;
+        let h = profile::time(dev, "norms", || match &layer.pre_feedforward_norm {
+            Some(pre) => self.norm_any(&xs, pre, train, fused),
+            None => self.norm_any(&xs, &layer.post_attention_norm, train, fused),
+        })?;
+        let (gate, up) = profile::time(dev, "mlp projections", || {
+            Ok((layer.gate.forward(&h, train)?, layer.up.forward(&h, train)?))
+        })?;
+        let h = profile::time(dev, "activation", || self.gated_activation(&gate, &up, fused))?;
+        let h = profile::time(dev, "mlp projections", || Ok(layer.down.forward(&h, train)?))?;
         let h = match &layer.post_feedforward_norm {
-            Some(post) => self.norm_any(&h, post, train, fused)?,
+            Some(post) => profile::time(dev, "norms", || self.norm_any(&h, post, train, fused))?,
             None => h,
         };
-        Ok((residual + h)?)
+        profile::time(dev, "residual", || Ok((residual + h)?))
     }
 
     fn gated_activation(
@@ -628,27 +633,40 @@ impl SequenceClassifier {
             let cfg = &self.config;
             let (b, s, _) = xs.dims3()?;
             let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-            let q = layer.q.forward(xs, false)?.reshape((b, s, nh, hd))?;
-            let k = layer.k.forward(xs, false)?.reshape((b, s, nkv, hd))?;
-            let v = layer.v.forward(xs, false)?.reshape((b, s, nkv, hd))?;
-            let q = candle_nn::rotary_emb::rope_thd(&q.contiguous()?, cos, sin)?;
-            let k = candle_nn::rotary_emb::rope_thd(&k.contiguous()?, cos, sin)?;
+            let dev = &self.device;
+            let (q, k, v) = profile::time(dev, "attention projections", || {
+                Ok((
+                    layer.q.forward(xs, false)?.reshape((b, s, nh, hd))?,
+                    layer.k.forward(xs, false)?.reshape((b, s, nkv, hd))?,
+                    layer.v.forward(xs, false)?.reshape((b, s, nkv, hd))?,
+                ))
+            })?;
+            let (q, k) = profile::time(dev, "rope", || {
+                Ok((
+                    candle_nn::rotary_emb::rope_thd(&q.contiguous()?, cos, sin)?,
+                    candle_nn::rotary_emb::rope_thd(&k.contiguous()?, cos, sin)?,
+                ))
+            })?;
             let window = match (&cfg.sliding_window, layer.sliding) {
                 (Some(w), true) => w.size as i32,
                 _ => 0,
             };
-            let out = crate::kernels::attention(
-                &q,
-                &k,
-                &v,
-                crate::kernels::Attention {
-                    scale: cfg.query_scale as f32,
-                    softcap: cfg.attn_logit_softcap.unwrap_or(0.0) as f32,
-                    window,
-                    bounds: fused.bounds.clone(),
-                },
-            )?;
-            Ok(layer.o.forward(&out.reshape((b, s, nh * hd))?, false)?)
+            let out = profile::time(dev, "attention", || {
+                Ok(crate::kernels::attention(
+                    &q,
+                    &k,
+                    &v,
+                    crate::kernels::Attention {
+                        scale: cfg.query_scale as f32,
+                        softcap: cfg.attn_logit_softcap.unwrap_or(0.0) as f32,
+                        window,
+                        bounds: fused.bounds.clone(),
+                    },
+                )?)
+            })?;
+            profile::time(dev, "attention projections", || {
+                Ok(layer.o.forward(&out.reshape((b, s, nh * hd))?, false)?)
+            })
         }
         #[cfg(not(feature = "cuda"))]
         {
@@ -672,47 +690,56 @@ impl SequenceClassifier {
         let heads = |t: Tensor, n: usize| -> candle_core::Result<Tensor> {
             t.reshape((b, s, n, hd))?.transpose(1, 2)?.contiguous()
         };
-        let q = heads(layer.q.forward(xs, train)?, nh)?;
-        let k = heads(layer.k.forward(xs, train)?, nkv)?;
-        let v = heads(layer.v.forward(xs, train)?, nkv)?;
-        let (q, k) = if train {
-            (
-                candle_nn::rotary_emb::rope_slow(&q, cos, sin)?,
-                candle_nn::rotary_emb::rope_slow(&k, cos, sin)?,
-            )
-        } else {
-            (
-                candle_nn::rotary_emb::rope(&q, cos, sin)?,
-                candle_nn::rotary_emb::rope(&k, cos, sin)?,
-            )
-        };
-        // Grouped-query attention without copying K and V: the query heads of one KV head
-        // are stacked along the sequence axis.
-        let group = nh / nkv;
-        let q = q.reshape((b, nkv, group * s, hd))?;
-        let scores = (q.matmul(&k.t()?)? * cfg.query_scale)?;
-        let scores = match cfg.attn_logit_softcap {
-            Some(cap) => ((scores / cap)?.tanh()? * cap)?,
-            None => scores,
-        };
-        let scores = scores
-            .reshape((b, nh, s, s))?
-            .to_dtype(mask.dtype())?
-            .broadcast_add(mask)?;
-        let probs = if train {
-            candle_nn::ops::softmax(&scores, D::Minus1)?
-        } else {
-            candle_nn::ops::softmax_last_dim(&scores)?
-        };
-        let probs = probs
-            .to_dtype(self.dtype)?
-            .reshape((b, nkv, group * s, s))?;
-        let out = probs.matmul(&v)?;
-        let out = out
-            .reshape((b, nh, s, hd))?
-            .transpose(1, 2)?
-            .reshape((b, s, nh * hd))?;
-        Ok(layer.o.forward(&out, train)?)
+        let dev = &self.device;
+        let (q, k, v) = profile::time(dev, "attention projections", || {
+            Ok((
+                heads(layer.q.forward(xs, train)?, nh)?,
+                heads(layer.k.forward(xs, train)?, nkv)?,
+                heads(layer.v.forward(xs, train)?, nkv)?,
+            ))
+        })?;
+        let (q, k) = profile::time(dev, "rope", || {
+            Ok(if train {
+                (
+                    candle_nn::rotary_emb::rope_slow(&q, cos, sin)?,
+                    candle_nn::rotary_emb::rope_slow(&k, cos, sin)?,
+                )
+            } else {
+                (
+                    candle_nn::rotary_emb::rope(&q, cos, sin)?,
+                    candle_nn::rotary_emb::rope(&k, cos, sin)?,
+                )
+            })
+        })?;
+        let out = profile::time(dev, "attention", || {
+            // Grouped-query attention without copying K and V: the query heads of one KV
+            // head are stacked along the sequence axis.
+            let group = nh / nkv;
+            let q = q.reshape((b, nkv, group * s, hd))?;
+            let scores = (q.matmul(&k.t()?)? * cfg.query_scale)?;
+            let scores = match cfg.attn_logit_softcap {
+                Some(cap) => ((scores / cap)?.tanh()? * cap)?,
+                None => scores,
+            };
+            let scores = scores
+                .reshape((b, nh, s, s))?
+                .to_dtype(mask.dtype())?
+                .broadcast_add(mask)?;
+            let probs = if train {
+                candle_nn::ops::softmax(&scores, D::Minus1)?
+            } else {
+                candle_nn::ops::softmax_last_dim(&scores)?
+            };
+            let probs = probs
+                .to_dtype(self.dtype)?
+                .reshape((b, nkv, group * s, s))?;
+            let out = probs.matmul(&v)?;
+            Ok(out
+                .reshape((b, nh, s, hd))?
+                .transpose(1, 2)?
+                .reshape((b, s, nh * hd))?)
+        })?;
+        profile::time(dev, "attention projections", || Ok(layer.o.forward(&out, train)?))
     }
 
     /// RMSNorm in f32. Llama: weight times the normalised input cast back; Gemma: the

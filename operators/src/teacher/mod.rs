@@ -189,6 +189,9 @@ pub struct ForwardStats {
     pub rows_per_second: f64,
     /// GPU memory in use at its peak (device-wide), or the process's peak resident memory.
     pub peak_memory_bytes: Option<u64>,
+    /// Seconds by section of the forward pass, when profiled (`crate::profile`).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub profile: std::collections::BTreeMap<String, f64>,
 }
 
 impl ForwardStats {
@@ -204,6 +207,10 @@ impl ForwardStats {
         };
         self.peak_memory_bytes = peak_memory(device);
         self.device = device_name(device);
+        self.profile = crate::profile::take()
+            .into_iter()
+            .map(|(k, (secs, _))| (k, secs))
+            .collect();
     }
 
     pub fn summary(&self) -> String {

@@ -26,6 +26,82 @@ pub struct TextTokenizer {
 }
 
 impl TextTokenizer {
+    /// The tokenizer embedded in a GGUF file (GPT-2-style byte-level BPE: the vocabulary
+    /// and merges of `tokenizer.ggml.*`, through candle's `TokenizerFromGguf`), with BOS as
+    /// `add_bos_token` says and EOS and padding from their token ids.
+    pub fn open_gguf(path: &Path) -> Result<Self> {
+        use candle_core::quantized::gguf_file;
+        use candle_core::quantized::tokenizer::TokenizerFromGguf;
+        let err = |message: String| ModelError::Tokenizer {
+            path: path.to_path_buf(),
+            message,
+        };
+        let mut file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
+        let content = gguf_file::Content::read(&mut file)
+            .map_err(|e| err(format!("not a GGUF file: {e}")))?;
+        let mut inner = Tokenizer::from_gguf(&content).map_err(|e| err(e.to_string()))?;
+        // candle's default (GPT-2) pipeline adds a prefix space; the file says whether to,
+        // and llama.cpp's `smollm` pre-tokenizer splits digits one by one first.
+        let text = |key: &str| match content.metadata.get(key) {
+            Some(gguf_file::Value::String(s)) => Some(s.clone()),
+            _ => None,
+        };
+        let prefix_space = match content.metadata.get("tokenizer.ggml.add_space_prefix") {
+            Some(gguf_file::Value::Bool(b)) => *b,
+            _ => false,
+        };
+        match text("tokenizer.ggml.pre").as_deref() {
+            Some("qwen2" | "llama3" | "smaug-bpe" | "lfm2") => {}
+            pre => {
+                use tokenizers::pre_tokenizers::{
+                    byte_level::ByteLevel, digits::Digits, sequence::Sequence,
+                    PreTokenizerWrapper,
+                };
+                let byte_level = ByteLevel::new(prefix_space, true, true);
+                let pre_tokenizer: PreTokenizerWrapper = if pre == Some("smollm") {
+                    Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()
+                } else {
+                    byte_level.into()
+                };
+                inner.with_pre_tokenizer(Some(pre_tokenizer));
+            }
+        }
+        let probe = inner.encode("", true).map_err(|e| err(e.to_string()))?;
+        let ids = probe.get_ids();
+        let prefix: Vec<u32> = ids
+            .iter()
+            .zip(probe.get_special_tokens_mask())
+            .take_while(|(_, s)| **s == 1)
+            .map(|(id, _)| *id)
+            .collect();
+        let suffix = ids[prefix.len()..].to_vec();
+        let token_id = |key: &str| -> Option<u32> {
+            match content.metadata.get(key)? {
+                gguf_file::Value::U32(v) => Some(*v),
+                gguf_file::Value::I32(v) => u32::try_from(*v).ok(),
+                gguf_file::Value::U64(v) => u32::try_from(*v).ok(),
+                _ => None,
+            }
+        };
+        let eos = match token_id("tokenizer.ggml.eos_token_id") {
+            Some(id) => Some((
+                inner
+                    .id_to_token(id)
+                    .ok_or_else(|| err(format!("eos_token_id {id} is not in the vocabulary")))?,
+                id,
+            )),
+            None => None,
+        };
+        Ok(Self {
+            inner,
+            path: path.to_path_buf(),
+            prefix,
+            suffix,
+            eos,
+            pad_id: token_id("tokenizer.ggml.padding_token_id"),
+        })
+    }
+
     pub fn open(path: &Path) -> Result<Self> {
         let err = |message: String| ModelError::Tokenizer {
             path: path.to_path_buf(),
@@ -33,6 +109,9 @@ impl TextTokenizer {
         };
         if !path.is_file() {
             return Err(err("no such file".into()));
+        }
+        if path.extension().is_some_and(|e| e == "gguf") {
+            return Self::open_gguf(path);
         }
         let inner = Tokenizer::from_file(path).map_err(|e| err(e.to_string()))?;
         let probe = inner.encode("", true).map_err(|e| err(e.to_string()))?;

@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# The teacher-forward race: arenaflow (CUDA build) vs PyTorch transformers, bf16, random
+# weights with the real configs of Llama-3.1-8B and gemma-2-9b, the same rows and token
+# budget on both sides (benches/teacher_race.py batches exactly as arenaflow does).
+#   (a) fixed: 80 rows x 1,024 random tokens (10 batches of 8 x 1,024)
+#   (b) sample: 4,000 rows of the real Kaggle sample tokenized (replicated), max length
+#       1,024 and 2,000
+#
+# Here (no GPU):  benches/teacher_race.sh prepare   # device/: binary, inputs, fixtures
+# GPU machine:    benches/teacher_race.sh arenaflow [CASES]   # writes $OUT/arenaflow.jsonl
+#                 benches/teacher_race.sh torch MODEL ATTN [CASES]   # $OUT/torch-*.jsonl
+# Here again:     benches/teacher_race_report.py results/*.jsonl > table
+# CASES default: fixed_1024 sample_1024 sample_2000.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BUDGET=${BUDGET:-8192}
+CASES_DEFAULT="fixed_1024 sample_1024 sample_2000"
+
+unpack() {
+  if [ ! -x /tmp/arenaflow ]; then
+    python3 -c 'import lzma,shutil,sys; shutil.copyfileobj(lzma.open("device/arenaflow.xz"), open("/tmp/arenaflow","wb"))'
+    chmod +x /tmp/arenaflow
+  fi
+  LIB=$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))')
+  export LD_LIBRARY_PATH=$LIB:${LD_LIBRARY_PATH:-}
+}
+
+family() { case $1 in llama) echo llama3;; gemma) echo gemma2;; esac; }
+config() { case $1 in llama) echo benches/configs/llama-3.1-8b.json;; gemma) echo benches/configs/gemma-2-9b.json;; esac; }
+
+case ${1:-} in
+  prepare)
+    scripts/build-cuda.sh
+    B=${CARGO_TARGET_DIR:-target}/release/arenaflow
+    [ -x "$B" ] || cargo build --release -p arenaflow-engine --bin arenaflow
+    PY=${PY:-.venv-ref/bin/python}
+    run=$(mktemp -d)
+    mkdir -p device/race device/fixtures
+    "$B" run plans/prepare.sql --run-dir "$run" >/dev/null
+    for m in llama3 gemma2; do
+      for L in 1024 2000; do
+        "$B" run plans/tokenize.sql --run-dir "$run" --set tokenizer=../shared/tokenizers/$m/tokenizer.json \
+          --set model_name=$m --set max_length=$L >/dev/null
+        $PY benches/teacher_race_inputs.py sample "$run/tokenize/${m}_blackpearl_${L}_balanced/tokens.parquet" device/race/${m}_sample_$L
+      done
+    done
+    $PY benches/teacher_race_inputs.py fixed device/race/llama3_fixed_1024 --vocab 128256
+    $PY benches/teacher_race_inputs.py fixed device/race/gemma2_fixed_1024 --vocab 256000
+    $PY - <<'PY'
+import json, pyarrow as pa, pyarrow.parquet as pq
+for fam in ["llama", "qwen2", "gemma2"]:
+    r = json.load(open(f"tests/fixtures/models/{fam}/reference.json"))
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(len(r["rows"]))],
+                             "input_ids": pa.array(r["rows"], pa.list_(pa.int32()))}),
+                   f"device/fixtures/{fam}.parquet")
+PY
+    du -sh device
+    ;;
+  arenaflow)
+    unpack
+    for model in llama gemma; do
+      for case in ${2:-$CASES_DEFAULT}; do
+        f=$(family $model)
+        line=$(/tmp/arenaflow logits --model "$(config $model)" --random-weights 0 --dtype bf16 --device cuda:0 \
+          --input device/race/${f}_$case.parquet --output /tmp/out-$model-$case.parquet \
+          --max-batch-tokens $BUDGET --warmup | grep '^stats ' | sed 's/^stats //')
+        echo "{\"side\": \"arenaflow\", \"model\": \"$model\", \"case\": \"$case\", \"stats\": $line}" | tee -a "$OUT/arenaflow.jsonl"
+      done
+    done
+    ;;
+  arenaflow-detail)
+    # Where the time goes (--profile: each section synchronised), and candle's composed
+    # ops instead of arenaflow's kernels (ARENAFLOW_GPU_KERNELS=off), on the fixed case;
+    # the logits of both go to $OUT/fixed_logits.tar for the fused-vs-composed comparison.
+    unpack
+    mkdir -p /tmp/fixed
+    for model in llama gemma; do
+      f=$(family $model)
+      for variant in profile composed fused; do
+        flags=(--warmup) env=()
+        [ $variant = profile ] && flags+=(--profile)
+        [ $variant = composed ] && env=(ARENAFLOW_GPU_KERNELS=off)
+        line=$(env "${env[@]}" /tmp/arenaflow logits --model "$(config $model)" --random-weights 0 --dtype bf16 \
+          --device cuda:0 --input device/race/${f}_fixed_1024.parquet --output /tmp/fixed/$model-$variant.parquet \
+          --max-batch-tokens $BUDGET "${flags[@]}" | grep '^stats ' | sed 's/^stats //')
+        echo "{\"side\": \"arenaflow $variant\", \"model\": \"$model\", \"case\": \"fixed_1024\", \"stats\": $line}" | tee -a "$OUT/arenaflow-detail.jsonl"
+      done
+    done
+    tar -C /tmp/fixed -cf "$OUT/fixed_logits.tar" .
+    ;;
+  torch)
+    model=$2 attn=$3
+    for case in ${4:-$CASES_DEFAULT}; do
+      f=$(family $model)
+      line=$(python3 benches/teacher_race.py --config "$(config $model)" --attn $attn \
+        --rows device/race/${f}_$case.npz --max-batch-tokens $BUDGET --label $case)
+      echo "{\"side\": \"torch $attn\", \"model\": \"$model\", \"case\": \"$case\", \"stats\": $line}" | tee -a "$OUT/torch-$model-$attn.jsonl"
+    done
+    ;;
+  *)
+    sed -n 2,16p "$0"
+    exit 2
+    ;;
+esac
