@@ -6,7 +6,7 @@
 # CPU path here. Needs device/arenaflow.xz and device/fixtures/*.parquet (see
 # benches/teacher_race.sh --prepare).
 set -euo pipefail
-BIN=${BIN:-/tmp/arenaflow}
+BIN=${BIN:-device/bin/arenaflow}
 work=$(mktemp -d)
 for fam in llama qwen2 gemma2; do
   for dtype in f32 bf16; do

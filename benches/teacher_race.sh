@@ -17,9 +17,10 @@ BUDGET=${BUDGET:-8192}
 CASES_DEFAULT="fixed_1024 sample_1024 sample_2000"
 
 unpack() {
-  if [ ! -x /tmp/arenaflow ]; then
-    python3 -c 'import lzma,shutil,sys; shutil.copyfileobj(lzma.open("device/arenaflow.xz"), open("/tmp/arenaflow","wb"))'
-    chmod +x /tmp/arenaflow
+  if [ ! -x device/bin/arenaflow ]; then
+    mkdir -p device/bin
+    python3 -c 'import lzma,shutil,sys; shutil.copyfileobj(lzma.open("device/arenaflow.xz"), open("device/bin/arenaflow","wb"))'
+    chmod +x device/bin/arenaflow
   fi
   LIB=$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))')
   export LD_LIBRARY_PATH=$LIB:${LD_LIBRARY_PATH:-}
@@ -58,11 +59,12 @@ PY
     ;;
   arenaflow)
     unpack
+    mkdir -p device/work
     for model in llama gemma; do
       for case in ${2:-$CASES_DEFAULT}; do
         f=$(family $model)
-        line=$(/tmp/arenaflow logits --model "$(config $model)" --random-weights 0 --dtype bf16 --device cuda:0 \
-          --input device/race/${f}_$case.parquet --output /tmp/out-$model-$case.parquet \
+        line=$(device/bin/arenaflow logits --model "$(config $model)" --random-weights 0 --dtype bf16 --device cuda:0 \
+          --input device/race/${f}_$case.parquet --output device/work/out-$model-$case.parquet \
           --max-batch-tokens $BUDGET --warmup | grep '^stats ' | sed 's/^stats //')
         echo "{\"side\": \"arenaflow\", \"model\": \"$model\", \"case\": \"$case\", \"stats\": $line}" | tee -a "$OUT/arenaflow.jsonl"
       done
@@ -73,20 +75,20 @@ PY
     # ops instead of arenaflow's kernels (ARENAFLOW_GPU_KERNELS=off), on the fixed case;
     # the logits of both go to $OUT/fixed_logits.tar for the fused-vs-composed comparison.
     unpack
-    mkdir -p /tmp/fixed
+    mkdir -p device/work/fixed
     for model in llama gemma; do
       f=$(family $model)
       for variant in profile composed fused; do
         flags=(--warmup) env=()
         [ $variant = profile ] && flags+=(--profile)
         [ $variant = composed ] && env=(ARENAFLOW_GPU_KERNELS=off)
-        line=$(env "${env[@]}" /tmp/arenaflow logits --model "$(config $model)" --random-weights 0 --dtype bf16 \
-          --device cuda:0 --input device/race/${f}_fixed_1024.parquet --output /tmp/fixed/$model-$variant.parquet \
+        line=$(env "${env[@]}" device/bin/arenaflow logits --model "$(config $model)" --random-weights 0 --dtype bf16 \
+          --device cuda:0 --input device/race/${f}_fixed_1024.parquet --output device/work/fixed/$model-$variant.parquet \
           --max-batch-tokens $BUDGET "${flags[@]}" | grep '^stats ' | sed 's/^stats //')
         echo "{\"side\": \"arenaflow $variant\", \"model\": \"$model\", \"case\": \"fixed_1024\", \"stats\": $line}" | tee -a "$OUT/arenaflow-detail.jsonl"
       done
     done
-    tar -C /tmp/fixed -cf "$OUT/fixed_logits.tar" .
+    tar -C device/work/fixed -cf "$OUT/fixed_logits.tar" .
     ;;
   torch)
     model=$2 attn=$3

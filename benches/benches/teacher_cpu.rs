@@ -17,7 +17,7 @@ use arenaflow_operators::teacher::{Teacher, TeacherSettings};
 use arenaflow_operators::weights::SplitMix64;
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use datafusion::arrow::array::{Array, AsArray};
+use datafusion::arrow::array::AsArray;
 use datafusion::arrow::datatypes::Int32Type;
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
@@ -98,8 +98,13 @@ fn tokenized_rows(run_dir: &Path, gguf: &Path) -> Vec<Vec<u32>> {
             force: false,
             shard: Default::default(),
         };
-        rt.block_on(run_plan(&ArenaSession::new(), &plan, &options, &mut std::io::sink()))
-            .unwrap();
+        rt.block_on(run_plan(
+            &ArenaSession::new(),
+            &plan,
+            &options,
+            &mut std::io::sink(),
+        ))
+        .unwrap();
     }
     let file = run_dir.join("tokenize/smollm2_blackpearl_512_balanced/tokens.parquet");
     let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(file).unwrap())
@@ -109,12 +114,26 @@ fn tokenized_rows(run_dir: &Path, gguf: &Path) -> Vec<Vec<u32>> {
     let mut rows = Vec::new();
     for batch in reader {
         let batch = batch.unwrap();
-        let order = batch.column_by_name("order").unwrap().as_string::<i32>().clone();
-        let ids = batch.column_by_name("input_ids").unwrap().as_list::<i32>().clone();
+        let order = batch
+            .column_by_name("order")
+            .unwrap()
+            .as_string::<i32>()
+            .clone();
+        let ids = batch
+            .column_by_name("input_ids")
+            .unwrap()
+            .as_list::<i32>()
+            .clone();
         for r in 0..batch.num_rows() {
             if order.value(r) == "ab" {
                 let v = ids.value(r);
-                rows.push(v.as_primitive::<Int32Type>().values().iter().map(|&t| t as u32).collect());
+                rows.push(
+                    v.as_primitive::<Int32Type>()
+                        .values()
+                        .iter()
+                        .map(|&t| t as u32)
+                        .collect(),
+                );
             }
         }
     }
@@ -144,7 +163,9 @@ fn bench(c: &mut Criterion) {
     assert_eq!(teacher.model.dtype(), DType::F32);
     all.sort_by_key(Vec::len);
     let step = all.len() / SUBSET;
-    let subset: Vec<Vec<u32>> = (0..SUBSET).map(|i| all[i * step + step / 2].clone()).collect();
+    let subset: Vec<Vec<u32>> = (0..SUBSET)
+        .map(|i| all[i * step + step / 2].clone())
+        .collect();
     let tokens: usize = subset.iter().map(Vec::len).sum();
     let all_tokens: usize = all.iter().map(Vec::len).sum();
     eprintln!(
@@ -160,7 +181,13 @@ fn bench(c: &mut Criterion) {
     arenaflow_operators::profile::enable(false);
     let sections = arenaflow_operators::profile::take();
     let share = |names: &[&str]| {
-        100.0 * names.iter().filter_map(|n| sections.get(*n)).map(|s| s.0).sum::<f64>() / total
+        100.0
+            * names
+                .iter()
+                .filter_map(|n| sections.get(*n))
+                .map(|s| s.0)
+                .sum::<f64>()
+            / total
     };
     eprintln!(
         "smollm2 cpu profile: attention (scores, mask, softmax, times V) {:.1}%, rope {:.1}%, matrix products (attention + MLP projections) {:.1}%, norms {:.1}%, activation {:.1}%, residual {:.1}%, rest {:.1}%",

@@ -3,12 +3,12 @@
 //! in inference; `ARENAFLOW_GPU_KERNELS=off` falls back to candle's composed ops (the same
 //! as the CPU path), for comparisons.
 
+use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
 use candle_core::{
     CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
 };
-use candle_core::backend::BackendStorage;
 use half::{bf16, f16};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/arenaflow.ptx"));

@@ -9,8 +9,8 @@ use candle_core::{DType, Device, Tensor, Var, D};
 
 use super::{Activation, CheckpointHead, DecoderConfig, ModelConfig, NormStyle, RopeScaling};
 use crate::error::{ModelError, Result};
-use crate::profile;
 use crate::lora::{LoraConfig, LoraLinear, LoraWeights, Projection};
+use crate::profile;
 use crate::weights::{SplitMix64, WeightLoader};
 
 /// Inference uses candle's fused kernels (no backward); training uses ops autograd can
@@ -564,7 +564,9 @@ impl SequenceClassifier {
     ) -> Result<Tensor> {
         let dev = &self.device;
         let residual = xs;
-        let h = profile::time(dev, "norms", || self.norm_any(xs, &layer.input_norm, train, fused))?;
+        let h = profile::time(dev, "norms", || {
+            self.norm_any(xs, &layer.input_norm, train, fused)
+        })?;
         let h = match fused {
             Some(f) => self.fused_attention(layer, &h, cos, sin, f)?,
             None => self.attention(layer, &h, cos, sin, mask, train)?,
@@ -585,8 +587,12 @@ impl SequenceClassifier {
         let (gate, up) = profile::time(dev, "mlp projections", || {
             Ok((layer.gate.forward(&h, train)?, layer.up.forward(&h, train)?))
         })?;
-        let h = profile::time(dev, "activation", || self.gated_activation(&gate, &up, fused))?;
-        let h = profile::time(dev, "mlp projections", || Ok(layer.down.forward(&h, train)?))?;
+        let h = profile::time(dev, "activation", || {
+            self.gated_activation(&gate, &up, fused)
+        })?;
+        let h = profile::time(dev, "mlp projections", || {
+            Ok(layer.down.forward(&h, train)?)
+        })?;
         let h = match &layer.post_feedforward_norm {
             Some(post) => profile::time(dev, "norms", || self.norm_any(&h, post, train, fused))?,
             None => h,
@@ -739,7 +745,9 @@ impl SequenceClassifier {
                 .transpose(1, 2)?
                 .reshape((b, s, nh * hd))?)
         })?;
-        profile::time(dev, "attention projections", || Ok(layer.o.forward(&out, train)?))
+        profile::time(dev, "attention projections", || {
+            Ok(layer.o.forward(&out, train)?)
+        })
     }
 
     /// RMSNorm in f32. Llama: weight times the normalised input cast back; Gemma: the

@@ -54,8 +54,7 @@ impl TextTokenizer {
             Some("qwen2" | "llama3" | "smaug-bpe" | "lfm2") => {}
             pre => {
                 use tokenizers::pre_tokenizers::{
-                    byte_level::ByteLevel, digits::Digits, sequence::Sequence,
-                    PreTokenizerWrapper,
+                    byte_level::ByteLevel, digits::Digits, sequence::Sequence, PreTokenizerWrapper,
                 };
                 let byte_level = ByteLevel::new(prefix_space, true, true);
                 let pre_tokenizer: PreTokenizerWrapper = if pre == Some("smollm") {
