@@ -23,7 +23,7 @@ ROWS = 16
 
 
 def main():
-    os.makedirs("device/work", exist_ok=True)
+    os.makedirs("device/scratch", exist_ok=True)
     for fam, cfg_path, data in [
         ("llama", "benches/configs/llama-3.1-8b.json", "device/race/llama3_sample_2000.npz"),
         ("gemma", "benches/configs/gemma-2-9b.json", "device/race/gemma2_sample_2000.npz"),
@@ -42,7 +42,7 @@ def main():
                     p.normal_(1.0 if fam == "llama" else 0.0, 0.1)
                 else:
                     p.normal_(0.0, 0.02)
-        folder = f"device/work/real-{fam}"
+        folder = f"device/scratch/real-{fam}"
         model.save_pretrained(folder, safe_serialization=True)
         npz = np.load(data)
         lengths = npz["lengths"][:4000]
@@ -51,7 +51,7 @@ def main():
         order = np.argsort(-lengths, kind="stable")
         pick = [int(order[i * (len(order) // ROWS)]) for i in range(ROWS)]
         rows = [npz["tokens"][offsets[i]:offsets[i + 1]].astype(np.int64) for i in pick]
-        inp = f"device/work/real-{fam}-rows.parquet"
+        inp = f"device/scratch/real-{fam}-rows.parquet"
         pq.write_table(pa.table({"id": [f"r{i}" for i in range(ROWS)],
                                  "input_ids": pa.array([r.astype(np.int32).tolist() for r in rows], pa.list_(pa.int32()))}), inp)
 
@@ -69,7 +69,7 @@ def main():
                   "torch_bf16_error": float(np.abs(bf16 - ref).max()), "max_abs_logit": float(np.abs(ref).max())}
         for label, env, dtype in [("arenaflow_kernels_bf16", "on", "bf16"), ("arenaflow_composed_bf16", "off", "bf16"),
                                   ("arenaflow_kernels_f32", "on", "f32")]:
-            out = f"device/work/real-{fam}-{label}.parquet"
+            out = f"device/scratch/real-{fam}-{label}.parquet"
             subprocess.run(["device/bin/arenaflow", "logits", "--model", folder, "--dtype", dtype, "--device", "cuda:0",
                             "--input", inp, "--output", out, "--max-batch-tokens", "4096"],
                            check=True, stdout=subprocess.DEVNULL, env={**os.environ, "ARENAFLOW_GPU_KERNELS": env})

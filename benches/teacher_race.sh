@@ -59,12 +59,12 @@ PY
     ;;
   arenaflow)
     unpack
-    mkdir -p device/work
+    mkdir -p device/scratch
     for model in llama gemma; do
       for case in ${2:-$CASES_DEFAULT}; do
         f=$(family $model)
         line=$(device/bin/arenaflow logits --model "$(config $model)" --random-weights 0 --dtype bf16 --device cuda:0 \
-          --input device/race/${f}_$case.parquet --output device/work/out-$model-$case.parquet \
+          --input device/race/${f}_$case.parquet --output device/scratch/out-$model-$case.parquet \
           --max-batch-tokens $BUDGET --warmup | grep '^stats ' | sed 's/^stats //')
         echo "{\"side\": \"arenaflow\", \"model\": \"$model\", \"case\": \"$case\", \"stats\": $line}" | tee -a "$OUT/arenaflow.jsonl"
       done
@@ -75,7 +75,7 @@ PY
     # ops instead of arenaflow's kernels (ARENAFLOW_GPU_KERNELS=off), on the fixed case;
     # the logits of both go to $OUT/fixed_logits.tar for the fused-vs-composed comparison.
     unpack
-    mkdir -p device/work/fixed
+    mkdir -p device/scratch/fixed
     for model in llama gemma; do
       f=$(family $model)
       for variant in profile composed fused; do
@@ -83,12 +83,12 @@ PY
         [ $variant = profile ] && flags+=(--profile)
         [ $variant = composed ] && env=(ARENAFLOW_GPU_KERNELS=off)
         line=$(env "${env[@]}" device/bin/arenaflow logits --model "$(config $model)" --random-weights 0 --dtype bf16 \
-          --device cuda:0 --input device/race/${f}_fixed_1024.parquet --output device/work/fixed/$model-$variant.parquet \
+          --device cuda:0 --input device/race/${f}_fixed_1024.parquet --output device/scratch/fixed/$model-$variant.parquet \
           --max-batch-tokens $BUDGET "${flags[@]}" | grep '^stats ' | sed 's/^stats //')
         echo "{\"side\": \"arenaflow $variant\", \"model\": \"$model\", \"case\": \"fixed_1024\", \"stats\": $line}" | tee -a "$OUT/arenaflow-detail.jsonl"
       done
     done
-    tar -C device/work/fixed -cf "$OUT/fixed_logits.tar" .
+    tar -C device/scratch/fixed -cf "$OUT/fixed_logits.tar" .
     ;;
   torch)
     model=$2 attn=$3

@@ -39,6 +39,18 @@ fn suffix(dtype: DType) -> Result<&'static str> {
     })
 }
 
+/// `op.launch::<T>(args)` for the element type of `dtype`.
+macro_rules! by_dtype {
+    ($op:expr, $what:literal, $dtype:expr, $($arg:expr),*) => {
+        match $dtype {
+            DType::BF16 => $op.launch::<bf16>($($arg),*),
+            DType::F16 => $op.launch::<f16>($($arg),*),
+            DType::F32 => $op.launch::<f32>($($arg),*),
+            other => Err(fail(format!("{}: dtype {other:?}", $what))),
+        }
+    };
+}
+
 /// A contiguous tensor's slice of its storage, as a kernel argument.
 macro_rules! view {
     ($storage:expr, $layout:expr, $t:ty) => {{
@@ -153,13 +165,15 @@ impl CustomOp3 for Attention {
         v: &CudaStorage,
         vl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let dev = q.device.clone();
-        match q.dtype() {
-            DType::BF16 => self.launch::<bf16>(&dev, (q, ql), (k, kl), (v, vl)),
-            DType::F16 => self.launch::<f16>(&dev, (q, ql), (k, kl), (v, vl)),
-            DType::F32 => self.launch::<f32>(&dev, (q, ql), (k, kl), (v, vl)),
-            other => Err(fail(format!("attention: dtype {other:?}"))),
-        }
+        by_dtype!(
+            self,
+            "attention",
+            q.dtype(),
+            &q.device.clone(),
+            (q, ql),
+            (k, kl),
+            (v, vl)
+        )
     }
 }
 
@@ -239,13 +253,14 @@ impl CustomOp2 for RmsNorm {
         w: &CudaStorage,
         wl: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let dev = x.device.clone();
-        match x.dtype() {
-            DType::BF16 => self.launch::<bf16>(&dev, (x, xl), (w, wl)),
-            DType::F16 => self.launch::<f16>(&dev, (x, xl), (w, wl)),
-            DType::F32 => self.launch::<f32>(&dev, (x, xl), (w, wl)),
-            other => Err(fail(format!("rms_norm: dtype {other:?}"))),
-        }
+        by_dtype!(
+            self,
+            "rms_norm",
+            x.dtype(),
+            &x.device.clone(),
+            (x, xl),
+            (w, wl)
+        )
     }
 }
 
@@ -316,13 +331,14 @@ impl CustomOp2 for Gated {
         u: &CudaStorage,
         ul: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let dev = g.device.clone();
-        match g.dtype() {
-            DType::BF16 => self.launch::<bf16>(&dev, (g, gl), (u, ul)),
-            DType::F16 => self.launch::<f16>(&dev, (g, gl), (u, ul)),
-            DType::F32 => self.launch::<f32>(&dev, (g, gl), (u, ul)),
-            other => Err(fail(format!("gated: dtype {other:?}"))),
-        }
+        by_dtype!(
+            self,
+            "gated",
+            g.dtype(),
+            &g.device.clone(),
+            (g, gl),
+            (u, ul)
+        )
     }
 }
 

@@ -12,6 +12,21 @@ use tokenizers::Tokenizer;
 use crate::error::{ModelError, Result};
 pub use template::{Piece, Slot, Template};
 
+/// The special tokens a tokenizer's post-processor puts before and after a text: encoding
+/// the empty text with special tokens gives exactly those.
+fn specials_around_text(inner: &Tokenizer) -> std::result::Result<(Vec<u32>, Vec<u32>), String> {
+    let probe = inner.encode("", true).map_err(|e| e.to_string())?;
+    let ids = probe.get_ids();
+    let prefix: Vec<u32> = ids
+        .iter()
+        .zip(probe.get_special_tokens_mask())
+        .take_while(|(_, s)| **s == 1)
+        .map(|(id, _)| *id)
+        .collect();
+    let suffix = ids[prefix.len()..].to_vec();
+    Ok((prefix, suffix))
+}
+
 /// A Hugging Face `tokenizer.json`, with the special tokens it adds around a text and the EOS
 /// token named by the `tokenizer_config.json` beside it.
 pub struct TextTokenizer {
@@ -65,15 +80,7 @@ impl TextTokenizer {
                 inner.with_pre_tokenizer(Some(pre_tokenizer));
             }
         }
-        let probe = inner.encode("", true).map_err(|e| err(e.to_string()))?;
-        let ids = probe.get_ids();
-        let prefix: Vec<u32> = ids
-            .iter()
-            .zip(probe.get_special_tokens_mask())
-            .take_while(|(_, s)| **s == 1)
-            .map(|(id, _)| *id)
-            .collect();
-        let suffix = ids[prefix.len()..].to_vec();
+        let (prefix, suffix) = specials_around_text(&inner).map_err(err)?;
         let token_id = |key: &str| -> Option<u32> {
             match content.metadata.get(key)? {
                 gguf_file::Value::U32(v) => Some(*v),
@@ -113,16 +120,7 @@ impl TextTokenizer {
             return Self::open_gguf(path);
         }
         let inner = Tokenizer::from_file(path).map_err(|e| err(e.to_string()))?;
-        let probe = inner.encode("", true).map_err(|e| err(e.to_string()))?;
-        let ids = probe.get_ids();
-        let special = probe.get_special_tokens_mask();
-        let mut prefix: Vec<u32> = ids
-            .iter()
-            .zip(special)
-            .take_while(|(_, s)| **s == 1)
-            .map(|(id, _)| *id)
-            .collect();
-        let suffix = ids[prefix.len()..].to_vec();
+        let (mut prefix, suffix) = specials_around_text(&inner).map_err(err)?;
         let config = path.with_file_name("tokenizer_config.json");
         let (mut eos, mut pad, mut bos) = (None, None, None);
         if config.is_file() {
