@@ -8,6 +8,11 @@
 //! padded, forward) over 32 rows spread over the length distribution (one in every 61 by
 //! length); it prints how many tokens the whole 1,982 rows hold. Throughput is tokens/s; rows/s and
 //! the share of time in attention vs the matrix products come from one profiled pass.
+//!
+//! Two variants side by side: arenaflow's fused CPU attention (`attention.rs`) and candle's
+//! composed ops (`ARENAFLOW_CPU_KERNELS=off`). With `ARENAFLOW_BENCH_ALL_ROWS=1` it then
+//! sends all 1,982 rows through the `teacher_forward` operator itself (SQL, one pass with
+//! the fused attention, about half an hour on 2 cores) and prints the operator's figures.
 
 use std::path::{Path, PathBuf};
 
@@ -73,8 +78,9 @@ fn adapter(dir: &Path, hidden: usize) {
     write_safetensors(&dir.join("adapter_model.safetensors"), &tensors).unwrap();
 }
 
-/// The 1,982 real rows (order ab) tokenized by the GGUF's tokenizer at max length 512.
-fn tokenized_rows(run_dir: &Path, gguf: &Path) -> Vec<Vec<u32>> {
+/// The 1,982 real rows (order ab) tokenized by the GGUF's tokenizer at max length 512, and
+/// the Parquet file that holds them (both orders).
+fn tokenized_rows(run_dir: &Path, gguf: &Path) -> (Vec<Vec<u32>>, PathBuf) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let shared = root().join("../shared/data/lmsys-arena/train_sample.csv");
     for (plan, sets) in [
@@ -107,7 +113,7 @@ fn tokenized_rows(run_dir: &Path, gguf: &Path) -> Vec<Vec<u32>> {
         .unwrap();
     }
     let file = run_dir.join("tokenize/smollm2_blackpearl_512_balanced/tokens.parquet");
-    let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(file).unwrap())
+    let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&file).unwrap())
         .unwrap()
         .build()
         .unwrap();
@@ -137,7 +143,48 @@ fn tokenized_rows(run_dir: &Path, gguf: &Path) -> Vec<Vec<u32>> {
             }
         }
     }
-    rows
+    (rows, file)
+}
+
+/// All 1,982 rows (order ab) through the `teacher_forward` operator, once: its own figures.
+fn operator_pass(tokens: &Path, settings: &TeacherSettings) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let session = ArenaSession::new();
+    let adapter = settings.adapter.as_ref().unwrap().display().to_string();
+    let sql = format!(
+        "SELECT count(*) AS n FROM teacher_forward('ab', '{}', '{adapter}', 'f32', 'cpu')",
+        settings.model
+    );
+    rt.block_on(async {
+        session
+            .ctx
+            .register_parquet("tokens", tokens.display().to_string(), Default::default())
+            .await
+            .unwrap();
+        session
+            .ctx
+            .sql("CREATE VIEW ab AS SELECT id, \"order\", input_ids FROM tokens WHERE \"order\" = 'ab'")
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap();
+        session.forward.begin(None);
+        let out = session.ctx.sql(&sql).await.unwrap().collect().await.unwrap();
+        let rows = out[0].column(0).as_primitive::<datafusion::arrow::datatypes::Int64Type>().value(0);
+        assert_eq!(rows, 1982);
+    });
+    for stats in session.forward.finish() {
+        eprintln!(
+            "smollm2 cpu, all 1,982 rows through teacher_forward: {:.3} rows/s, {:.1} tokens/s, {} tokens, padding {:.2}%, {:.0} s, peak memory {:?} bytes",
+            stats.rows_per_second,
+            stats.tokens_per_second,
+            stats.tokens,
+            stats.padding_percent,
+            stats.seconds,
+            stats.peak_memory_bytes
+        );
+    }
 }
 
 fn pass(teacher: &Teacher, rows: &[Vec<u32>]) -> usize {
@@ -153,7 +200,7 @@ fn pass(teacher: &Teacher, rows: &[Vec<u32>]) -> usize {
 fn bench(c: &mut Criterion) {
     let gguf = gguf();
     let dir = tempfile::tempdir().unwrap();
-    let mut all = tokenized_rows(&dir.path().join("run"), &gguf);
+    let (mut all, tokens_file) = tokenized_rows(&dir.path().join("run"), &gguf);
     assert_eq!(all.len(), 1982);
     let mut settings = TeacherSettings::new(gguf.display().to_string());
     settings.dtype = "f32".into();
@@ -173,10 +220,31 @@ fn bench(c: &mut Criterion) {
         subset.len()
     );
 
-    // One profiled pass: where the time goes.
+    // Side by side in one run: arenaflow's fused CPU attention and candle's composed ops
+    // (scores, materialised mask, softmax, times V), each with one profiled pass.
+    let mut group = c.benchmark_group("teacher_forward_cpu");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(tokens as u64));
+    for (variant, kernels) in [("fused_attention", "on"), ("composed_attention", "off")] {
+        std::env::set_var("ARENAFLOW_CPU_KERNELS", kernels);
+        profile_pass(&teacher, &subset, variant);
+        group.bench_function(format!("smollm2_135m_f32_real_rows_512/{variant}"), |b| {
+            b.iter(|| assert_eq!(pass(&teacher, &subset), SUBSET))
+        });
+    }
+    group.finish();
+    std::env::remove_var("ARENAFLOW_CPU_KERNELS");
+    if std::env::var("ARENAFLOW_BENCH_ALL_ROWS").is_ok_and(|v| v == "1") {
+        operator_pass(&tokens_file, &settings);
+    }
+}
+
+/// One profiled pass: rows/s, tokens/s and where the time goes.
+fn profile_pass(teacher: &Teacher, subset: &[Vec<u32>], variant: &str) {
+    let tokens: usize = subset.iter().map(Vec::len).sum();
     arenaflow_operators::profile::enable(true);
     let started = std::time::Instant::now();
-    pass(&teacher, &subset);
+    pass(teacher, subset);
     let total = started.elapsed().as_secs_f64();
     arenaflow_operators::profile::enable(false);
     let sections = arenaflow_operators::profile::take();
@@ -190,7 +258,9 @@ fn bench(c: &mut Criterion) {
             / total
     };
     eprintln!(
-        "smollm2 cpu profile: attention (scores, mask, softmax, times V) {:.1}%, rope {:.1}%, matrix products (attention + MLP projections) {:.1}%, norms {:.1}%, activation {:.1}%, residual {:.1}%, rest {:.1}%",
+        "smollm2 cpu {variant}, profiled pass: {:.2} rows/s, {:.0} tokens/s; attention (scores, mask, softmax, times V) {:.1}%, rope {:.1}%, matrix products (attention + MLP projections) {:.1}%, norms {:.1}%, activation {:.1}%, residual {:.1}%, rest {:.1}%",
+        subset.len() as f64 / total,
+        tokens as f64 / total,
         share(&["attention"]),
         share(&["rope"]),
         share(&["attention projections", "mlp projections"]),
@@ -198,22 +268,6 @@ fn bench(c: &mut Criterion) {
         share(&["activation"]),
         share(&["residual"]),
         100.0 - share(&["attention", "rope", "attention projections", "mlp projections", "norms", "activation", "residual"]),
-    );
-
-    let mut group = c.benchmark_group("teacher_forward_cpu");
-    group.sample_size(10);
-    group.throughput(Throughput::Elements(tokens as u64));
-    group.bench_function("smollm2_135m_f32_real_rows_512", |b| {
-        b.iter(|| assert_eq!(pass(&teacher, &subset), SUBSET))
-    });
-    group.finish();
-    let started = std::time::Instant::now();
-    pass(&teacher, &subset);
-    let secs = started.elapsed().as_secs_f64();
-    eprintln!(
-        "smollm2 cpu: one more pass: {:.2} rows/s, {:.0} tokens/s",
-        SUBSET as f64 / secs,
-        tokens as f64 / secs
     );
 }
 

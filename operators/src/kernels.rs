@@ -1,26 +1,18 @@
-//! arenaflow's own CUDA kernels (kernels/arenaflow.cu) as candle custom ops: fused
-//! attention, RMSNorm and the MLP's gated activation. The forward pass uses them on a GPU
-//! in inference; `ARENAFLOW_GPU_KERNELS=off` falls back to candle's composed ops (the same
-//! as the CPU path), for comparisons.
+//! arenaflow's own CUDA kernels (kernels/arenaflow.cu) as candle custom ops: the CUDA side
+//! of the fused attention (`attention.rs`), RMSNorm and the MLP's gated activation. The
+//! forward pass uses them on a GPU in inference; `ARENAFLOW_GPU_KERNELS=off` falls back to
+//! candle's composed ops, for comparisons.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
-use candle_core::{
-    CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
-};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor};
 use half::{bf16, f16};
+
+use crate::attention::{Attention, Dims};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/arenaflow.ptx"));
 const MODULE: &str = "arenaflow";
-
-/// Whether the forward pass should use these kernels (default yes).
-pub fn enabled() -> bool {
-    !matches!(
-        std::env::var("ARENAFLOW_GPU_KERNELS").as_deref(),
-        Ok("off") | Ok("0") | Ok("false")
-    )
-}
 
 fn fail(message: String) -> candle_core::Error {
     candle_core::Error::Cuda(message.into())
@@ -61,17 +53,6 @@ macro_rules! view {
     }};
 }
 
-/// Fused causal attention over (b, s, heads, d) inputs, with the padding given as each
-/// row's real span (`bounds`, (b, 2) u32), an optional sliding window and soft-cap.
-pub struct Attention {
-    pub scale: f32,
-    /// 0 for none.
-    pub softcap: f32,
-    /// 0 for none.
-    pub window: i32,
-    pub bounds: Tensor,
-}
-
 impl Attention {
     fn launch<T>(
         &self,
@@ -84,16 +65,7 @@ impl Attention {
         T: candle_core::cuda_backend::CudaDType
             + candle_core::cuda_backend::cudarc::driver::DeviceRepr,
     {
-        let (b, s, nh, d) = ql.shape().dims4()?;
-        let (kb, ks, nkv, kd) = kl.shape().dims4()?;
-        if (kb, ks, kd) != (b, s, d) || vl.shape() != kl.shape() || nkv == 0 || nh % nkv != 0 {
-            return Err(fail(format!(
-                "attention: q {:?}, k {:?}, v {:?} do not fit",
-                ql.shape(),
-                kl.shape(),
-                vl.shape()
-            )));
-        }
+        let Dims { b, s, nh, nkv, d } = Dims::of(ql, kl, vl)?;
         let (bounds, bl) = self.bounds.storage_and_layout();
         let Storage::Cuda(bounds) = &*bounds else {
             return Err(fail("attention: bounds must be on the GPU".into()));
@@ -141,46 +113,15 @@ impl Attention {
     }
 }
 
-impl CustomOp3 for Attention {
-    fn name(&self) -> &'static str {
-        "arenaflow-attention"
-    }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        Err(fail("arenaflow-attention runs on CUDA only".into()))
-    }
-    fn cuda_fwd(
-        &self,
-        q: &CudaStorage,
-        ql: &Layout,
-        k: &CudaStorage,
-        kl: &Layout,
-        v: &CudaStorage,
-        vl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        by_dtype!(
-            self,
-            "attention",
-            q.dtype(),
-            &q.device.clone(),
-            (q, ql),
-            (k, kl),
-            (v, vl)
-        )
-    }
-}
-
-/// Attention output (b, s, nh, d) for rope'd q (b, s, nh, d) and k, v (b, s, nkv, d).
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, op: Attention) -> Result<Tensor> {
-    q.contiguous()?
-        .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)
+/// The CUDA side of [`Attention`]: the tensor-core kernel for bf16/f16 and head sizes
+/// 16..256, the simple one otherwise.
+pub(crate) fn attention_cuda(
+    op: &Attention,
+    q: (&CudaStorage, &Layout),
+    k: (&CudaStorage, &Layout),
+    v: (&CudaStorage, &Layout),
+) -> Result<(CudaStorage, Shape)> {
+    by_dtype!(op, "attention", q.0.dtype(), &q.0.device.clone(), q, k, v)
 }
 
 /// RMSNorm over the last axis with an f32 weight (`gemma`: the weight is 1 + w).

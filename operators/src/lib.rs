@@ -5,6 +5,7 @@
 //! classifiers with LoRA ([`lora`]), loaded all or nothing ([`weights`], [`checkpoint`],
 //! [`gguf`], [`hub`]).
 
+pub mod attention;
 pub mod checkpoint;
 pub mod device;
 pub mod error;

@@ -134,10 +134,13 @@ impl Layer {
     }
 }
 
-/// What the GPU kernels need of a batch: each row's real span.
+/// What the fused kernels need of a batch: each row's real span.
 struct Fused {
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     bounds: Tensor,
+    /// arenaflow's GPU kernels for the norms and the activation too (on the CPU only the
+    /// attention is fused).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    gpu: bool,
 }
 
 /// A Llama / Qwen2 / Gemma-2 sequence classifier with optional LoRA adapters.
@@ -463,8 +466,10 @@ impl SequenceClassifier {
         let (cos, sin) = self.rope_tables(s)?;
         // Scores are masked and normalised in f32 (f64 for an f64 model, as gradient checks need).
         let softmax_dtype = adapter_dtype(self.dtype);
-        // The fused GPU attention masks as it goes; the composed path needs the masks.
-        let composed = self.fused_kernels(batch, mode.training())?.is_none();
+        // The fused attention masks as it goes; the composed path needs the masks.
+        let train = mode.training();
+        let fused = self.fused_kernels(batch, train)?;
+        let composed = fused.is_none();
         let full_mask = if composed {
             attention_mask(batch, None, &self.device)?.to_dtype(softmax_dtype)?
         } else {
@@ -476,8 +481,6 @@ impl SequenceClassifier {
             }
             _ => None,
         };
-        let train = mode.training();
-        let fused = self.fused_kernels(batch, train)?;
         for layer in &self.layers {
             let mask = match (&sliding_mask, layer.sliding) {
                 (Some(m), true) => m,
@@ -506,28 +509,39 @@ impl SequenceClassifier {
         Ok(logits)
     }
 
-    /// The GPU kernels' inputs for a batch, or None where the composed ops run (CPU,
-    /// training, or `ARENAFLOW_GPU_KERNELS=off`).
+    /// The fused kernels' inputs for a batch, or None where candle's composed ops run:
+    /// training, an f64/bf16 model on the CPU, rows whose real tokens are not one span on
+    /// the CPU, or the kernels switched off (`ARENAFLOW_GPU_KERNELS` /
+    /// `ARENAFLOW_CPU_KERNELS` = off). On a GPU, rows that are not one span are an error.
     fn fused_kernels(&self, batch: &PaddedBatch, train: bool) -> Result<Option<Fused>> {
-        #[cfg(feature = "cuda")]
-        if self.device.is_cuda() && !train && crate::kernels::enabled() {
-            let s = batch.seq_len;
-            let mut bounds = Vec::with_capacity(2 * batch.rows);
-            for row in batch.attention_mask.chunks(s) {
-                let start = row.iter().position(|&m| m != 0).unwrap_or(s);
-                let end = row.iter().rposition(|&m| m != 0).map_or(start, |e| e + 1);
-                if row[start..end].iter().any(|&m| m == 0) {
-                    return Err(ModelError::Input(
-                        "the GPU attention needs each row's real tokens in one span (left or right padding)".into(),
-                    ));
-                }
-                bounds.extend([start as u32, end as u32]);
-            }
-            let bounds = Tensor::from_vec(bounds, (batch.rows, 2), &self.device)?;
-            return Ok(Some(Fused { bounds }));
+        let gpu = self.device.is_cuda();
+        let on = if gpu {
+            cfg!(feature = "cuda") && crate::attention::kernels_enabled("ARENAFLOW_GPU_KERNELS")
+        } else {
+            self.device.is_cpu()
+                && self.dtype == DType::F32
+                && crate::attention::kernels_enabled("ARENAFLOW_CPU_KERNELS")
+        };
+        if train || !on {
+            return Ok(None);
         }
-        let _ = (batch, train);
-        Ok(None)
+        let s = batch.seq_len;
+        let mut bounds = Vec::with_capacity(2 * batch.rows);
+        for row in batch.attention_mask.chunks(s) {
+            let start = row.iter().position(|&m| m != 0).unwrap_or(s);
+            let end = row.iter().rposition(|&m| m != 0).map_or(start, |e| e + 1);
+            if row[start..end].contains(&0) {
+                if !gpu {
+                    return Ok(None);
+                }
+                return Err(ModelError::Input(
+                    "the GPU attention needs each row's real tokens in one span (left or right padding)".into(),
+                ));
+            }
+            bounds.extend([start as u32, end as u32]);
+        }
+        let bounds = Tensor::from_vec(bounds, (batch.rows, 2), &self.device)?;
+        Ok(Some(Fused { bounds, gpu }))
     }
 
     /// RMSNorm through the GPU kernel where it runs, else the composed ops.
@@ -539,7 +553,7 @@ impl SequenceClassifier {
         fused: Option<&Fused>,
     ) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
-        if fused.is_some() {
+        if fused.is_some_and(|f| f.gpu) {
             return Ok(crate::kernels::rms_norm(
                 xs,
                 weight,
@@ -607,7 +621,7 @@ impl SequenceClassifier {
         fused: Option<&Fused>,
     ) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
-        if fused.is_some() {
+        if fused.is_some_and(|f| f.gpu) {
             let kind = match self.config.activation {
                 Activation::Silu => 0,
                 Activation::GeluTanh => 1,
@@ -624,8 +638,9 @@ impl SequenceClassifier {
         Ok((gate * up)?)
     }
 
-    /// Attention through the fused GPU kernel: q, k, v stay (b, s, heads, d), RoPE in
-    /// that layout, and the output comes back in it, so nothing is transposed.
+    /// Attention through the fused op (arenaflow's GPU kernel, or the blocked CPU one): q,
+    /// k, v stay (b, s, heads, d), RoPE in that layout, and the output comes back in it, so
+    /// nothing is transposed and no mask is built.
     fn fused_attention(
         &self,
         layer: &Layer,
@@ -634,51 +649,43 @@ impl SequenceClassifier {
         sin: &Tensor,
         fused: &Fused,
     ) -> Result<Tensor> {
-        #[cfg(feature = "cuda")]
-        {
-            let cfg = &self.config;
-            let (b, s, _) = xs.dims3()?;
-            let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-            let dev = &self.device;
-            let (q, k, v) = profile::time(dev, "attention projections", || {
-                Ok((
-                    layer.q.forward(xs, false)?.reshape((b, s, nh, hd))?,
-                    layer.k.forward(xs, false)?.reshape((b, s, nkv, hd))?,
-                    layer.v.forward(xs, false)?.reshape((b, s, nkv, hd))?,
-                ))
-            })?;
-            let (q, k) = profile::time(dev, "rope", || {
-                Ok((
-                    candle_nn::rotary_emb::rope_thd(&q.contiguous()?, cos, sin)?,
-                    candle_nn::rotary_emb::rope_thd(&k.contiguous()?, cos, sin)?,
-                ))
-            })?;
-            let window = match (&cfg.sliding_window, layer.sliding) {
-                (Some(w), true) => w.size as i32,
-                _ => 0,
-            };
-            let out = profile::time(dev, "attention", || {
-                Ok(crate::kernels::attention(
-                    &q,
-                    &k,
-                    &v,
-                    crate::kernels::Attention {
-                        scale: cfg.query_scale as f32,
-                        softcap: cfg.attn_logit_softcap.unwrap_or(0.0) as f32,
-                        window,
-                        bounds: fused.bounds.clone(),
-                    },
-                )?)
-            })?;
-            profile::time(dev, "attention projections", || {
-                Ok(layer.o.forward(&out.reshape((b, s, nh * hd))?, false)?)
-            })
-        }
-        #[cfg(not(feature = "cuda"))]
-        {
-            let _ = (layer, xs, cos, sin, fused);
-            Err(ModelError::Config("built without CUDA".into()))
-        }
+        let cfg = &self.config;
+        let (b, s, _) = xs.dims3()?;
+        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let dev = &self.device;
+        let (q, k, v) = profile::time(dev, "attention projections", || {
+            Ok((
+                layer.q.forward(xs, false)?.reshape((b, s, nh, hd))?,
+                layer.k.forward(xs, false)?.reshape((b, s, nkv, hd))?,
+                layer.v.forward(xs, false)?.reshape((b, s, nkv, hd))?,
+            ))
+        })?;
+        let (q, k) = profile::time(dev, "rope", || {
+            Ok((
+                candle_nn::rotary_emb::rope_thd(&q.contiguous()?, cos, sin)?,
+                candle_nn::rotary_emb::rope_thd(&k.contiguous()?, cos, sin)?,
+            ))
+        })?;
+        let window = match (&cfg.sliding_window, layer.sliding) {
+            (Some(w), true) => w.size as i32,
+            _ => 0,
+        };
+        let out = profile::time(dev, "attention", || {
+            Ok(crate::attention::attention(
+                &q,
+                &k,
+                &v,
+                crate::attention::Attention {
+                    scale: cfg.query_scale as f32,
+                    softcap: cfg.attn_logit_softcap.unwrap_or(0.0) as f32,
+                    window,
+                    bounds: fused.bounds.clone(),
+                },
+            )?)
+        })?;
+        profile::time(dev, "attention projections", || {
+            Ok(layer.o.forward(&out.reshape((b, s, nh * hd))?, false)?)
+        })
     }
 
     fn attention(

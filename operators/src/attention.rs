@@ -1,0 +1,391 @@
+//! Fused causal attention as one candle custom op: scores, scale, soft-cap, the causal +
+//! padding + sliding-window mask, softmax and times V, over q (b, s, heads, d) and k, v
+//! (b, s, kv heads, d), with each row's padding given as the span of its real tokens. No
+//! mask is materialised and the keys a query cannot see are never multiplied.
+//!
+//! On a GPU it runs arenaflow's CUDA kernels (`kernels.rs`). On the CPU (f32) every
+//! (row, head) is a rayon task that walks its real tokens in blocks of queries: one `gemm`
+//! for the block's scores against the keys it can see (the causal triangle is skipped
+//! block by block), the mask and softmax on that block while it is in cache, one `gemm`
+//! times V. The `gemm` crate is the one candle's CPU matmul uses.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Whether the fused kernels of a device kind are on: `ARENAFLOW_GPU_KERNELS` /
+/// `ARENAFLOW_CPU_KERNELS` set to `off`, `0` or `false` switch to candle's composed ops.
+pub fn kernels_enabled(variable: &str) -> bool {
+    !matches!(
+        std::env::var(variable).as_deref(),
+        Ok("off") | Ok("0") | Ok("false")
+    )
+}
+
+/// Fused causal attention over (b, s, heads, d) inputs, with the padding given as each
+/// row's real span (`bounds`, (b, 2) u32: start, end), an optional sliding window and
+/// soft-cap. Queries outside their row's span come out as zeros.
+pub struct Attention {
+    pub scale: f32,
+    /// 0 for none.
+    pub softcap: f32,
+    /// 0 for none: a query sees keys fewer than `window` positions back.
+    pub window: i32,
+    pub bounds: Tensor,
+}
+
+/// The dimensions of one call: rows, sequence length, query heads, KV heads, head size.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Dims {
+    pub b: usize,
+    pub s: usize,
+    pub nh: usize,
+    pub nkv: usize,
+    pub d: usize,
+}
+
+impl Dims {
+    /// Checks that q, k and v fit one another.
+    pub(crate) fn of(q: &Layout, k: &Layout, v: &Layout) -> Result<Dims> {
+        let (b, s, nh, d) = q.shape().dims4()?;
+        let (kb, ks, nkv, kd) = k.shape().dims4()?;
+        if (kb, ks, kd) != (b, s, d) || v.shape() != k.shape() || nkv == 0 || nh % nkv != 0 {
+            candle_core::bail!(
+                "attention: q {:?}, k {:?}, v {:?} do not fit",
+                q.shape(),
+                k.shape(),
+                v.shape()
+            );
+        }
+        Ok(Dims { b, s, nh, nkv, d })
+    }
+}
+
+/// Queries per block on the CPU: a block's scores (64 x up to s f32) stay in L2.
+const QUERY_BLOCK: usize = 64;
+
+fn contiguous<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("attention: {what} is not contiguous"),
+    }
+}
+
+impl Attention {
+    fn cpu_bounds(&self, rows: usize, s: usize) -> Result<Vec<u32>> {
+        let bounds = self.bounds.flatten_all()?.to_vec1::<u32>()?;
+        if bounds.len() != 2 * rows {
+            candle_core::bail!("attention: {} bounds for {rows} rows", bounds.len());
+        }
+        for span in bounds.chunks(2) {
+            if span[0] > span[1] || span[1] as usize > s {
+                candle_core::bail!("attention: span {span:?} outside 0..{s}");
+            }
+        }
+        Ok(bounds)
+    }
+
+    /// One (row, head) task: the attention output of the row's real queries,
+    /// (end - start) x d.
+    fn cpu_head(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        dims: Dims,
+        bounds: &[u32],
+        task: usize,
+    ) -> Vec<f32> {
+        let Dims { s, nh, nkv, d, .. } = dims;
+        let (row, head) = (task / nh, task % nh);
+        let (lo, hi) = (bounds[2 * row] as usize, bounds[2 * row + 1] as usize);
+        let kvh = head / (nh / nkv);
+        let q_at = |i: usize| ((row * s + i) * nh + head) * d;
+        let kv_at = |j: usize| ((row * s + j) * nkv + kvh) * d;
+        let window = self.window.max(0) as usize;
+        let first_key = |i: usize| {
+            if window > 0 {
+                lo.max((i + 1).saturating_sub(window))
+            } else {
+                lo
+            }
+        };
+        let mut out = vec![0f32; (hi - lo) * d];
+        let mut scores = vec![0f32; QUERY_BLOCK * (hi - lo)];
+        for i0 in (lo..hi).step_by(QUERY_BLOCK) {
+            let i1 = (i0 + QUERY_BLOCK).min(hi);
+            let (m, k0) = (i1 - i0, first_key(i0));
+            let n = i1 - k0;
+            let scores = &mut scores[..m * n];
+            // SAFETY: the pointers and strides address, for lhs, queries i0..i1 of this head
+            // (m x d, rows nh * d apart), for rhs, K^T of keys k0..i1 of its KV head (d x n,
+            // columns nkv * d apart), all inside q and k (i1 <= s); dst is m x n, row-major.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    d,
+                    scores.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    q[q_at(i0)..].as_ptr(),
+                    1,
+                    (nh * d) as isize,
+                    k[kv_at(k0)..].as_ptr(),
+                    (nkv * d) as isize,
+                    1,
+                    0.0,
+                    self.scale,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            for (r, line) in scores.chunks_mut(n).enumerate() {
+                let i = i0 + r;
+                // Keys k0 + c for c in first..=last are visible to query i.
+                let (first, last) = (first_key(i) - k0, i - k0);
+                line[..first].fill(0.0);
+                line[last + 1..].fill(0.0);
+                let visible = &mut line[first..=last];
+                if self.softcap > 0.0 {
+                    let cap = self.softcap;
+                    visible
+                        .iter_mut()
+                        .for_each(|x| *x = cap * (*x / cap).tanh());
+                }
+                let max = visible.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0f32;
+                for x in visible.iter_mut() {
+                    *x = (*x - max).exp();
+                    sum += *x;
+                }
+                let inv = 1.0 / sum;
+                visible.iter_mut().for_each(|x| *x *= inv);
+            }
+            // SAFETY: lhs is the m x n probabilities, rhs V of keys k0..i1 of this KV head
+            // (n x d, rows nkv * d apart) inside v; dst rows (i0 - lo)..(i1 - lo) of `out`.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    d,
+                    n,
+                    out[(i0 - lo) * d..].as_mut_ptr(),
+                    1,
+                    d as isize,
+                    false,
+                    scores.as_ptr(),
+                    1,
+                    n as isize,
+                    v[kv_at(k0)..].as_ptr(),
+                    1,
+                    (nkv * d) as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        }
+        out
+    }
+
+    fn cpu(&self, q: &[f32], k: &[f32], v: &[f32], dims: Dims) -> Result<Vec<f32>> {
+        let Dims { b, s, nh, d, .. } = dims;
+        let bounds = self.cpu_bounds(b, s)?;
+        let heads: Vec<Vec<f32>> = (0..b * nh)
+            .into_par_iter()
+            .map(|task| self.cpu_head(q, k, v, dims, &bounds, task))
+            .collect();
+        let mut out = vec![0f32; b * s * nh * d];
+        for (task, values) in heads.iter().enumerate() {
+            let (row, head) = (task / nh, task % nh);
+            let lo = bounds[2 * row] as usize;
+            for (i, query) in values.chunks(d).enumerate() {
+                let at = ((row * s + lo + i) * nh + head) * d;
+                out[at..at + d].copy_from_slice(query);
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "arenaflow-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        ql: &Layout,
+        k: &CpuStorage,
+        kl: &Layout,
+        v: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dims = Dims::of(ql, kl, vl)?;
+        let (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) = (q, k, v) else {
+            candle_core::bail!(
+                "arenaflow-attention on the CPU takes f32, not {:?}",
+                q.dtype()
+            );
+        };
+        let out = self.cpu(
+            contiguous(q, ql, "q")?,
+            contiguous(k, kl, "k")?,
+            contiguous(v, vl, "v")?,
+            dims,
+        )?;
+        Ok((CpuStorage::F32(out), ql.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        ql: &Layout,
+        k: &candle_core::CudaStorage,
+        kl: &Layout,
+        v: &candle_core::CudaStorage,
+        vl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::kernels::attention_cuda(self, (q, ql), (k, kl), (v, vl))
+    }
+}
+
+/// Attention output (b, s, nh, d) for rope'd q (b, s, nh, d) and k, v (b, s, nkv, d).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, op: Attention) -> Result<Tensor> {
+    q.contiguous()?
+        .apply_op3_no_bwd(&k.contiguous()?, &v.contiguous()?, &op)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::weights::SplitMix64;
+    use candle_core::Device;
+
+    /// The attention of one query, straight from the definition, in f64.
+    #[allow(clippy::too_many_arguments)]
+    fn reference(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        dims: Dims,
+        op: (f32, f32, usize),
+        span: (usize, usize),
+        row: usize,
+        i: usize,
+        head: usize,
+    ) -> Vec<f64> {
+        let Dims { s, nh, nkv, d, .. } = dims;
+        let (scale, softcap, window) = op;
+        let kvh = head / (nh / nkv);
+        if i < span.0 || i >= span.1 {
+            return vec![0.0; d];
+        }
+        let qv = &q[((row * s + i) * nh + head) * d..][..d];
+        let keys: Vec<usize> = (span.0..=i)
+            .filter(|&j| window == 0 || i - j < window)
+            .collect();
+        let scores: Vec<f64> = keys
+            .iter()
+            .map(|&j| {
+                let kv = &k[((row * s + j) * nkv + kvh) * d..][..d];
+                let dot: f64 = qv.iter().zip(kv).map(|(a, b)| *a as f64 * *b as f64).sum();
+                let x = dot * scale as f64;
+                if softcap > 0.0 {
+                    softcap as f64 * (x / softcap as f64).tanh()
+                } else {
+                    x
+                }
+            })
+            .collect();
+        let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let weights: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
+        let sum: f64 = weights.iter().sum();
+        let mut out = vec![0.0; d];
+        for (&j, w) in keys.iter().zip(&weights) {
+            let vv = &v[((row * s + j) * nkv + kvh) * d..][..d];
+            for (o, x) in out.iter_mut().zip(vv) {
+                *o += w / sum * *x as f64;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn cpu_attention_matches_the_definition() {
+        // 3 rows of 150 positions (more than two query blocks): right padding, left
+        // padding, and an empty row; GQA 6 query heads on 2 KV heads.
+        let dims = Dims {
+            b: 3,
+            s: 150,
+            nh: 6,
+            nkv: 2,
+            d: 16,
+        };
+        let spans = [(0usize, 141usize), (17, 150), (0, 0)];
+        let mut rng = SplitMix64::new(7);
+        let mut values =
+            |n: usize| -> Vec<f32> { (0..n).map(|_| rng.next_normal() as f32).collect() };
+        let q = values(dims.b * dims.s * dims.nh * dims.d);
+        let k = values(dims.b * dims.s * dims.nkv * dims.d);
+        let v = values(dims.b * dims.s * dims.nkv * dims.d);
+        let dev = Device::Cpu;
+        let bounds: Vec<u32> = spans
+            .iter()
+            .flat_map(|&(a, b)| [a as u32, b as u32])
+            .collect();
+        for (scale, softcap, window) in [
+            (0.25f32, 0f32, 0usize),
+            (0.25, 2.0, 0),
+            (0.25, 0.0, 37),
+            (0.5, 1.5, 70),
+        ] {
+            let op = Attention {
+                scale,
+                softcap,
+                window: window as i32,
+                bounds: Tensor::from_vec(bounds.clone(), (3, 2), &dev).unwrap(),
+            };
+            let t = |x: &[f32], h: usize| {
+                Tensor::from_slice(x, (dims.b, dims.s, h, dims.d), &dev).unwrap()
+            };
+            let out = attention(&t(&q, dims.nh), &t(&k, dims.nkv), &t(&v, dims.nkv), op).unwrap();
+            assert_eq!(out.dims(), &[dims.b, dims.s, dims.nh, dims.d]);
+            let out = out.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let mut worst = 0f64;
+            for (row, &span) in spans.iter().enumerate() {
+                for i in 0..dims.s {
+                    for head in 0..dims.nh {
+                        let want = reference(
+                            &q,
+                            &k,
+                            &v,
+                            dims,
+                            (scale, softcap, window),
+                            span,
+                            row,
+                            i,
+                            head,
+                        );
+                        let got = &out[((row * dims.s + i) * dims.nh + head) * dims.d..][..dims.d];
+                        for (g, w) in got.iter().zip(&want) {
+                            worst = worst.max((*g as f64 - w).abs());
+                        }
+                    }
+                }
+            }
+            assert!(
+                worst < 1e-5,
+                "scale {scale} softcap {softcap} window {window}: max |diff| {worst}"
+            );
+        }
+    }
+}
