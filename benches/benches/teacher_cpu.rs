@@ -176,13 +176,15 @@ fn operator_pass(tokens: &Path, settings: &TeacherSettings) {
     });
     for stats in session.forward.finish() {
         eprintln!(
-            "smollm2 cpu, all 1,982 rows through teacher_forward: {:.3} rows/s, {:.1} tokens/s, {} tokens, padding {:.2}%, {:.0} s, peak memory {:?} bytes",
+            "smollm2 cpu, all 1,982 rows through teacher_forward: {:.3} rows/s, {:.1} tokens/s, {} tokens, padding {:.2}%, {:.0} s, peak memory {}",
             stats.rows_per_second,
             stats.tokens_per_second,
             stats.tokens,
             stats.padding_percent,
             stats.seconds,
-            stats.peak_memory_bytes
+            stats
+                .peak_memory_bytes
+                .map_or("not measured".to_string(), |b| format!("{:.2} GiB", b as f64 / f64::powi(2.0, 30)))
         );
     }
 }
