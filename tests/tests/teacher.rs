@@ -423,51 +423,40 @@ fn shards_split_the_rows_and_the_merge_checks_coverage() {
 fn bad_teacher_input_is_an_error_naming_row_id_and_column() {
     let dir = tempfile::tempdir().unwrap();
     let plan = dir.path().join("bad.sql");
-    let run = |sql: &str, extra: &[&str]| {
+    // Each plan must fail, saying the expected words.
+    let fails = |sql: &str, expected: &str| {
         std::fs::write(&plan, sql).unwrap();
-        let mut args = vec![
+        let out = arenaflow(&[
             "run",
             plan.to_str().unwrap(),
             "--run-dir",
             dir.path().to_str().unwrap(),
-        ];
-        args.extend(extra);
-        let out = arenaflow(&args);
+        ]);
         assert!(!out.status.success());
-        text(&out)
+        let said = text(&out);
+        assert!(said.contains(expected), "{said}");
     };
-    let vocab = run(
-        &format!("CREATE TABLE t AS SELECT * FROM (VALUES ('a', 'ab', [1, 2]), ('b', 'ab', [1, 500])) AS v(id, \"order\", input_ids);\nSELECT * FROM teacher_forward('t', '{MODEL}', '', 'f32');\n"),
-        &[],
-    );
-    assert!(
-        vocab.contains("input row 2 (id b, order ab), column input_ids: token 500 at position 1 is outside the vocabulary (0..260)"),
-        "{vocab}"
-    );
-    let twice = run(
-        &format!("CREATE TABLE t AS SELECT * FROM (VALUES ('a', 'ab', [1, 2]), ('a', 'ab', [3])) AS v(id, \"order\", input_ids);\nSELECT * FROM teacher_forward('t', '{MODEL}', '', 'f32');\n"),
-        &[],
-    );
-    assert!(
-        twice.contains("input rows 1 and 2 are both id a, order ab"),
-        "{twice}"
-    );
-    let no_order = run(
-        &format!("CREATE TABLE t AS SELECT 'a' AS id, [1] AS input_ids;\nSELECT * FROM teacher_forward('t', '{MODEL}');\n"),
-        &[],
-    );
-    assert!(
-        no_order.contains("teacher_forward: the input has no column order"),
-        "{no_order}"
-    );
+    let mut cases = vec![
+        (
+            format!("CREATE TABLE t AS SELECT * FROM (VALUES ('a', 'ab', [1, 2]), ('b', 'ab', [1, 500])) AS v(id, \"order\", input_ids);\nSELECT * FROM teacher_forward('t', '{MODEL}', '', 'f32');\n"),
+            "input row 2 (id b, order ab), column input_ids: token 500 at position 1 is outside the vocabulary (0..260)",
+        ),
+        (
+            format!("CREATE TABLE t AS SELECT * FROM (VALUES ('a', 'ab', [1, 2]), ('a', 'ab', [3])) AS v(id, \"order\", input_ids);\nSELECT * FROM teacher_forward('t', '{MODEL}', '', 'f32');\n"),
+            "input rows 1 and 2 are both id a, order ab",
+        ),
+        (
+            format!("CREATE TABLE t AS SELECT 'a' AS id, [1] AS input_ids;\nSELECT * FROM teacher_forward('t', '{MODEL}');\n"),
+            "teacher_forward: the input has no column order",
+        ),
+    ];
     if !cfg!(feature = "cuda") {
-        let gpu = run(
-            &format!("CREATE TABLE t AS SELECT 'a' AS id, 'ab' AS \"order\", [1] AS input_ids;\nSELECT * FROM teacher_forward('t', '{MODEL}', '', 'bf16', 'cuda:0');\n"),
-            &[],
-        );
-        assert!(
-            gpu.contains("device cuda:0: this arenaflow was built without CUDA"),
-            "{gpu}"
-        );
+        cases.push((
+            format!("CREATE TABLE t AS SELECT 'a' AS id, 'ab' AS \"order\", [1] AS input_ids;\nSELECT * FROM teacher_forward('t', '{MODEL}', '', 'bf16', 'cuda:0');\n"),
+            "device cuda:0: this arenaflow was built without CUDA",
+        ));
+    }
+    for (sql, expected) in cases {
+        fails(&sql, expected);
     }
 }
