@@ -2,9 +2,9 @@
 //! heads, intermediate 1,376, vocab 32,000; Gemma-2 with head_dim 64, a 128-token sliding
 //! window and the 50.0 soft-cap), random weights, f32, a batch of 4 x 256 tokens: tokens/s.
 
-use arenaflow_operators::models::decoder::PaddingSide;
-use arenaflow_operators::models::{ForwardMode, ModelConfig, PaddedBatch, SequenceClassifier};
-use arenaflow_operators::weights::{SplitMix64, TensorSource};
+use arenaflow_models::models::PaddingSide;
+use arenaflow_models::models::{ModelConfig, PaddedBatch, SequenceClassifier};
+use arenaflow_models::weights::{SplitMix64, TensorSource};
 use candle_core::{DType, Device};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use serde_json::json;
@@ -64,11 +64,7 @@ fn forward(c: &mut Criterion) {
             SequenceClassifier::load(&config(family), &source, None, DType::F32, &Device::Cpu)
                 .expect("model");
         group.bench_function(format!("{family}_4x256"), |b| {
-            b.iter(|| {
-                model
-                    .forward(&batch, ForwardMode::Inference)
-                    .expect("forward")
-            })
+            b.iter(|| model.forward_t(&batch, false).expect("forward"))
         });
     }
     group.finish();

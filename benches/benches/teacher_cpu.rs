@@ -17,9 +17,9 @@
 use std::path::{Path, PathBuf};
 
 use arenaflow_engine::{run_plan, ArenaSession, PlanFile, RunOptions};
-use arenaflow_operators::checkpoint::write_safetensors;
+use arenaflow_models::checkpoint::write_safetensors;
+use arenaflow_models::weights::SplitMix64;
 use arenaflow_operators::teacher::{Teacher, TeacherSettings};
-use arenaflow_operators::weights::SplitMix64;
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use datafusion::arrow::array::AsArray;
@@ -244,12 +244,12 @@ fn bench(c: &mut Criterion) {
 /// One profiled pass: rows/s, tokens/s and where the time goes.
 fn profile_pass(teacher: &Teacher, subset: &[Vec<u32>], variant: &str) {
     let tokens: usize = subset.iter().map(Vec::len).sum();
-    arenaflow_operators::profile::enable(true);
+    arenaflow_models::profile::enable(true);
     let started = std::time::Instant::now();
     pass(teacher, subset);
     let total = started.elapsed().as_secs_f64();
-    arenaflow_operators::profile::enable(false);
-    let sections = arenaflow_operators::profile::take();
+    arenaflow_models::profile::enable(false);
+    let sections = arenaflow_models::profile::take();
     let share = |names: &[&str]| {
         100.0
             * names

@@ -113,8 +113,8 @@ pub fn run_logits(opts: &LogitsOptions) -> Result<ForwardStats> {
             forward(first)?;
         }
     }
-    arenaflow_operators::profile::take();
-    arenaflow_operators::profile::enable(opts.profile);
+    arenaflow_operators::teacher::profile::take();
+    arenaflow_operators::teacher::profile::enable(opts.profile);
     let started = start_pass();
     let mut stats = ForwardStats {
         operator: "logits".into(),

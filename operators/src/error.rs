@@ -1,12 +1,15 @@
-//! The one error type of the model operators.
+//! The error type of the operators' own work (tokenizers, templates, token rows, batch
+//! commits); model errors pass through unchanged. At the SQL boundary it becomes
+//! `DataFusionError::External`.
 
 use std::path::PathBuf;
 
-/// What went wrong while loading, saving or running a model, or tokenizing.
+use arenaflow_models::ModelError;
+
 #[derive(Debug, thiserror::Error)]
-pub enum ModelError {
+pub enum OperatorError {
     #[error(transparent)]
-    Candle(#[from] candle_core::Error),
+    Model(#[from] ModelError),
 
     #[error("{path}: {source}")]
     Io {
@@ -18,65 +21,21 @@ pub enum ModelError {
     #[error("{path}: {message}")]
     File { path: PathBuf, message: String },
 
-    /// Loading is all or nothing: every tensor the architecture names must be there, and
-    /// nothing else may be.
-    #[error("{source_name}: {}", describe_mismatch(missing, unexpected))]
-    TensorMismatch {
-        source_name: String,
-        missing: Vec<String>,
-        unexpected: Vec<String>,
-    },
-
-    #[error("{0}")]
-    Config(String),
-
-    #[error("hub: {0}")]
-    Hub(String),
-
     #[error("tokenizer {path}: {message}")]
     Tokenizer { path: PathBuf, message: String },
 
     #[error("template {path}: {message}")]
     Template { path: PathBuf, message: String },
 
+    /// A setting of an operator that cannot work.
+    #[error("{0}")]
+    Config(String),
+
     #[error("{0}")]
     Input(String),
 }
 
-fn describe_mismatch(missing: &[String], unexpected: &[String]) -> String {
-    let mut parts = Vec::new();
-    if !missing.is_empty() {
-        parts.push(format!(
-            "{} missing tensor(s): {}",
-            missing.len(),
-            list_names(missing)
-        ));
-    }
-    if !unexpected.is_empty() {
-        parts.push(format!(
-            "{} unexpected tensor(s): {}",
-            unexpected.len(),
-            list_names(unexpected)
-        ));
-    }
-    parts.join("; ")
-}
-
-fn list_names(names: &[String]) -> String {
-    const SHOWN: usize = 40;
-    let mut text = names
-        .iter()
-        .take(SHOWN)
-        .cloned()
-        .collect::<Vec<_>>()
-        .join(", ");
-    if names.len() > SHOWN {
-        text.push_str(&format!(", ... and {} more", names.len() - SHOWN));
-    }
-    text
-}
-
-impl ModelError {
+impl OperatorError {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Self::Io {
             path: path.into(),
@@ -92,12 +51,10 @@ impl ModelError {
     }
 }
 
-pub type Result<T, E = ModelError> = std::result::Result<T, E>;
-
-/// Returns early with a [`ModelError::Config`] built from a format string.
-#[macro_export]
-macro_rules! config_bail {
-    ($($arg:tt)*) => {
-        return Err($crate::error::ModelError::Config(format!($($arg)*)))
-    };
+impl From<candle_core::Error> for OperatorError {
+    fn from(e: candle_core::Error) -> Self {
+        Self::Model(e.into())
+    }
 }
+
+pub type Result<T, E = OperatorError> = std::result::Result<T, E>;

@@ -8,8 +8,7 @@ use arenaflow_engine::logits::{run_logits, LogitsOptions};
 use arenaflow_engine::plan::RUN_DIR_PARAM;
 use arenaflow_engine::runner::Shard;
 use arenaflow_engine::{run_plan, ArenaSession, PlanFile, RunOptions};
-use arenaflow_operators::models::decoder::PaddingSide;
-use arenaflow_operators::teacher::TeacherSettings;
+use arenaflow_operators::teacher::{PaddingSide, TeacherSettings};
 use clap::{Parser, Subcommand};
 use datafusion::sql::parser::{DFParser, Statement};
 

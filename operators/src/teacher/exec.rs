@@ -36,9 +36,10 @@ use datafusion::prelude::SessionContext;
 use futures::StreamExt;
 
 use super::parts::PartStore;
-use super::{start_pass, ForwardEnv, ForwardStats, Progress, Teacher, TeacherSettings};
-use crate::error::ModelError;
-use crate::models::decoder::PaddingSide;
+use super::{
+    start_pass, ForwardEnv, ForwardStats, PaddingSide, Progress, Teacher, TeacherSettings,
+};
+use crate::error::OperatorError;
 use crate::sql::{count_arg, project, resolve_table, size_arg, string_arg};
 use crate::tokenize::exec::{InputHook, INPUT_IDS};
 
@@ -47,12 +48,12 @@ pub const ORDER: &str = "order";
 pub const LOGITS: &str = "logits";
 const NAME: &str = "teacher_forward";
 
-fn external(e: ModelError) -> DataFusionError {
+fn external(e: OperatorError) -> DataFusionError {
     DataFusionError::External(Box::new(e))
 }
 
 fn input_error(message: String) -> DataFusionError {
-    external(ModelError::Input(format!("{NAME}: {message}")))
+    external(OperatorError::Input(format!("{NAME}: {message}")))
 }
 
 fn is_string(t: &DataType) -> bool {
@@ -641,7 +642,8 @@ impl TableFunctionImpl for TeacherForwardFunction {
             };
         }
         settings.validate().map_err(external)?;
-        crate::device::check_device_name(&settings.device).map_err(external)?;
+        arenaflow_models::device::check_device_name(&settings.device)
+            .map_err(|e| external(e.into()))?;
         for file in model_inputs(&settings) {
             (self.on_input)(&file.display().to_string());
         }

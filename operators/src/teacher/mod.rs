@@ -14,12 +14,14 @@ use candle_core::{DType, Device};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use crate::checkpoint::{load_classifier, open_adapter, parse_dtype};
-use crate::device::{device_name, parse_device, peak_memory, reset_peak};
-use crate::error::{ModelError, Result};
-use crate::models::decoder::PaddingSide;
-use crate::models::{ForwardMode, ModelConfig, PaddedBatch, SequenceClassifier};
-use crate::weights::TensorSource;
+use crate::error::{OperatorError, Result};
+use arenaflow_models::checkpoint::{load_classifier, open_adapter, parse_dtype};
+use arenaflow_models::device::{device_name, parse_device, peak_memory, reset_peak};
+use arenaflow_models::models::{ModelConfig, PaddedBatch, SequenceClassifier};
+use arenaflow_models::weights::TensorSource;
+
+/// What the CLI sets on a pass: padding side, and the forward-pass profiler.
+pub use arenaflow_models::{models::PaddingSide, profile};
 
 /// What a teacher pass runs: every knob of the operator.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,11 +60,11 @@ impl TeacherSettings {
     /// Checks what can be checked without loading the model.
     pub fn validate(&self) -> Result<DType> {
         if self.max_batch_tokens == 0 {
-            return Err(ModelError::Config(
+            return Err(OperatorError::Config(
                 "max_batch_tokens must be at least 1".into(),
             ));
         }
-        parse_dtype(&self.dtype)
+        Ok(parse_dtype(&self.dtype)?)
     }
 }
 
@@ -114,14 +116,14 @@ impl Teacher {
         let batch = PaddedBatch::pad(rows, pad, self.settings.padding)?;
         let logits = self
             .model
-            .forward(&batch, ForwardMode::Inference)?
+            .forward_t(&batch, false)?
             .to_dtype(DType::F32)?
             .to_vec2::<f32>()?;
         logits
             .into_iter()
             .map(|l| {
                 <[f32; 3]>::try_from(l.as_slice()).map_err(|_| {
-                    ModelError::Config(format!(
+                    OperatorError::Config(format!(
                         "the score head gives {} logits per row, not 3",
                         l.len()
                     ))
@@ -189,7 +191,7 @@ pub struct ForwardStats {
     pub rows_per_second: f64,
     /// GPU memory in use at its peak (device-wide), or the process's peak resident memory.
     pub peak_memory_bytes: Option<u64>,
-    /// Seconds by section of the forward pass, when profiled (`crate::profile`).
+    /// Seconds by section of the forward pass, when profiled (`arenaflow_models::profile`).
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub profile: std::collections::BTreeMap<String, f64>,
 }
@@ -207,7 +209,7 @@ impl ForwardStats {
         };
         self.peak_memory_bytes = peak_memory(device);
         self.device = device_name(device);
-        self.profile = crate::profile::take()
+        self.profile = arenaflow_models::profile::take()
             .into_iter()
             .map(|(k, (secs, _))| (k, secs))
             .collect();

@@ -10,7 +10,7 @@ use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use datafusion::parquet::arrow::ArrowWriter;
 
-use crate::error::{ModelError, Result};
+use crate::error::{OperatorError, Result};
 
 pub struct PartStore {
     dir: PathBuf,
@@ -30,10 +30,10 @@ impl PartStore {
     /// that was cut off are removed. A part whose schema differs is an error: the folder
     /// belongs to another pass.
     pub fn open(dir: &Path, schema: SchemaRef) -> Result<(Self, Vec<RecordBatch>)> {
-        std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+        std::fs::create_dir_all(dir).map_err(|e| OperatorError::io(dir, e))?;
         let mut numbered = Vec::new();
-        for entry in std::fs::read_dir(dir).map_err(|e| ModelError::io(dir, e))? {
-            let entry = entry.map_err(|e| ModelError::io(dir, e))?;
+        for entry in std::fs::read_dir(dir).map_err(|e| OperatorError::io(dir, e))? {
+            let entry = entry.map_err(|e| OperatorError::io(dir, e))?;
             let name = entry.file_name().to_string_lossy().to_string();
             if name.ends_with(".partial") {
                 let _ = std::fs::remove_file(entry.path());
@@ -44,15 +44,15 @@ impl PartStore {
         numbered.sort();
         let mut batches = Vec::new();
         for (_, path) in &numbered {
-            let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
+            let file = File::open(path).map_err(|e| OperatorError::io(path, e))?;
             let reader = ParquetRecordBatchReaderBuilder::try_new(file)
                 .and_then(|b| b.build())
-                .map_err(|e| ModelError::file(path, format!("unreadable part: {e}")))?;
+                .map_err(|e| OperatorError::file(path, format!("unreadable part: {e}")))?;
             for batch in reader {
-                let batch =
-                    batch.map_err(|e| ModelError::file(path, format!("unreadable part: {e}")))?;
+                let batch = batch
+                    .map_err(|e| OperatorError::file(path, format!("unreadable part: {e}")))?;
                 if batch.schema().fields() != schema.fields() {
-                    return Err(ModelError::file(
+                    return Err(OperatorError::file(
                         path,
                         format!(
                             "a part of another pass (its columns: {:?}); remove the folder to start over",
@@ -63,7 +63,7 @@ impl PartStore {
                 batches.push(
                     batch
                         .with_schema(schema.clone())
-                        .map_err(|e| ModelError::file(path, format!("part schema: {e}")))?,
+                        .map_err(|e| OperatorError::file(path, format!("part schema: {e}")))?,
                 );
             }
         }
@@ -95,7 +95,7 @@ impl PartStore {
         };
         if let Err(e) = write() {
             let _ = std::fs::remove_file(&partial);
-            return Err(ModelError::file(&path, format!("cannot commit: {e}")));
+            return Err(OperatorError::file(&path, format!("cannot commit: {e}")));
         }
         self.next += 1;
         Ok(())

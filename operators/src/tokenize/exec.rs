@@ -27,7 +27,7 @@ use futures::StreamExt;
 use rayon::prelude::*;
 
 use super::{Encoder, Order, Template, TextTokenizer, Truncation};
-use crate::error::ModelError;
+use crate::error::OperatorError;
 use crate::sql::{count_arg, project, resolve_table, string_arg};
 
 /// The columns the operator reads and adds.
@@ -36,7 +36,7 @@ pub const INPUT_IDS: &str = "input_ids";
 pub const N_TOKENS: &str = "n_tokens";
 pub const TRUNCATED: &str = "truncated";
 
-fn external(e: ModelError) -> datafusion::error::DataFusionError {
+fn external(e: OperatorError) -> datafusion::error::DataFusionError {
     datafusion::error::DataFusionError::External(Box::new(e))
 }
 
@@ -133,7 +133,8 @@ pub fn tokenize_batch(
     let mut n_tokens = Vec::with_capacity(batch.num_rows());
     let mut truncated = Vec::with_capacity(batch.num_rows());
     for e in encoded {
-        let e = e.map_err(|message| external(ModelError::Input(format!("tokenize: {message}"))))?;
+        let e =
+            e.map_err(|message| external(OperatorError::Input(format!("tokenize: {message}"))))?;
         ids.extend(e.input_ids.iter().map(|&t| t as i32));
         offsets.push(ids.len() as i32);
         n_tokens.push(e.input_ids.len() as i32);

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use tokenizers::Tokenizer;
 
-use crate::error::{ModelError, Result};
+use crate::error::{OperatorError, Result};
 pub use template::{Piece, Slot, Template};
 
 /// The special tokens a tokenizer's post-processor puts before and after a text: encoding
@@ -47,11 +47,11 @@ impl TextTokenizer {
     pub fn open_gguf(path: &Path) -> Result<Self> {
         use candle_core::quantized::gguf_file;
         use candle_core::quantized::tokenizer::TokenizerFromGguf;
-        let err = |message: String| ModelError::Tokenizer {
+        let err = |message: String| OperatorError::Tokenizer {
             path: path.to_path_buf(),
             message,
         };
-        let mut file = std::fs::File::open(path).map_err(|e| ModelError::io(path, e))?;
+        let mut file = std::fs::File::open(path).map_err(|e| OperatorError::io(path, e))?;
         let content = gguf_file::Content::read(&mut file)
             .map_err(|e| err(format!("not a GGUF file: {e}")))?;
         let mut inner = Tokenizer::from_gguf(&content).map_err(|e| err(e.to_string()))?;
@@ -109,7 +109,7 @@ impl TextTokenizer {
     }
 
     pub fn open(path: &Path) -> Result<Self> {
-        let err = |message: String| ModelError::Tokenizer {
+        let err = |message: String| OperatorError::Tokenizer {
             path: path.to_path_buf(),
             message,
         };
@@ -124,9 +124,10 @@ impl TextTokenizer {
         let config = path.with_file_name("tokenizer_config.json");
         let (mut eos, mut pad, mut bos) = (None, None, None);
         if config.is_file() {
-            let text = std::fs::read_to_string(&config).map_err(|e| ModelError::io(&config, e))?;
+            let text =
+                std::fs::read_to_string(&config).map_err(|e| OperatorError::io(&config, e))?;
             let json: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| ModelError::file(&config, format!("not JSON: {e}")))?;
+                .map_err(|e| OperatorError::file(&config, format!("not JSON: {e}")))?;
             let token = |key: &str| -> Option<String> {
                 match json.get(key) {
                     Some(serde_json::Value::String(s)) => Some(s.clone()),
@@ -181,7 +182,7 @@ impl TextTokenizer {
         self.inner
             .encode_fast(text, false)
             .map(|e| e.get_ids().to_vec())
-            .map_err(|e| ModelError::Tokenizer {
+            .map_err(|e| OperatorError::Tokenizer {
                 path: self.path.clone(),
                 message: e.to_string(),
             })
@@ -218,7 +219,7 @@ impl Truncation {
             "balanced" => Ok(Self::Balanced),
             "right" => Ok(Self::Right),
             "left" => Ok(Self::Left),
-            other => Err(ModelError::Input(format!(
+            other => Err(OperatorError::Input(format!(
                 "truncation `{other}` is not one of balanced, right, left"
             ))),
         }
@@ -237,7 +238,7 @@ impl Order {
         match name {
             "ab" => Ok(Self::Ab),
             "ba" => Ok(Self::Ba),
-            other => Err(ModelError::Input(format!(
+            other => Err(OperatorError::Input(format!(
                 "order `{other}` is not ab or ba"
             ))),
         }
@@ -299,7 +300,7 @@ impl Encoder {
             })
             .collect::<Result<Vec<_>>>()?;
         let eos_id = if template.append_eos {
-            let (_, id) = tokenizer.eos.clone().ok_or_else(|| ModelError::Tokenizer {
+            let (_, id) = tokenizer.eos.clone().ok_or_else(|| OperatorError::Tokenizer {
                 path: tokenizer.path.clone(),
                 message: format!(
                     "template `{}` appends EOS but there is no tokenizer_config.json with an eos_token beside the tokenizer",
@@ -322,7 +323,7 @@ impl Encoder {
                 .sum::<usize>()
             + usize::from(eos_id.is_some());
         if overhead >= max_length {
-            return Err(ModelError::Input(format!(
+            return Err(OperatorError::Input(format!(
                 "max_length {max_length} leaves no room for text: template `{}` with this tokenizer takes {overhead} tokens by itself",
                 template.name
             )));

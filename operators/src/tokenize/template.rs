@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::error::{ModelError, Result};
+use crate::error::{OperatorError, Result};
 
 /// One of the three texts a template places.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,7 +69,7 @@ impl Template {
         }
         let path = PathBuf::from(name_or_path);
         if !path.is_file() {
-            return Err(ModelError::Template {
+            return Err(OperatorError::Template {
                 path,
                 message: format!(
                     "no such file, and not a built-in template ({})",
@@ -77,7 +77,7 @@ impl Template {
                 ),
             });
         }
-        let text = std::fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
+        let text = std::fs::read_to_string(&path).map_err(|e| OperatorError::io(&path, e))?;
         let name = path
             .file_stem()
             .map(|s| s.to_string_lossy().to_string())
@@ -86,7 +86,7 @@ impl Template {
     }
 
     pub fn parse(name: &str, text: &str, path: &Path) -> Result<Self> {
-        let err = |message: String| ModelError::Template {
+        let err = |message: String| OperatorError::Template {
             path: path.to_path_buf(),
             message,
         };

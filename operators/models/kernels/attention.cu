@@ -1,25 +1,12 @@
-// arenaflow's CUDA kernels: fused attention (scores, soft-cap, causal + padding + sliding
-// window mask, online softmax, times V, in one pass; the scores never reach device memory),
-// RMSNorm with transformers' rounding, and the gated activations of the MLP.
+// Fused attention: scores, soft-cap, causal + padding + sliding-window mask, online
+// softmax and times V in one pass; the scores never reach device memory.
 //
-// Built to PTX for sm_90 by operators/build.rs (feature `cuda`) and loaded through candle's
-// CUDA device (cudarc). Layouts: q (b, s, nh, d), k and v (b, s, nkv, d), out (b, s, nh, d),
-// all contiguous, so that no transposes are needed around attention.
-// bounds (b, 2) u32: the first and one-past-last real position of each row (padding is
-// on the left or on the right, so the real tokens are contiguous).
+// Layouts: q (b, s, nh, d), k and v (b, s, nkv, d), out (b, s, nh, d), all contiguous, so
+// that no transposes are needed around attention. bounds (b, 2) u32: the first and
+// one-past-last real position of each row (padding is on the left or on the right, so the
+// real tokens are contiguous). Launched by src/ops/attention.rs.
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <stdint.h>
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-
-template <typename T> __device__ __forceinline__ T from_float(float x);
-template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
-template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half(x); }
+#include "common.cuh"
 
 // Score of one query-key pair after scaling and the optional soft-cap; -inf when masked.
 __device__ __forceinline__ float finish_score(float s, float scale, float softcap, bool valid) {
@@ -332,73 +319,3 @@ MMA_KERNEL(attention_mma_f16_d32, __half, 32, 64)
 MMA_KERNEL(attention_mma_f16_d64, __half, 64, 64)
 MMA_KERNEL(attention_mma_f16_d128, __half, 128, 64)
 MMA_KERNEL(attention_mma_f16_d256, __half, 256, 32)
-
-// ---------------------------------------------------------------------------------------
-// RMSNorm over the last axis, one block per row, statistics in f32, weight in f32.
-// Llama (gemma = 0): T(T(x * r) * w), the rounding of transformers' `w * x.to(dtype)`.
-// Gemma (gemma = 1): T(x * r * w) with w = 1 + weight, all in f32.
-template <typename T>
-__device__ void rms_norm(const T* __restrict__ x, const float* __restrict__ w, T* __restrict__ out,
-                         int cols, float eps, int gemma) {
-    __shared__ float partial[32];
-    const T* xr = x + (size_t)blockIdx.x * cols;
-    T* orow = out + (size_t)blockIdx.x * cols;
-    float sum = 0.f;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        float v = to_float(xr[c]);
-        sum += v * v;
-    }
-    for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffff, sum, off);
-    if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = sum;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        int warps = blockDim.x / 32;
-        float v = threadIdx.x < warps ? partial[threadIdx.x] : 0.f;
-        for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffff, v, off);
-        if (threadIdx.x == 0) partial[0] = v;
-    }
-    __syncthreads();
-    float r = rsqrtf(partial[0] / cols + eps);
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        float v = to_float(xr[c]) * r;
-        orow[c] = gemma ? from_float<T>(v * w[c]) : from_float<T>(to_float(from_float<T>(v)) * w[c]);
-    }
-}
-
-#define RMS(NAME, T)                                                                          \
-    extern "C" __global__ void NAME(const T* x, const float* w, T* out, int cols, float eps,  \
-                                    int gemma) {                                              \
-        rms_norm<T>(x, w, out, cols, eps, gemma);                                             \
-    }
-RMS(rms_norm_f32, float)
-RMS(rms_norm_bf16, __nv_bfloat16)
-RMS(rms_norm_f16, __half)
-
-// ---------------------------------------------------------------------------------------
-// act(gate) * up in one pass, each step rounded to T as PyTorch does it.
-// kind 0: silu, 1: gelu (tanh approximation), 2: gelu (erf).
-__device__ __forceinline__ float activate(float g, int kind) {
-    if (kind == 0) return g / (1.f + __expf(-g));
-    if (kind == 1) {
-        const float c = 0.7978845608028654f;  // sqrt(2 / pi)
-        return 0.5f * g * (1.f + tanhf(c * (g + 0.044715f * g * g * g)));
-    }
-    return 0.5f * g * (1.f + erff(g * 0.7071067811865476f));
-}
-
-template <typename T>
-__device__ void gated(const T* __restrict__ gate, const T* __restrict__ up, T* __restrict__ out,
-                      size_t n, int kind) {
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        float a = to_float(from_float<T>(activate(to_float(gate[i]), kind)));
-        out[i] = from_float<T>(a * to_float(up[i]));
-    }
-}
-
-#define GATED(NAME, T)                                                                         \
-    extern "C" __global__ void NAME(const T* gate, const T* up, T* out, size_t n, int kind) {  \
-        gated<T>(gate, up, out, n, kind);                                                      \
-    }
-GATED(gated_f32, float)
-GATED(gated_bf16, __nv_bfloat16)
-GATED(gated_f16, __half)

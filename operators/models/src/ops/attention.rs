@@ -3,7 +3,7 @@
 //! (b, s, kv heads, d), with each row's padding given as the span of its real tokens. No
 //! mask is materialised and the keys a query cannot see are never multiplied.
 //!
-//! On a GPU it runs arenaflow's CUDA kernels (`kernels.rs`). On the CPU (f32) every
+//! On a GPU it runs arenaflow's CUDA kernels (`kernels/attention.cu`). On the CPU (f32) every
 //! (row, head) is a rayon task that walks its real tokens in blocks of queries: one `gemm`
 //! for the block's scores against the keys it can see (the causal triangle is skipped
 //! block by block), the mask and softmax on that block while it is in cache, one `gemm`
@@ -13,14 +13,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-/// Whether the fused kernels of a device kind are on: `ARENAFLOW_GPU_KERNELS` /
-/// `ARENAFLOW_CPU_KERNELS` set to `off`, `0` or `false` switch to candle's composed ops.
-pub fn kernels_enabled(variable: &str) -> bool {
-    !matches!(
-        std::env::var(variable).as_deref(),
-        Ok("off") | Ok("0") | Ok("false")
-    )
-}
+use super::contiguous;
 
 /// Fused causal attention over (b, s, heads, d) inputs, with the padding given as each
 /// row's real span (`bounds`, (b, 2) u32: start, end), an optional sliding window and
@@ -63,13 +56,6 @@ impl Dims {
 
 /// Queries per block on the CPU: a block's scores (64 x up to s f32) stay in L2.
 const QUERY_BLOCK: usize = 64;
-
-fn contiguous<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("attention: {what} is not contiguous"),
-    }
-}
 
 impl Attention {
     fn cpu_bounds(&self, rows: usize, s: usize) -> Result<Vec<u32>> {
@@ -236,9 +222,9 @@ impl CustomOp3 for Attention {
             );
         };
         let out = self.cpu(
-            contiguous(q, ql, "q")?,
-            contiguous(k, kl, "k")?,
-            contiguous(v, vl, "v")?,
+            contiguous(q, ql, "attention: q")?,
+            contiguous(k, kl, "attention: k")?,
+            contiguous(v, vl, "attention: v")?,
             dims,
         )?;
         Ok((CpuStorage::F32(out), ql.shape().clone()))
@@ -254,7 +240,77 @@ impl CustomOp3 for Attention {
         v: &candle_core::CudaStorage,
         vl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        crate::kernels::attention_cuda(self, (q, ql), (k, kl), (v, vl))
+        crate::cuda::by_dtype!(
+            self,
+            "attention",
+            q.dtype(),
+            &q.device.clone(),
+            (q, ql),
+            (k, kl),
+            (v, vl)
+        )
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Attention {
+    /// The tensor-core kernel for bf16/f16 and head sizes 16..256, the simple one otherwise.
+    fn launch<T>(
+        &self,
+        dev: &candle_core::cuda_backend::CudaDevice,
+        (q, ql): (&candle_core::CudaStorage, &Layout),
+        (k, kl): (&candle_core::CudaStorage, &Layout),
+        (v, vl): (&candle_core::CudaStorage, &Layout),
+    ) -> Result<(candle_core::CudaStorage, Shape)>
+    where
+        T: candle_core::cuda_backend::CudaDType
+            + candle_core::cuda_backend::cudarc::driver::DeviceRepr,
+    {
+        use crate::cuda::{fail, launch, suffix, view, ATTENTION};
+        use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
+        let Dims { b, s, nh, nkv, d } = Dims::of(ql, kl, vl)?;
+        let (bounds, bl) = self.bounds.storage_and_layout();
+        let candle_core::Storage::Cuda(bounds) = &*bounds else {
+            return Err(fail("attention: bounds must be on the GPU".into()));
+        };
+        let bounds = view!(bounds, bl, u32);
+        let (qv, kv, vv) = (view!(q, ql, T), view!(k, kl, T), view!(v, vl, T));
+        // SAFETY: every element is written by the kernel (queries outside a row's span
+        // as zeros).
+        let out = unsafe { dev.alloc::<T>(b * s * nh * d) }?;
+        let dtype = suffix(q.dtype())?;
+        let mma = dtype != "f32" && [16, 32, 64, 128, 256].contains(&d);
+        let (bi, si, nhi, nkvi, di) = (b as i32, s as i32, nh as i32, nkv as i32, d as i32);
+        if mma {
+            let cfg = LaunchConfig {
+                grid_dim: (s.div_ceil(64) as u32, nh as u32, b as u32),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: attention_mma_* take (q, k, v, bounds, out, b, s, nh, nkv, scale,
+            // softcap, window) over the contiguous layouts checked by Dims::of.
+            launch!(dev, ATTENTION, format!("attention_mma_{dtype}_d{d}"), cfg;
+                &qv, &kv, &vv, &bounds, &out, &bi, &si, &nhi, &nkvi,
+                &self.scale, &self.softcap, &self.window);
+        } else {
+            if d > 256 {
+                return Err(fail(format!("attention: head size {d} is over 256")));
+            }
+            let cfg = LaunchConfig {
+                grid_dim: (s.div_ceil(4) as u32, nh as u32, b as u32),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: attention_simple_* take (q, k, v, bounds, out, b, s, nh, nkv, d,
+            // scale, softcap, window).
+            launch!(dev, ATTENTION, format!("attention_simple_{dtype}"), cfg;
+                &qv, &kv, &vv, &bounds, &out, &bi, &si, &nhi, &nkvi, &di,
+                &self.scale, &self.softcap, &self.window);
+        }
+        Ok((
+            candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            Shape::from((b, s, nh, d)),
+        ))
     }
 }
 

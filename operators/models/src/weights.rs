@@ -2,6 +2,7 @@
 //! 2): every tensor the architecture names must be present with its shape, and no tensor may
 //! be left over unless the caller names it as deliberately dropped.
 
+use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -108,10 +109,16 @@ fn display_paths(paths: &[PathBuf]) -> String {
 
 /// Takes tensors by name from one source, converting them to one dtype and device, and
 /// remembers what was taken so that [`WeightLoader::finish`] can refuse a partial load.
+/// Layers take their tensors through [`Weights`], a view with a name prefix.
 pub struct WeightLoader<'a> {
     source: &'a TensorSource,
-    pub device: Device,
-    pub dtype: DType,
+    device: Device,
+    dtype: DType,
+    record: RefCell<LoadRecord>,
+}
+
+#[derive(Default)]
+struct LoadRecord {
     taken: BTreeSet<String>,
     dropped: BTreeSet<String>,
     missing: Vec<String>,
@@ -124,32 +131,30 @@ impl<'a> WeightLoader<'a> {
             source,
             device: device.clone(),
             dtype,
-            taken: BTreeSet::new(),
-            dropped: BTreeSet::new(),
-            missing: Vec::new(),
-            wrong_shape: Vec::new(),
+            record: RefCell::default(),
         }
     }
 
-    pub fn has(&self, name: &str) -> bool {
-        self.source.contains(name)
+    /// The view with no prefix.
+    pub fn root(&self) -> Weights<'_, 'a> {
+        Weights {
+            loader: self,
+            prefix: String::new(),
+        }
     }
 
-    /// The tensor `name` with `shape`, in the loader's dtype. A missing or misshapen tensor
-    /// is recorded and zeros stand in, so that one load reports every problem at once.
-    pub fn tensor(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        self.tensor_as(name, shape, self.dtype)
-    }
-
-    pub fn tensor_as(&mut self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+    /// The tensor `name` with `shape`, in `dtype`. A missing or misshapen tensor is recorded
+    /// and zeros stand in, so that one load reports every problem at once.
+    fn tensor_as(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let mut record = self.record.borrow_mut();
         if !self.source.contains(name) {
-            self.missing.push(name.to_string());
+            record.missing.push(name.to_string());
             return Ok(Tensor::zeros(shape, dtype, &self.device)?);
         }
-        self.taken.insert(name.to_string());
+        record.taken.insert(name.to_string());
         let tensor = self.source.load(name, shape, &self.device)?;
         if tensor.dims() != shape {
-            self.wrong_shape.push(format!(
+            record.wrong_shape.push(format!(
                 "{name} has shape {:?}, the config says {shape:?}",
                 tensor.dims()
             ));
@@ -158,43 +163,93 @@ impl<'a> WeightLoader<'a> {
         Ok(tensor.to_dtype(dtype)?)
     }
 
-    /// Marks a tensor the checkpoint may carry and the classifier deliberately does not use
-    /// (the LM head of a causal-LM checkpoint).
-    pub fn drop_if_present(&mut self, name: &str) {
-        if self.source.contains(name) {
-            self.dropped.insert(name.to_string());
-        }
-    }
-
-    /// Tensors taken so far.
-    pub fn taken(&self) -> &BTreeSet<String> {
-        &self.taken
-    }
-
     /// Fails unless every requested tensor was there with its shape and nothing is left.
     pub fn finish(self) -> Result<()> {
+        let record = self.record.into_inner();
         let unexpected: Vec<String> = match self.source.names() {
             Some(names) => names
                 .into_iter()
-                .filter(|n| !self.taken.contains(n) && !self.dropped.contains(n))
+                .filter(|n| !record.taken.contains(n) && !record.dropped.contains(n))
                 .collect(),
             None => Vec::new(),
         };
-        if !self.missing.is_empty() || !unexpected.is_empty() {
+        if !record.missing.is_empty() || !unexpected.is_empty() {
             return Err(ModelError::TensorMismatch {
                 source_name: self.source.label(),
-                missing: self.missing,
+                missing: record.missing,
                 unexpected,
             });
         }
-        if !self.wrong_shape.is_empty() {
+        if !record.wrong_shape.is_empty() {
             return Err(ModelError::Config(format!(
                 "{}: {}",
                 self.source.label(),
-                self.wrong_shape.join("; ")
+                record.wrong_shape.join("; ")
             )));
         }
         Ok(())
+    }
+}
+
+/// A view of a [`WeightLoader`] under a name prefix, as candle's `VarBuilder::pp`: a layer
+/// names its tensors relative to where it sits (`vb.pp("self_attn").pp("q_proj")`).
+#[derive(Clone)]
+pub struct Weights<'l, 'a> {
+    loader: &'l WeightLoader<'a>,
+    prefix: String,
+}
+
+impl<'l, 'a> Weights<'l, 'a> {
+    /// The view one level down: `prefix.name`.
+    pub fn pp(&self, name: impl std::fmt::Display) -> Self {
+        let prefix = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        };
+        Self {
+            loader: self.loader,
+            prefix,
+        }
+    }
+
+    fn path(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
+
+    /// The loader's dtype: the model's.
+    pub fn dtype(&self) -> DType {
+        self.loader.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.loader.device
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.loader.source.contains(&self.path(name))
+    }
+
+    /// The tensor `name` under this prefix, with `shape`, in the loader's dtype.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.get_as(name, shape, self.loader.dtype)
+    }
+
+    pub fn get_as(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        self.loader.tensor_as(&self.path(name), shape, dtype)
+    }
+
+    /// Marks a tensor the checkpoint may carry and the classifier deliberately does not use
+    /// (the LM head of a causal-LM checkpoint).
+    pub fn drop_if_present(&self, name: &str) {
+        let path = self.path(name);
+        if self.loader.source.contains(&path) {
+            self.loader.record.borrow_mut().dropped.insert(path);
+        }
     }
 }
 

@@ -1,9 +1,11 @@
 //! The three model families of the recipe as 3-class sequence classifiers: Llama-3, Qwen2
 //! and Gemma-2, with the semantics of transformers' `*ForSequenceClassification`. Each
-//! family's file reads its `config.json`; the one decoder in [`decoder`] runs them all, so
-//! training and inference share one implementation (DESIGN.md rules 2 and 4).
+//! family's file reads its `config.json`; the one classifier in [`classifier`] runs them
+//! all over the layers of [`crate::layers`], so training and inference share one
+//! implementation (DESIGN.md rules 2 and 4).
 
-pub mod decoder;
+pub mod batch;
+pub mod classifier;
 pub mod gemma2;
 pub mod llama;
 pub mod qwen2;
@@ -15,7 +17,17 @@ use serde::Deserialize;
 use crate::config_bail;
 use crate::error::{ModelError, Result};
 
-pub use decoder::{ForwardMode, PaddedBatch, SequenceClassifier};
+pub use crate::ops::gated::Activation;
+pub use batch::{PaddedBatch, PaddingSide};
+pub use classifier::{ScoreHead, SequenceClassifier};
+
+/// The dtype trainable tensors live in: f32 under a half-precision model, as PEFT keeps them.
+pub fn adapter_dtype(model_dtype: candle_core::DType) -> candle_core::DType {
+    match model_dtype {
+        candle_core::DType::F64 => candle_core::DType::F64,
+        _ => candle_core::DType::F32,
+    }
+}
 
 /// A model family of the recipe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,15 +59,6 @@ impl Family {
 }
 
 /// The activation of the gated MLP, by its transformers name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Activation {
-    Silu,
-    /// `gelu_pytorch_tanh`: the tanh approximation.
-    GeluTanh,
-    /// `gelu`: the exact (erf) form.
-    GeluErf,
-}
-
 impl Activation {
     pub fn from_hf(name: &str) -> Result<Self> {
         match name {

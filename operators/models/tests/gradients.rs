@@ -3,16 +3,16 @@
 
 use std::path::PathBuf;
 
-use arenaflow_operators::lora::LoraConfig;
-use arenaflow_operators::models::decoder::PaddingSide;
-use arenaflow_operators::models::{ForwardMode, ModelConfig, PaddedBatch, SequenceClassifier};
-use arenaflow_operators::weights::{SplitMix64, TensorSource};
+use arenaflow_models::lora::LoraConfig;
+use arenaflow_models::models::PaddingSide;
+use arenaflow_models::models::{ModelConfig, PaddedBatch, SequenceClassifier};
+use arenaflow_models::weights::{SplitMix64, TensorSource};
 use candle_core::{DType, Device, Tensor};
 
 fn config(family: &str) -> ModelConfig {
     ModelConfig::from_file(
         &PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../tests/fixtures/models")
+            .join("../../tests/fixtures/models")
             .join(family)
             .join("base/config.json"),
     )
@@ -20,7 +20,7 @@ fn config(family: &str) -> ModelConfig {
 }
 
 fn loss(model: &SequenceClassifier, batch: &PaddedBatch, labels: &Tensor) -> Tensor {
-    let logits = model.forward(batch, ForwardMode::Training).unwrap();
+    let logits = model.forward_t(batch, true).unwrap();
     candle_nn::loss::cross_entropy(&logits, labels).unwrap()
 }
 
@@ -30,7 +30,7 @@ fn check_family(family: &str) {
     let mut model =
         SequenceClassifier::load(&cfg, &source, None, DType::F64, &Device::Cpu).unwrap();
     let mut lora = LoraConfig::all_linear(3, 6.0, 0.0);
-    lora.layers_to_transform = Some(arenaflow_operators::lora::LayerSelection::Many(vec![0, 2]));
+    lora.layers_to_transform = Some(arenaflow_models::lora::LayerSelection::Many(vec![0, 2]));
     model.init_lora(&lora, 5).unwrap();
     // PEFT starts B at zero; give it values so that gradients reach A too.
     let mut rng = SplitMix64::new(3);

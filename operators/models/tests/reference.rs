@@ -4,20 +4,20 @@
 
 use std::path::PathBuf;
 
-use arenaflow_operators::checkpoint::{
+use arenaflow_models::checkpoint::{
     load_classifier, open_adapter, open_folder, save_adapter, save_merged,
 };
-use arenaflow_operators::models::decoder::PaddingSide;
-use arenaflow_operators::models::{ForwardMode, PaddedBatch, SequenceClassifier};
-use arenaflow_operators::weights::TensorSource;
-use arenaflow_operators::ModelError;
+use arenaflow_models::models::PaddingSide;
+use arenaflow_models::models::{PaddedBatch, SequenceClassifier};
+use arenaflow_models::weights::TensorSource;
+use arenaflow_models::ModelError;
 use candle_core::{DType, Device};
 
 const FAMILIES: [&str; 3] = ["llama", "qwen2", "gemma2"];
 
 fn fixture(family: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures/models")
+        .join("../../tests/fixtures/models")
         .join(family)
 }
 
@@ -53,7 +53,7 @@ fn logits(model: &SequenceClassifier, r: &Reference, side: PaddingSide) -> Vec<V
     let rows: Vec<&[u32]> = r.rows.iter().map(|r| r.as_slice()).collect();
     let batch = PaddedBatch::pad(&rows, r.pad, side).unwrap();
     model
-        .forward(&batch, ForwardMode::Inference)
+        .forward_t(&batch, false)
         .unwrap()
         .to_dtype(DType::F32)
         .unwrap()
@@ -268,8 +268,7 @@ fn sharded_checkpoints_load() {
             .iter()
             .map(|n| (n.clone(), files.load(n, &Device::Cpu).unwrap()))
             .collect();
-        arenaflow_operators::checkpoint::write_safetensors(&dir.path().join(&file), &tensors)
-            .unwrap();
+        arenaflow_models::checkpoint::write_safetensors(&dir.path().join(&file), &tensors).unwrap();
         for n in chunk {
             weight_map.insert(n.clone(), file.clone().into());
         }

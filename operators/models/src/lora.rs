@@ -1,10 +1,10 @@
 //! LoRA adapters in PEFT's terms (`target_modules`, `layers_to_transform`, `r`,
 //! `lora_alpha`, `lora_dropout`, `use_rslora`, `modules_to_save`), on the seven projections
-//! of a decoder layer, and the linear layer that carries them.
+//! of a decoder layer; [`crate::layers::linear::Linear`] carries them.
 
 use std::path::Path;
 
-use candle_core::{DType, Tensor, Var, D};
+use candle_core::Var;
 use serde::{Deserialize, Serialize};
 
 use crate::config_bail;
@@ -261,63 +261,4 @@ pub struct LoraWeights {
     pub b: Var,
     pub scaling: f64,
     pub dropout: f64,
-}
-
-/// A linear projection `x W^T + b`, frozen, with an optional LoRA update.
-#[derive(Debug, Clone)]
-pub struct LoraLinear {
-    pub weight: Tensor,
-    pub bias: Option<Tensor>,
-    pub lora: Option<LoraWeights>,
-}
-
-impl LoraLinear {
-    pub fn forward(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-        let base = linear(xs, &self.weight, self.bias.as_ref())?;
-        let Some(lora) = &self.lora else {
-            return Ok(base);
-        };
-        // PEFT runs the adapter in its own (f32) dtype and adds the result in the model's.
-        let adapter_dtype = lora.a.dtype();
-        let mut x = xs.to_dtype(adapter_dtype)?;
-        if train && lora.dropout > 0.0 {
-            x = candle_nn::ops::dropout(&x, lora.dropout as f32)?;
-        }
-        let update = linear(
-            &linear(&x, lora.a.as_tensor(), None)?,
-            lora.b.as_tensor(),
-            None,
-        )?;
-        let update = (update * lora.scaling)?.to_dtype(base.dtype())?;
-        base + update
-    }
-
-    /// The weight with the update folded in: W + scaling * B A.
-    pub fn merged_weight(&self) -> candle_core::Result<Tensor> {
-        match &self.lora {
-            None => Ok(self.weight.clone()),
-            Some(lora) => {
-                let delta = (lora.b.as_tensor().matmul(lora.a.as_tensor())? * lora.scaling)?;
-                let merged = (self.weight.to_dtype(DType::F32)? + delta.to_dtype(DType::F32)?)?;
-                merged.to_dtype(self.weight.dtype())
-            }
-        }
-    }
-}
-
-/// `x W^T (+ b)` over the last dimension of a tensor of any rank.
-pub fn linear(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
-    let dims = xs.dims().to_vec();
-    let in_features = dims[dims.len() - 1];
-    let rows = xs.elem_count() / in_features.max(1);
-    let flat = xs.reshape((rows, in_features))?;
-    let out = flat.matmul(&weight.t()?)?;
-    let out = match bias {
-        Some(b) => out.broadcast_add(b)?,
-        None => out,
-    };
-    let mut out_dims = dims;
-    let last = out_dims.len() - 1;
-    out_dims[last] = out.dim(D::Minus1)?;
-    out.reshape(out_dims)
 }

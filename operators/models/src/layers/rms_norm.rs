@@ -1,0 +1,77 @@
+//! RMSNorm in f32. Llama: the weight times the normalised input cast back; Gemma: the
+//! normalised input times (1 + w) in f32, cast back (the weight is kept as 1 + w in f32).
+
+use candle_core::{DType, Tensor, D};
+
+use crate::error::Result;
+use crate::models::{adapter_dtype, DecoderConfig, NormStyle};
+use crate::profile;
+use crate::weights::Weights;
+
+use super::Kernels;
+
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    /// Llama: w in the model dtype; Gemma: 1 + w in f32.
+    weight: Tensor,
+    eps: f64,
+    style: NormStyle,
+    /// The model dtype.
+    dtype: DType,
+    /// arenaflow's GPU kernel in inference.
+    fused: bool,
+}
+
+impl RmsNorm {
+    /// `weight` (hidden) under `vb`.
+    pub fn new(cfg: &DecoderConfig, vb: &Weights, kernels: Kernels) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let weight = match cfg.norm {
+            NormStyle::Llama => vb.get("weight", &[h])?,
+            NormStyle::Gemma => (vb.get_as("weight", &[h], adapter_dtype(vb.dtype()))? + 1.0)?,
+        };
+        Ok(Self {
+            weight,
+            eps: cfg.rms_norm_eps,
+            style: cfg.norm,
+            dtype: vb.dtype(),
+            fused: kernels.gpu,
+        })
+    }
+
+    pub fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        profile::time(xs.device(), "norms", || self.normalise(xs, train))
+    }
+
+    fn normalise(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        if self.fused && !train {
+            return Ok(crate::ops::rms_norm::rms_norm(
+                xs,
+                &self.weight,
+                self.eps as f32,
+                self.style == NormStyle::Gemma,
+            )?);
+        }
+        if !train && self.dtype == DType::F32 {
+            return Ok(candle_nn::ops::rms_norm(xs, &self.weight, self.eps as f32)?);
+        }
+        let internal = adapter_dtype(self.dtype);
+        let x = xs.to_dtype(internal)?;
+        let variance = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = x.broadcast_div(&(variance + self.eps)?.sqrt()?)?;
+        Ok(match self.style {
+            NormStyle::Llama => normed.to_dtype(self.dtype)?.broadcast_mul(&self.weight)?,
+            NormStyle::Gemma => normed
+                .broadcast_mul(&self.weight.to_dtype(internal)?)?
+                .to_dtype(self.dtype)?,
+        })
+    }
+
+    /// The weight as the checkpoint stores it (Gemma's without the 1 +).
+    pub fn stored_weight(&self) -> Result<Tensor> {
+        Ok(match self.style {
+            NormStyle::Llama => self.weight.clone(),
+            NormStyle::Gemma => (&self.weight - 1.0)?.to_dtype(self.dtype)?,
+        })
+    }
+}

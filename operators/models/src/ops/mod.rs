@@ -1,0 +1,61 @@
+//! arenaflow's custom candle ops, one per file, each with its CPU and CUDA sides together
+//! (candle-nn's `ops.rs` shape): the fused attention, RMSNorm and the gated activation. The
+//! CUDA sides launch the kernels of `kernels/<op>.cu` through [`crate::cuda`].
+
+pub mod attention;
+pub mod gated;
+pub mod rms_norm;
+
+/// Whether the fused kernels of a device kind are on: `ARENAFLOW_GPU_KERNELS` /
+/// `ARENAFLOW_CPU_KERNELS` set to `off`, `0` or `false` switch to candle's composed ops.
+pub fn kernels_enabled(variable: &str) -> bool {
+    !matches!(
+        std::env::var(variable).as_deref(),
+        Ok("off") | Ok("0") | Ok("false")
+    )
+}
+
+/// An element type the ops take, with its rounding from f32.
+pub(crate) trait Element: Copy + Send + Sync {
+    fn to_f32(self) -> f32;
+    fn from_f32(x: f32) -> Self;
+}
+
+impl Element for f32 {
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+}
+
+impl Element for half::bf16 {
+    fn to_f32(self) -> f32 {
+        half::bf16::to_f32(self)
+    }
+    fn from_f32(x: f32) -> Self {
+        half::bf16::from_f32(x)
+    }
+}
+
+impl Element for half::f16 {
+    fn to_f32(self) -> f32 {
+        half::f16::to_f32(self)
+    }
+    fn from_f32(x: f32) -> Self {
+        half::f16::from_f32(x)
+    }
+}
+
+/// A contiguous tensor's elements; `what` names it in the error.
+pub(crate) fn contiguous<'a, T>(
+    data: &'a [T],
+    layout: &candle_core::Layout,
+    what: &str,
+) -> candle_core::Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{what} is not contiguous"),
+    }
+}

@@ -1,0 +1,195 @@
+//! RMSNorm over the last axis with an f32 weight, as one op: statistics in f32, and
+//! transformers' rounding. Llama: `T(T(x * r) * w)` (`w * x.to(dtype)`); Gemma: `T(x * r * w)`
+//! with the stored weight already `1 + w`, all in f32. The CUDA side is
+//! `kernels/rms_norm.cu`; the CPU side computes the same, row by row.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::{contiguous, Element};
+
+pub struct RmsNorm {
+    pub eps: f32,
+    /// The weight is Gemma's 1 + w, multiplied in f32.
+    pub gemma: bool,
+}
+
+impl RmsNorm {
+    /// The number of columns, checked against the weight.
+    fn columns(&self, xl: &Layout, wl: &Layout) -> Result<usize> {
+        let cols = *xl.shape().dims().last().unwrap_or(&0);
+        if wl.shape().elem_count() != cols || cols == 0 {
+            candle_core::bail!("rms_norm: weight {:?} for rows of {cols}", wl.shape());
+        }
+        Ok(cols)
+    }
+
+    fn cpu<T: Element>(&self, x: &[T], w: &[f32], cols: usize) -> Vec<T> {
+        let mut out = vec![T::from_f32(0.0); x.len()];
+        out.par_chunks_mut(cols)
+            .zip(x.par_chunks(cols))
+            .for_each(|(o, row)| {
+                let sum: f32 = row.iter().map(|v| v.to_f32() * v.to_f32()).sum();
+                let r = 1.0 / (sum / cols as f32 + self.eps).sqrt();
+                for ((o, v), w) in o.iter_mut().zip(row).zip(w) {
+                    let normed = v.to_f32() * r;
+                    *o = if self.gemma {
+                        T::from_f32(normed * w)
+                    } else {
+                        T::from_f32(T::from_f32(normed).to_f32() * w)
+                    };
+                }
+            });
+        out
+    }
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "arenaflow-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let cols = self.columns(xl, wl)?;
+        let CpuStorage::F32(w) = w else {
+            candle_core::bail!("rms_norm: the weight must be f32, not {:?}", w.dtype());
+        };
+        let w = contiguous(w, wl, "rms_norm: weight")?;
+        let out = match x {
+            CpuStorage::F32(x) => {
+                CpuStorage::F32(self.cpu(contiguous(x, xl, "rms_norm: x")?, w, cols))
+            }
+            CpuStorage::BF16(x) => {
+                CpuStorage::BF16(self.cpu(contiguous(x, xl, "rms_norm: x")?, w, cols))
+            }
+            CpuStorage::F16(x) => {
+                CpuStorage::F16(self.cpu(contiguous(x, xl, "rms_norm: x")?, w, cols))
+            }
+            other => candle_core::bail!("rms_norm takes f32, bf16 or f16, not {:?}", other.dtype()),
+        };
+        Ok((out, xl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        w: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::by_dtype!(
+            self,
+            "rms_norm",
+            x.dtype(),
+            &x.device.clone(),
+            (x, xl),
+            (w, wl)
+        )
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl RmsNorm {
+    fn launch<T>(
+        &self,
+        dev: &candle_core::cuda_backend::CudaDevice,
+        (x, xl): (&candle_core::CudaStorage, &Layout),
+        (w, wl): (&candle_core::CudaStorage, &Layout),
+    ) -> Result<(candle_core::CudaStorage, Shape)>
+    where
+        T: candle_core::cuda_backend::CudaDType
+            + candle_core::cuda_backend::cudarc::driver::DeviceRepr,
+    {
+        use crate::cuda::{launch, suffix, view, RMS_NORM};
+        use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
+        let cols = self.columns(xl, wl)?;
+        let rows = xl.shape().elem_count() / cols;
+        let (xv, wv) = (view!(x, xl, T), view!(w, wl, f32));
+        // SAFETY: one block per row writes every column of its row.
+        let out = unsafe { dev.alloc::<T>(rows * cols) }?;
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (c, gemma) = (cols as i32, self.gemma as i32);
+        // SAFETY: rms_norm_* take (x, w, out, cols, eps, gemma); x and out are rows x cols.
+        launch!(dev, RMS_NORM, format!("rms_norm_{}", suffix(x.dtype())?), cfg;
+            &xv, &wv, &out, &c, &self.eps, &gemma);
+        Ok((
+            candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            xl.shape().clone(),
+        ))
+    }
+}
+
+/// RMSNorm of `x` over its last axis with `weight` (taken in f32).
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32, gemma: bool) -> Result<Tensor> {
+    x.contiguous()?.apply_op2_no_bwd(
+        &weight.to_dtype(DType::F32)?.contiguous()?,
+        &RmsNorm { eps, gemma },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::weights::SplitMix64;
+    use candle_core::Device;
+
+    /// RMSNorm of one row from the definition, in f64, with the two styles' weight.
+    fn reference(row: &[f32], w: &[f32], eps: f64) -> Vec<f64> {
+        let mean = row.iter().map(|&x| x as f64 * x as f64).sum::<f64>() / row.len() as f64;
+        let r = 1.0 / (mean + eps).sqrt();
+        row.iter()
+            .zip(w)
+            .map(|(&x, &w)| x as f64 * r * w as f64)
+            .collect()
+    }
+
+    #[test]
+    fn cpu_side_matches_the_definition() {
+        let (rows, cols, eps) = (5, 96, 1e-6);
+        let mut rng = SplitMix64::new(3);
+        let x: Vec<f32> = (0..rows * cols)
+            .map(|_| 3.0 * rng.next_normal() as f32)
+            .collect();
+        let w: Vec<f32> = (0..cols)
+            .map(|_| 1.0 + 0.1 * rng.next_normal() as f32)
+            .collect();
+        let dev = Device::Cpu;
+        let xt = Tensor::from_slice(&x, (rows, cols), &dev).unwrap();
+        let wt = Tensor::from_slice(&w, cols, &dev).unwrap();
+        for (dtype, bar) in [
+            (DType::F32, 1e-5),
+            (DType::BF16, 1.6e-2),
+            (DType::F16, 2e-3),
+        ] {
+            for gemma in [false, true] {
+                let out = rms_norm(&xt.to_dtype(dtype).unwrap(), &wt, eps as f32, gemma)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .to_vec2::<f32>()
+                    .unwrap();
+                // The input as the op saw it: rounded to the dtype.
+                let seen = xt.to_dtype(dtype).unwrap().to_dtype(DType::F32).unwrap();
+                let seen = seen.to_vec2::<f32>().unwrap();
+                for (got, row) in out.iter().zip(&seen) {
+                    for (g, want) in got.iter().zip(reference(row, &w, eps)) {
+                        let err = (*g as f64 - want).abs() / want.abs().max(1.0);
+                        assert!(err < bar, "{dtype:?} gemma {gemma}: {g} vs {want}");
+                    }
+                }
+            }
+        }
+    }
+}
