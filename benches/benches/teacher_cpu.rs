@@ -16,10 +16,11 @@
 
 use std::path::{Path, PathBuf};
 
+use arenaflow_engine::session::execute;
 use arenaflow_engine::{run_plan, ArenaSession, PlanFile, RunOptions};
 use arenaflow_models::checkpoint::write_safetensors;
 use arenaflow_models::weights::SplitMix64;
-use arenaflow_operators::teacher::{Teacher, TeacherSettings};
+use arenaflow_operators::teacher_forward::{Teacher, TeacherSettings};
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use datafusion::arrow::array::AsArray;
@@ -155,7 +156,7 @@ fn operator_pass(tokens: &Path, settings: &TeacherSettings) {
         "SELECT count(*) AS n FROM teacher_forward('ab', '{}', '{adapter}', 'f32', 'cpu')",
         settings.model
     );
-    rt.block_on(async {
+    let passes = rt.block_on(async {
         session
             .ctx
             .register_parquet("tokens", tokens.display().to_string(), Default::default())
@@ -169,12 +170,13 @@ fn operator_pass(tokens: &Path, settings: &TeacherSettings) {
             .collect()
             .await
             .unwrap();
-        session.forward.begin(None);
-        let out = session.ctx.sql(&sql).await.unwrap().collect().await.unwrap();
-        let rows = out[0].column(0).as_primitive::<datafusion::arrow::datatypes::Int64Type>().value(0);
+        let plan = session.ctx.sql(&sql).await.unwrap().into_unoptimized_plan();
+        let executed = execute(session.ctx.state(), plan).await.unwrap();
+        let rows = executed.batches[0].column(0).as_primitive::<datafusion::arrow::datatypes::Int64Type>().value(0);
         assert_eq!(rows, 1982);
+        executed.passes
     });
-    for stats in session.forward.finish() {
+    for stats in passes {
         eprintln!(
             "smollm2 cpu, all 1,982 rows through teacher_forward: {:.3} rows/s, {:.1} tokens/s, {} tokens, padding {:.2}%, {:.0} s, peak memory {}",
             stats.rows_per_second,

@@ -2,7 +2,6 @@
 //! storage, and the readers of preference data sets.
 
 pub mod error;
-pub mod inputs;
 pub mod logits;
 pub mod manifest;
 pub mod plan;

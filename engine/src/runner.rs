@@ -5,8 +5,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
+use std::sync::Arc;
 use std::time::Duration;
 
+use arenaflow_operators::run_state::ManagedOutput;
 use datafusion::arrow::array::AsArray;
 use datafusion::arrow::datatypes::{Int64Type, UInt64Type};
 use datafusion::arrow::record_batch::RecordBatch;
@@ -21,7 +23,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::error::{EngineError, Result};
 use crate::manifest::{Manifest, OutputRecord, OutputStatus};
 use crate::plan::{PlanFile, PlanStatement, RUN_DIR_PARAM, SHARD_COUNT_PARAM, SHARD_INDEX_PARAM};
-use crate::session::ArenaSession;
+use crate::session::{execute, ArenaSession};
 use crate::storage::{
     delete_tree, hash_location, move_tree, objects_under, sha256_hex, InputFile, Location,
 };
@@ -369,24 +371,28 @@ impl PlanRun<'_> {
         }
 
         // Model operators commit batch by batch here, so that a rerun after kill -9 goes
-        // on where it stopped; the folder is keyed by the fingerprint.
+        // on where it stopped; the folder is keyed by the fingerprint. Model artifacts go
+        // into the staging folder, to be recorded and moved with the output.
         let resume_dir = self.resume_dir(&fingerprint);
-        self.session.forward.begin(Some(resume_dir.clone()));
+        let mut state = ctx.state();
+        state.config_mut().set_extension(Arc::new(ManagedOutput {
+            resume_dir: resume_dir.clone(),
+            artifact_dir: staging.sql(),
+        }));
         let bar = spinner(format!("{}:{} -> {key}", self.plan.file, statement.line));
         let written = async {
-            let result = ctx.execute_logical_plan(logical).await?.collect().await?;
-            let rows = copied_rows(&result)?;
+            let executed = execute(state, logical).await?;
+            let rows = copied_rows(&executed.batches)?;
             let distinct_ids = if rows == 0 {
                 Some(0)
             } else {
                 self.distinct_ids(&staging, &format, folder).await?
             };
-            Ok::<_, EngineError>((rows, distinct_ids))
+            Ok::<_, EngineError>((rows, distinct_ids, executed.passes))
         }
         .await;
         bar.finish_and_clear();
-        let metrics = self.session.forward.finish();
-        let (rows, distinct_ids) = match written {
+        let (rows, distinct_ids, metrics) = match written {
             Ok(v) => v,
             Err(e) => {
                 let _ = delete_tree(store.as_ref(), &staging_root).await;

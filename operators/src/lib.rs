@@ -1,9 +1,36 @@
-//! The DataFusion operators of arenaflow: tokenize and teacher-forward, streaming record
-//! batches through the candle models of [`arenaflow_models`].
+//! The DataFusion operators of arenaflow, streaming record batches through the tokenizers
+//! and the candle models of [`arenaflow_models`]. One stem per stage:
+//!
+//! | stage | plan | SQL function | module | tests |
+//! |---|---|---|---|---|
+//! | tokenize | `plans/tokenize.sql` | `tokenize(...)` | [`tokenize`] | `tests/tests/tokenize.rs`, `tests/slt/tokenize.slt` |
+//! | teacher logits (4) | `plans/teacher_logits.sql`, `plans/teacher_merge.sql` | `teacher_forward(...)` | [`teacher_forward`] | `tests/tests/teacher_forward.rs`, `tests/slt/teacher_forward.slt` |
+//!
+//! What they share: [`scaffold`] (the plan node, its metrics and its table), [`args`] (the
+//! table functions' argument parser), [`run_state`] (per-run state as session
+//! extensions), [`token_rows`] (column names, the checked token-row reader, batching by a
+//! token budget) and [`commits`] (batch-by-batch commits to resume from).
 
+pub mod args;
+pub mod commits;
 pub mod error;
-pub mod sql;
-pub mod teacher;
+pub mod run_state;
+pub mod scaffold;
+pub mod teacher_forward;
+pub mod token_rows;
 pub mod tokenize;
 
+use std::sync::Arc;
+
+use datafusion::prelude::SessionContext;
+
 pub use error::{OperatorError, Result};
+
+/// Registers the operators' SQL table functions on a session.
+pub fn register(ctx: &SessionContext) {
+    ctx.register_udtf("tokenize", Arc::new(tokenize::exec::TokenizeFunction));
+    ctx.register_udtf(
+        "teacher_forward",
+        Arc::new(teacher_forward::exec::TeacherForwardFunction),
+    );
+}

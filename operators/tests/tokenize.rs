@@ -208,3 +208,119 @@ fn smollm2_gguf_tokenizer_matches_transformers() {
         );
     }
 }
+
+/// `TokenizeExec` in process: every Python-reference case, grouped by encoder, as rows of
+/// two input partitions through the plan node; every row's `input_ids`, `n_tokens` and
+/// `truncated` against the reference, the input columns passed through.
+#[tokio::test]
+async fn tokenize_exec_matches_the_python_reference() {
+    use arenaflow_operators::scaffold::OperatorExec;
+    use arenaflow_operators::tokenize::exec::Tokenize;
+    use datafusion::arrow::array::{
+        Array, ArrayRef, AsArray, Int64Array, ListBuilder, RecordBatch, StringBuilder,
+    };
+    use datafusion::arrow::datatypes::{DataType, Field, Int32Type, Int64Type, Schema};
+    use datafusion::catalog::memory::MemorySourceConfig;
+    use datafusion::execution::TaskContext;
+    use datafusion::physical_plan::collect;
+
+    let expected = json(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenize/expected.json"),
+    );
+    let key = |c: &serde_json::Value| {
+        ["tokenizer", "template", "max_length", "truncation", "order"].map(|k| c[k].to_string())
+    };
+    let mut groups: HashMap<[String; 5], Vec<&serde_json::Value>> = HashMap::new();
+    for case in expected["cases"].as_array().unwrap() {
+        groups.entry(key(case)).or_default().push(case);
+    }
+    let mut checked = 0;
+    let mut tokenizers = HashMap::new();
+    for cases in groups.into_values() {
+        let first = cases[0];
+        let family = first["tokenizer"].as_str().unwrap();
+        let encoder = Encoder::new(
+            tokenizers
+                .entry(family)
+                .or_insert_with(|| tokenizer(family))
+                .clone(),
+            Template::open(first["template"].as_str().unwrap()).unwrap(),
+            first["max_length"].as_u64().unwrap() as usize,
+            Truncation::parse(first["truncation"].as_str().unwrap()).unwrap(),
+            Order::parse(first["order"].as_str().unwrap()).unwrap(),
+            256,
+        )
+        .unwrap();
+        let list = DataType::List(Arc::new(Field::new_list_field(DataType::Utf8, true)));
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("prompt", list.clone(), true),
+            Field::new("response_a", list.clone(), true),
+            Field::new("response_b", list, true),
+        ]));
+        let batch_of = |ids: std::ops::Range<usize>| {
+            let mut columns: Vec<ArrayRef> = vec![Arc::new(Int64Array::from_iter_values(
+                ids.clone().map(|i| i as i64),
+            ))];
+            for name in ["prompt", "response_a", "response_b"] {
+                let mut turns = ListBuilder::new(StringBuilder::new());
+                for i in ids.clone() {
+                    turns.append_value(strings(&cases[i][name]).into_iter().map(Some));
+                }
+                columns.push(Arc::new(turns.finish()));
+            }
+            RecordBatch::try_new(schema.clone(), columns).unwrap()
+        };
+        let half = cases.len() / 2;
+        let partitions = [vec![batch_of(0..half)], vec![batch_of(half..cases.len())]];
+        let source = MemorySourceConfig::try_new_exec(&partitions, schema.clone(), None).unwrap();
+        let exec = Arc::new(
+            OperatorExec::try_new(
+                Arc::new(Tokenize {
+                    encoder: Arc::new(encoder),
+                }),
+                source,
+            )
+            .unwrap(),
+        );
+        let out = collect(exec, Arc::new(TaskContext::default()))
+            .await
+            .unwrap();
+        for b in &out {
+            let schema = b.schema();
+            let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+            assert_eq!(
+                names,
+                [
+                    "id",
+                    "prompt",
+                    "response_a",
+                    "response_b",
+                    "input_ids",
+                    "n_tokens",
+                    "truncated"
+                ]
+            );
+            let row_ids = b.column(0).as_primitive::<Int64Type>();
+            let tokens = b.column(4).as_list::<i32>();
+            let n_tokens = b.column(5).as_primitive::<Int32Type>();
+            let truncated = b.column(6).as_boolean();
+            for r in 0..b.num_rows() {
+                let case = cases[row_ids.value(r) as usize];
+                let row = tokens.value(r);
+                let row: Vec<u32> = row
+                    .as_primitive::<Int32Type>()
+                    .values()
+                    .iter()
+                    .map(|&t| t as u32)
+                    .collect();
+                assert_eq!(row, ids(&case["input_ids"]));
+                assert_eq!(n_tokens.value(r) as usize, row.len());
+                assert_eq!(truncated.value(r), case["truncated"].as_bool().unwrap());
+                assert!(!b.column(1).is_null(r));
+                checked += 1;
+            }
+        }
+    }
+    assert_eq!(checked, 192);
+}

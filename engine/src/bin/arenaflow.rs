@@ -8,7 +8,7 @@ use arenaflow_engine::logits::{run_logits, LogitsOptions};
 use arenaflow_engine::plan::RUN_DIR_PARAM;
 use arenaflow_engine::runner::Shard;
 use arenaflow_engine::{run_plan, ArenaSession, PlanFile, RunOptions};
-use arenaflow_operators::teacher::{PaddingSide, TeacherSettings};
+use arenaflow_operators::teacher_forward::{PaddingSide, TeacherSettings};
 use clap::{Parser, Subcommand};
 use datafusion::sql::parser::{DFParser, Statement};
 
@@ -206,7 +206,8 @@ fn describe(path: &str) -> anyhow::Result<()> {
 }
 
 fn logits(options: LogitsOptions) -> anyhow::Result<()> {
-    let stats = run_logits(&options)?;
+    let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let stats = rt.block_on(run_logits(&options))?;
     println!("wrote {}: {}", options.output.display(), stats.summary());
     println!("stats {}", serde_json::to_string(&stats)?);
     Ok(())
@@ -253,6 +254,7 @@ fn main() -> ExitCode {
                 device,
                 max_batch_tokens,
                 random_weights,
+                warmup,
                 padding: if padding == "left" {
                     PaddingSide::Left
                 } else {
@@ -262,7 +264,6 @@ fn main() -> ExitCode {
             },
             input,
             output,
-            warmup,
             profile,
         }),
     };

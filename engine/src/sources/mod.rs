@@ -18,27 +18,21 @@ pub mod conversations;
 pub mod hh_rlhf;
 pub mod pandalm;
 
-use std::fmt;
 use std::io::Read;
 use std::sync::Arc;
 
-use async_trait::async_trait;
+use arenaflow_operators::args::Args;
+use arenaflow_operators::run_state::RunInputs;
 use bytes::Bytes;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::catalog::{Session, TableFunctionArgs, TableFunctionImpl, TableProvider};
-use datafusion::common::tree_node::TreeNodeRecursion;
-use datafusion::common::{exec_err, plan_err, project_schema, Result, ScalarValue};
+use datafusion::catalog::streaming::StreamingTable;
+use datafusion::catalog::{TableFunctionArgs, TableFunctionImpl, TableProvider};
+use datafusion::common::{exec_err, plan_err, Result};
 use datafusion::datasource::listing::ListingTableUrl;
-use datafusion::datasource::TableType;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
-use datafusion::logical_expr::Expr;
-use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
-use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
-use datafusion::physical_plan::{
-    DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
-};
+use datafusion::physical_plan::streaming::PartitionStream;
 use datafusion::prelude::SessionContext;
 use futures::{stream, StreamExt, TryStreamExt};
 use object_store::ObjectStoreExt;
@@ -46,7 +40,6 @@ use object_store::ObjectStoreExt;
 pub use canonical::{canonical_schema, comparisons_to_batch, Comparison};
 
 use crate::error::SourceError;
-use crate::inputs::InputTracker;
 
 /// What a reader does with a row that does not parse.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -215,205 +208,85 @@ pub fn to_batches(source: &str, rows: Vec<Comparison>) -> Result<Vec<RecordBatch
 /// A table function that reads one kind of source.
 #[derive(Debug)]
 pub struct SourceFunction {
-    name: &'static str,
-    inputs: InputTracker,
+    usage: &'static str,
 }
 
-fn string_arg(function: &str, what: &str, expr: &Expr) -> Result<String> {
-    match expr {
-        Expr::Literal(
-            ScalarValue::Utf8(Some(s))
-            | ScalarValue::LargeUtf8(Some(s))
-            | ScalarValue::Utf8View(Some(s)),
-            _,
-        ) => Ok(s.clone()),
-        other => plan_err!("{function}: {what} must be a string literal, got {other}"),
-    }
-}
-
-fn on_error_arg(function: &str, expr: Option<&Expr>) -> Result<OnError> {
-    match expr
-        .map(|e| string_arg(function, "on_error", e))
-        .transpose()?
-        .as_deref()
-    {
-        None | Some("fail") => Ok(OnError::Fail),
-        Some("skip") => Ok(OnError::Skip),
-        Some(other) => plan_err!("{function}: on_error must be 'fail' or 'skip', got '{other}'"),
-    }
+fn on_error_arg(args: &Args, i: usize) -> Result<OnError> {
+    Ok(args
+        .choice(
+            i,
+            "on_error",
+            &[("fail", OnError::Fail), ("skip", OnError::Skip)],
+        )?
+        .unwrap_or(OnError::Fail))
 }
 
 impl TableFunctionImpl for SourceFunction {
     fn call_with_args(&self, args: TableFunctionArgs) -> Result<Arc<dyn TableProvider>> {
-        let exprs = args.exprs();
-        let name = self.name;
-        let usage = match name {
-            "arena_csv" => "arena_csv(path [, source [, on_error]])",
-            "hh_rlhf" => "hh_rlhf(path, seed [, on_error])",
-            "arena_conversations" => "arena_conversations(path [, on_error])",
-            _ => "pandalm(path [, on_error])",
-        };
-        let max_args = usage.matches(',').count() + 1;
-        if exprs.is_empty() || exprs.len() > max_args {
-            return plan_err!("{name} takes {usage}, got {} arguments", exprs.len());
-        }
-        let location = string_arg(name, "path", &exprs[0])?;
-        let (kind, on_error) = match name {
+        let args = Args::new(self.usage, &args)?;
+        let location = args.required_string(0, "path")?;
+        let (kind, on_error) = match args.function() {
             "arena_csv" => {
-                let source = exprs
-                    .get(1)
-                    .map(|e| string_arg(name, "source", e))
-                    .transpose()?
-                    .unwrap_or_else(|| "kaggle".into());
-                (
-                    SourceKind::ArenaCsv { source },
-                    on_error_arg(name, exprs.get(2))?,
-                )
+                let source = args.string(1, "source")?.unwrap_or_else(|| "kaggle".into());
+                (SourceKind::ArenaCsv { source }, on_error_arg(&args, 2)?)
             }
             "hh_rlhf" => {
-                let seed = match exprs.get(1) {
-                    Some(Expr::Literal(ScalarValue::Int64(Some(seed)), _)) if *seed >= 0 => {
-                        *seed as u64
-                    }
-                    other => {
-                        return plan_err!(
-                            "hh_rlhf: seed must be a non-negative integer literal, got {other:?}"
-                        )
-                    }
+                let Some(seed) = args.integer(1, "seed", 0)? else {
+                    return plan_err!("{}: seed is required", self.usage);
                 };
-                (
-                    SourceKind::HhRlhf { seed },
-                    on_error_arg(name, exprs.get(2))?,
-                )
+                let seed = seed as u64;
+                (SourceKind::HhRlhf { seed }, on_error_arg(&args, 2)?)
             }
-            "arena_conversations" => (SourceKind::Conversations, on_error_arg(name, exprs.get(1))?),
-            _ => (SourceKind::PandaLm, on_error_arg(name, exprs.get(1))?),
+            "arena_conversations" => (SourceKind::Conversations, on_error_arg(&args, 1)?),
+            _ => (SourceKind::PandaLm, on_error_arg(&args, 1)?),
         };
         if !location.is_empty() {
-            self.inputs.record(&location);
+            args.record_input(&location);
         }
-        Ok(Arc::new(SourceTable {
+        let file = SourceFile {
             kind,
             location,
             on_error,
-            inputs: self.inputs.clone(),
-        }))
+            schema: canonical_schema(),
+        };
+        Ok(Arc::new(StreamingTable::try_new(
+            canonical_schema(),
+            vec![Arc::new(file)],
+        )?))
     }
 }
 
-/// Registers the reader table functions; every file they open is recorded in `inputs`.
-pub fn register_sources(ctx: &SessionContext, inputs: &InputTracker) {
-    for name in ["arena_csv", "arena_conversations", "pandalm", "hh_rlhf"] {
-        ctx.register_udtf(
-            name,
-            Arc::new(SourceFunction {
-                name,
-                inputs: inputs.clone(),
-            }),
-        );
+/// Registers the reader table functions.
+pub fn register_sources(ctx: &SessionContext) {
+    for usage in [
+        "arena_csv(path [, source [, on_error]])",
+        "arena_conversations(path [, on_error])",
+        "pandalm(path [, on_error])",
+        "hh_rlhf(path, seed [, on_error])",
+    ] {
+        let name = usage.split('(').next().unwrap_or(usage);
+        ctx.register_udtf(name, Arc::new(SourceFunction { usage }));
     }
 }
 
+/// One source file as a stream of canonical rows (one partition of DataFusion's
+/// `StreamingTable`, which projects the columns a query reads). Rows left out under the skip
+/// policy are counted in the run's [`RunInputs`].
 #[derive(Debug)]
-struct SourceTable {
+struct SourceFile {
     kind: SourceKind,
     location: String,
     on_error: OnError,
-    inputs: InputTracker,
-}
-
-#[async_trait]
-impl TableProvider for SourceTable {
-    fn schema(&self) -> SchemaRef {
-        canonical_schema()
-    }
-    fn table_type(&self) -> TableType {
-        TableType::Base
-    }
-    async fn scan(
-        &self,
-        _state: &dyn Session,
-        projection: Option<&Vec<usize>>,
-        _filters: &[Expr],
-        _limit: Option<usize>,
-    ) -> Result<Arc<dyn ExecutionPlan>> {
-        let schema = project_schema(&canonical_schema(), projection)?;
-        let properties = Arc::new(PlanProperties::new(
-            EquivalenceProperties::new(schema.clone()),
-            Partitioning::UnknownPartitioning(1),
-            EmissionType::Incremental,
-            Boundedness::Bounded,
-        ));
-        Ok(Arc::new(SourceExec {
-            kind: self.kind.clone(),
-            location: self.location.clone(),
-            on_error: self.on_error,
-            projection: projection.cloned(),
-            schema,
-            properties,
-            inputs: self.inputs.clone(),
-        }))
-    }
-}
-
-/// Reads one source file and streams its canonical rows.
-#[derive(Debug)]
-pub struct SourceExec {
-    kind: SourceKind,
-    location: String,
-    on_error: OnError,
-    projection: Option<Vec<usize>>,
     schema: SchemaRef,
-    properties: Arc<PlanProperties>,
-    inputs: InputTracker,
 }
 
-impl DisplayAs for SourceExec {
-    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(
-            f,
-            "SourceExec: kind={:?}, location={}, on_error={:?}",
-            self.kind, self.location, self.on_error
-        )
+impl PartitionStream for SourceFile {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
     }
-}
 
-impl ExecutionPlan for SourceExec {
-    fn name(&self) -> &str {
-        "SourceExec"
-    }
-    fn properties(&self) -> &Arc<PlanProperties> {
-        &self.properties
-    }
-    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
-        vec![]
-    }
-    fn apply_expressions(
-        &self,
-        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
-    ) -> Result<TreeNodeRecursion> {
-        Ok(TreeNodeRecursion::Continue)
-    }
-    fn with_new_children(
-        self: Arc<Self>,
-        children: Vec<Arc<dyn ExecutionPlan>>,
-    ) -> Result<Arc<dyn ExecutionPlan>> {
-        if children.is_empty() {
-            Ok(self)
-        } else {
-            plan_err!("SourceExec has no children")
-        }
-    }
-    fn execute(
-        &self,
-        partition: usize,
-        context: Arc<TaskContext>,
-    ) -> Result<SendableRecordBatchStream> {
-        if partition != 0 {
-            return exec_err!("SourceExec has one partition, asked for {partition}");
-        }
+    fn execute(&self, context: Arc<TaskContext>) -> SendableRecordBatchStream {
         let (kind, location, on_error) = (self.kind.clone(), self.location.clone(), self.on_error);
-        let (projection, inputs) = (self.projection.clone(), self.inputs.clone());
         let batches = async move {
             if location.is_empty() {
                 return Ok::<_, datafusion::error::DataFusionError>(stream::iter(Vec::new()));
@@ -426,19 +299,16 @@ impl ExecutionPlan for SourceExec {
                     skipped[0]
                 );
             }
-            inputs.record_skipped(&location, skipped.len());
-            let batches = batches
-                .into_iter()
-                .map(|b| match &projection {
-                    Some(p) => b.project(p).map_err(Into::into),
-                    None => Ok(b),
-                })
-                .collect::<Vec<Result<RecordBatch>>>();
-            Ok(stream::iter(batches))
+            if let Some(inputs) = context.session_config().get_extension::<RunInputs>() {
+                inputs.record_skipped(&location, skipped.len());
+            }
+            Ok(stream::iter(
+                batches.into_iter().map(Ok).collect::<Vec<_>>(),
+            ))
         };
-        Ok(Box::pin(RecordBatchStreamAdapter::new(
+        Box::pin(RecordBatchStreamAdapter::new(
             self.schema.clone(),
             stream::once(batches).try_flatten().boxed(),
-        )))
+        ))
     }
 }

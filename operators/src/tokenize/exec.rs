@@ -1,38 +1,33 @@
-//! `TokenizeExec`: streams record batches of comparisons in and the same batches with
-//! `input_ids` (list<int32>), `n_tokens` (int32) and `truncated` (boolean) out, each batch
-//! encoded on all cores. The SQL table function `tokenize(table, tokenizer, template,
-//! max_length [, truncation [, order [, prompt_cap]]])` puts it into a plan.
+//! The `tokenize` operator: streams record batches of comparisons in and the same batches
+//! with `input_ids` (list<int32>), `n_tokens` (int32) and `truncated` (boolean) out, each
+//! batch encoded on all cores, partition by partition. The SQL table function
+//! `tokenize(table, tokenizer, template, max_length [, truncation [, order [,
+//! prompt_cap]]])` puts it into a plan.
 
 use std::fmt;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
-use async_trait::async_trait;
 use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, BooleanArray, Int32Array, ListArray, RecordBatch, StringArray,
 };
 use datafusion::arrow::buffer::OffsetBuffer;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use datafusion::catalog::{Session, TableFunctionArgs, TableFunctionImpl, TableProvider};
-use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::catalog::{TableFunctionArgs, TableFunctionImpl, TableProvider};
 use datafusion::common::{plan_err, Result};
-use datafusion::datasource::TableType;
-use datafusion::execution::{SendableRecordBatchStream, TaskContext};
-use datafusion::logical_expr::Expr;
-use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
-use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::execution::SendableRecordBatchStream;
+use datafusion::physical_plan::metrics::{BaselineMetrics, MetricBuilder};
 use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
-use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties};
-use datafusion::prelude::SessionContext;
 use futures::StreamExt;
 use rayon::prelude::*;
 
 use super::{Encoder, Order, Template, TextTokenizer, Truncation};
+use crate::args::Args;
 use crate::error::OperatorError;
-use crate::sql::{count_arg, project, resolve_table, string_arg};
+use crate::scaffold::{Operator, OperatorExec, OperatorRun, OperatorTable};
+pub use crate::token_rows::INPUT_IDS;
 
 /// The columns the operator reads and adds.
 pub const TEXT_COLUMNS: [&str; 3] = ["prompt", "response_a", "response_b"];
-pub const INPUT_IDS: &str = "input_ids";
 pub const N_TOKENS: &str = "n_tokens";
 pub const TRUNCATED: &str = "truncated";
 
@@ -152,14 +147,19 @@ pub fn tokenize_batch(
     Ok(RecordBatch::try_new(schema.clone(), columns)?)
 }
 
-/// The tokenize operator over one child plan.
-#[derive(Debug)]
-pub struct TokenizeExec {
-    input: Arc<dyn ExecutionPlan>,
-    encoder: Arc<Encoder>,
-    schema: SchemaRef,
-    properties: Arc<PlanProperties>,
+/// The tokenize operator: one encoder (tokenizer, template, truncation, order).
+pub struct Tokenize {
+    pub encoder: Arc<Encoder>,
 }
+
+impl fmt::Debug for Tokenize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.encoder)
+    }
+}
+
+/// The plan node of `tokenize`.
+pub type TokenizeExec = OperatorExec<Tokenize>;
 
 impl fmt::Debug for Encoder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -176,123 +176,72 @@ impl fmt::Debug for Encoder {
     }
 }
 
-impl TokenizeExec {
-    pub fn try_new(input: Arc<dyn ExecutionPlan>, encoder: Arc<Encoder>) -> Result<Self> {
-        let schema = output_schema(&input.schema())?;
-        let properties = Arc::new(PlanProperties::new(
-            EquivalenceProperties::new(schema.clone()),
-            input.properties().output_partitioning().clone(),
-            EmissionType::Incremental,
-            Boundedness::Bounded,
-        ));
-        Ok(Self {
-            input,
-            encoder,
-            schema,
-            properties,
-        })
-    }
-}
+impl Operator for Tokenize {
+    const NAME: &'static str = "TokenizeExec";
 
-impl DisplayAs for TokenizeExec {
-    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter) -> fmt::Result {
-        write!(f, "TokenizeExec: {:?}", self.encoder)
+    fn output_schema(&self, input: &Schema) -> Result<SchemaRef> {
+        output_schema(input)
     }
-}
 
-impl ExecutionPlan for TokenizeExec {
-    fn name(&self) -> &str {
-        "TokenizeExec"
+    fn single_partition(&self) -> bool {
+        false
     }
-    fn properties(&self) -> &Arc<PlanProperties> {
-        &self.properties
-    }
-    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
-        vec![&self.input]
-    }
-    fn apply_expressions(
-        &self,
-        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
-    ) -> Result<TreeNodeRecursion> {
-        Ok(TreeNodeRecursion::Continue)
-    }
-    fn with_new_children(
-        self: Arc<Self>,
-        children: Vec<Arc<dyn ExecutionPlan>>,
-    ) -> Result<Arc<dyn ExecutionPlan>> {
-        match children.as_slice() {
-            [child] => Ok(Arc::new(Self::try_new(
-                child.clone(),
-                self.encoder.clone(),
-            )?)),
-            _ => plan_err!("TokenizeExec takes one child"),
-        }
-    }
-    fn execute(
-        &self,
-        partition: usize,
-        context: Arc<TaskContext>,
-    ) -> Result<SendableRecordBatchStream> {
-        let input = self.input.execute(partition, context)?;
-        let (encoder, schema) = (self.encoder.clone(), self.schema.clone());
-        let stream = input.then(move |batch| {
+
+    fn execute(&self, run: OperatorRun) -> Result<SendableRecordBatchStream> {
+        let baseline = BaselineMetrics::new(&run.metrics, run.partition);
+        let tokens = MetricBuilder::new(&run.metrics).counter("tokens", run.partition);
+        let (encoder, schema) = (self.encoder.clone(), run.schema.clone());
+        let stream = run.input.then(move |batch| {
             let (encoder, schema) = (encoder.clone(), schema.clone());
+            let (baseline, tokens) = (baseline.clone(), tokens.clone());
             async move {
                 let batch = batch?;
-                tokio::task::spawn_blocking(move || tokenize_batch(&encoder, &batch, &schema))
-                    .await
-                    .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?
+                let compute = baseline.elapsed_compute().clone();
+                let out = tokio::task::spawn_blocking(move || {
+                    let _timer = compute.timer();
+                    tokenize_batch(&encoder, &batch, &schema)
+                })
+                .await
+                .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))??;
+                let ids = out
+                    .column_by_name(INPUT_IDS)
+                    .map_or(0, |c| c.as_list::<i32>().values().len());
+                tokens.add(ids);
+                baseline.record_output(out.num_rows());
+                Ok(out)
             }
         });
-        Ok(Box::pin(RecordBatchStreamAdapter::new(
-            self.schema.clone(),
-            stream,
-        )))
-    }
-}
-
-/// `tokenize(table, tokenizer, template, max_length [, truncation [, order [, prompt_cap]]])`.
-pub struct TokenizeFunction {
-    state: Weak<parking_lot::RwLock<datafusion::execution::context::SessionState>>,
-    on_input: InputHook,
-}
-
-impl fmt::Debug for TokenizeFunction {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("TokenizeFunction")
+        Ok(Box::pin(RecordBatchStreamAdapter::new(run.schema, stream)))
     }
 }
 
 const USAGE: &str =
     "tokenize(table, tokenizer, template, max_length [, truncation [, order [, prompt_cap]]])";
 
+/// `tokenize(table, tokenizer, template, max_length [, truncation [, order [, prompt_cap]]])`.
+#[derive(Debug)]
+pub struct TokenizeFunction;
+
 impl TableFunctionImpl for TokenizeFunction {
     fn call_with_args(&self, args: TableFunctionArgs) -> Result<Arc<dyn TableProvider>> {
-        let exprs = args.exprs();
-        if !(4..=7).contains(&exprs.len()) {
-            return plan_err!("{USAGE}: got {} arguments", exprs.len());
-        }
-        let table = string_arg("tokenize", "table", &exprs[0])?;
-        let tokenizer = string_arg("tokenize", "tokenizer", &exprs[1])?;
-        let template = string_arg("tokenize", "template", &exprs[2])?;
-        let max_length = count_arg("tokenize", "max_length", &exprs[3])?;
-        let truncation = match exprs.get(4) {
-            Some(e) => {
-                Truncation::parse(&string_arg("tokenize", "truncation", e)?).map_err(external)?
-            }
+        let args = Args::new(USAGE, &args)?;
+        let tokenizer = args.required_string(1, "tokenizer")?;
+        let template = args.required_string(2, "template")?;
+        let Some(max_length) = args.count(3, "max_length")? else {
+            return plan_err!("{USAGE}: max_length is required");
+        };
+        let truncation = match args.string(4, "truncation")? {
+            Some(name) => Truncation::parse(&name).map_err(external)?,
             None => Truncation::Balanced,
         };
-        let order = match exprs.get(5) {
-            Some(e) => Order::parse(&string_arg("tokenize", "order", e)?).map_err(external)?,
+        let order = match args.string(5, "order")? {
+            Some(name) => Order::parse(&name).map_err(external)?,
             None => Order::Ab,
         };
-        let prompt_cap = match exprs.get(6) {
-            Some(e) => count_arg("tokenize", "prompt_cap", e)?,
-            None => 256,
-        };
-        (self.on_input)(&tokenizer);
+        let prompt_cap = args.count(6, "prompt_cap")?.unwrap_or(256);
+        args.record_input(&tokenizer);
         if std::path::Path::new(&template).is_file() {
-            (self.on_input)(&template);
+            args.record_input(&template);
         }
         let encoder = Encoder::new(
             Arc::new(TextTokenizer::open(std::path::Path::new(&tokenizer)).map_err(external)?),
@@ -303,57 +252,12 @@ impl TableFunctionImpl for TokenizeFunction {
             prompt_cap,
         )
         .map_err(external)?;
-        let input = resolve_table("tokenize", &self.state, &table)?;
-        let schema = output_schema(&input.schema())?;
-        Ok(Arc::new(TokenizeTable {
+        let input = args.table(0)?;
+        Ok(Arc::new(OperatorTable::try_new(
+            Tokenize {
+                encoder: Arc::new(encoder),
+            },
             input,
-            encoder: Arc::new(encoder),
-            schema,
-        }))
+        )?))
     }
 }
-
-#[derive(Debug)]
-struct TokenizeTable {
-    input: Arc<dyn TableProvider>,
-    encoder: Arc<Encoder>,
-    schema: SchemaRef,
-}
-
-#[async_trait]
-impl TableProvider for TokenizeTable {
-    fn schema(&self) -> SchemaRef {
-        self.schema.clone()
-    }
-    fn table_type(&self) -> TableType {
-        TableType::View
-    }
-    async fn scan(
-        &self,
-        state: &dyn Session,
-        projection: Option<&Vec<usize>>,
-        _filters: &[Expr],
-        _limit: Option<usize>,
-    ) -> Result<Arc<dyn ExecutionPlan>> {
-        let input = self.input.scan(state, None, &[], None).await?;
-        project(
-            Arc::new(TokenizeExec::try_new(input, self.encoder.clone())?),
-            projection,
-        )
-    }
-}
-
-/// Registers `tokenize` on a session; `on_input` hears of every tokenizer and template file
-/// it opens (for the run manifest's input hashes).
-pub fn register(ctx: &SessionContext, on_input: InputHook) {
-    ctx.register_udtf(
-        "tokenize",
-        Arc::new(TokenizeFunction {
-            state: ctx.state_weak_ref(),
-            on_input,
-        }),
-    );
-}
-
-/// Called with the path of every file an operator reads.
-pub type InputHook = Arc<dyn Fn(&str) + Send + Sync>;

@@ -1,6 +1,6 @@
-//! Batch-by-batch commits of a teacher pass: `part-NNNNNN.parquet` files in a resume folder,
-//! each written as `.partial` and renamed once complete, so that after kill -9 a part is
-//! either whole or absent. A rerun reads the parts back and computes only what is missing.
+//! Batch-by-batch commits of a model operator: `part-NNNNNN.parquet` files in a resume
+//! folder, each written as `.partial` and renamed once complete, so that after kill -9 a
+//! part is either whole or absent. A rerun reads the parts back and computes only what is missing.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};

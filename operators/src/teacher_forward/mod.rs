@@ -1,13 +1,12 @@
-//! Teacher-forward: a model's 3 logits for every tokenized row, batched by length under a
-//! token budget. [`exec`] is the streaming, resumable operator and its SQL table function;
-//! [`parts`] the batch-by-batch commits it resumes from.
+//! Teacher-forward (stage 4 of the recipe): a model's 3 logits for every tokenized row,
+//! batched by length under a token budget. This module holds the loaded teacher, its
+//! settings and a pass's figures; [`exec`] is the streaming, resumable operator and its SQL
+//! table function.
 
 pub mod exec;
-pub mod parts;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
@@ -16,7 +15,7 @@ use serde::Serialize;
 
 use crate::error::{OperatorError, Result};
 use arenaflow_models::checkpoint::{load_classifier, open_adapter, parse_dtype};
-use arenaflow_models::device::{device_name, parse_device, peak_memory, reset_peak};
+use arenaflow_models::device::parse_device;
 use arenaflow_models::models::{ModelConfig, PaddedBatch, SequenceClassifier};
 use arenaflow_models::weights::TensorSource;
 
@@ -41,6 +40,8 @@ pub struct TeacherSettings {
     /// Benchmarks only: seeded random weights for the architecture of `model` (a
     /// config.json, or a folder with one) instead of its weights.
     pub random_weights: Option<u64>,
+    /// Benchmarks only: run the first batch once, untimed, before the pass.
+    pub warmup: bool,
 }
 
 impl TeacherSettings {
@@ -54,6 +55,7 @@ impl TeacherSettings {
             sort_window: 0,
             padding: PaddingSide::Right,
             random_weights: None,
+            warmup: false,
         }
     }
 
@@ -134,38 +136,12 @@ impl Teacher {
 
     /// The batches `plan_batches` makes for these rows under this teacher's budget.
     pub fn plan(&self, lengths: &[usize]) -> Vec<Vec<usize>> {
-        plan_batches(
+        crate::token_rows::plan_batches(
             lengths,
             self.settings.max_batch_tokens,
             self.model.pad_token_id().is_none(),
         )
     }
-}
-
-/// Splits rows into forward batches: longest first (an out-of-memory shows at once), each
-/// batch as many rows as fit `max_batch_tokens` once padded to its longest row (at least
-/// one). Without a pad token every row is its own batch, as transformers requires.
-pub fn plan_batches(
-    lengths: &[usize],
-    max_batch_tokens: usize,
-    one_row_each: bool,
-) -> Vec<Vec<usize>> {
-    let mut order: Vec<usize> = (0..lengths.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
-    let mut batches = Vec::new();
-    let mut start = 0;
-    while start < order.len() {
-        let longest = lengths[order[start]].max(1);
-        let fit = if one_row_each {
-            1
-        } else {
-            (max_batch_tokens / longest).max(1)
-        };
-        let end = (start + fit).min(order.len());
-        batches.push(order[start..end].to_vec());
-        start = end;
-    }
-    batches
 }
 
 /// The final figures of one teacher pass, recorded in the run manifest.
@@ -197,7 +173,8 @@ pub struct ForwardStats {
 }
 
 impl ForwardStats {
-    pub fn finish(&mut self, device: &Device, elapsed: Duration) {
+    /// The rates and padding share from the counts and `elapsed`.
+    pub fn finish(&mut self, elapsed: Duration) {
         self.seconds = elapsed.as_secs_f64();
         let secs = self.seconds.max(1e-9);
         self.tokens_per_second = self.tokens as f64 / secs;
@@ -207,12 +184,6 @@ impl ForwardStats {
         } else {
             100.0 * (self.padded_tokens - self.tokens) as f64 / self.padded_tokens as f64
         };
-        self.peak_memory_bytes = peak_memory(device);
-        self.device = device_name(device);
-        self.profile = arenaflow_models::profile::take()
-            .into_iter()
-            .map(|(k, (secs, _))| (k, secs))
-            .collect();
     }
 
     pub fn summary(&self) -> String {
@@ -310,66 +281,5 @@ impl Progress {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }
-    }
-}
-
-/// What the plan runner and the operators share: where a managed output's commits go,
-/// and the figures of every pass that ran for it.
-#[derive(Clone, Default)]
-pub struct ForwardEnv(Arc<parking_lot::Mutex<EnvState>>);
-
-#[derive(Default)]
-struct EnvState {
-    resume_dir: Option<PathBuf>,
-    stats: Vec<ForwardStats>,
-}
-
-impl ForwardEnv {
-    /// Sets the folder the operators commit to (None: no commits, nothing resumes).
-    pub fn begin(&self, resume_dir: Option<PathBuf>) {
-        let mut state = self.0.lock();
-        state.resume_dir = resume_dir;
-        state.stats.clear();
-    }
-
-    /// The figures of the passes since `begin`.
-    pub fn finish(&self) -> Vec<ForwardStats> {
-        let mut state = self.0.lock();
-        state.resume_dir = None;
-        std::mem::take(&mut state.stats)
-    }
-
-    pub fn resume_dir(&self) -> Option<PathBuf> {
-        self.0.lock().resume_dir.clone()
-    }
-
-    pub fn record(&self, stats: ForwardStats) {
-        self.0.lock().stats.push(stats);
-    }
-}
-
-/// Resets the peak-memory meter of a pass.
-pub fn start_pass() -> Instant {
-    reset_peak();
-    Instant::now()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn batches_are_sorted_and_under_budget() {
-        let lengths = [5, 100, 7, 60, 60, 3, 99];
-        let batches = plan_batches(&lengths, 200, false);
-        assert_eq!(batches, vec![vec![1, 6], vec![3, 4, 2], vec![0, 5]]);
-        for b in &batches {
-            let longest = b.iter().map(|&i| lengths[i]).max().unwrap();
-            assert!(b.len() == 1 || b.len() * longest <= 200);
-        }
-        let one = plan_batches(&lengths, 200, true);
-        assert_eq!(one.len(), lengths.len());
-        // A row longer than the budget still runs, alone.
-        assert_eq!(plan_batches(&[500, 10], 100, false), vec![vec![0], vec![1]]);
     }
 }
