@@ -10,17 +10,22 @@
 # GPU machine:    benches/teacher_race.sh arenaflow [CASES]   # writes $OUT/arenaflow.jsonl
 #                 benches/teacher_race.sh torch MODEL ATTN [CASES]   # $OUT/torch-*.jsonl
 # Here again:     benches/teacher_race_report.py results/*.jsonl > table
+# Two builds side by side (a change against the commit before it), on the GPU machine:
+#                 benches/teacher_race.sh versions MODEL BEFORE.xz AFTER.xz [CASES]
+#                 # each case runs BEFORE then AFTER; writes $OUT/versions-MODEL.jsonl
 # CASES default: fixed_1024 sample_1024 sample_2000.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUDGET=${BUDGET:-8192}
 CASES_DEFAULT="fixed_1024 sample_1024 sample_2000"
 
+# unpack [XZ [BIN]]: the packed binary (device/arenaflow.xz) to BIN (device/bin/arenaflow).
 unpack() {
-  if [ ! -x device/bin/arenaflow ]; then
-    mkdir -p device/bin
-    python3 -c 'import lzma,shutil,sys; shutil.copyfileobj(lzma.open("device/arenaflow.xz"), open("device/bin/arenaflow","wb"))'
-    chmod +x device/bin/arenaflow
+  local xz=${1:-device/arenaflow.xz} bin=${2:-device/bin/arenaflow}
+  if [ ! -x "$bin" ]; then
+    mkdir -p "$(dirname "$bin")"
+    python3 -c 'import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],"wb"))' "$xz" "$bin"
+    chmod +x "$bin"
   fi
   LIB=$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))')
   export LD_LIBRARY_PATH=$LIB:${LD_LIBRARY_PATH:-}
@@ -89,6 +94,24 @@ PY
       done
     done
     tar -C device/scratch/fixed -cf "$OUT/fixed_logits.tar" .
+    ;;
+  versions)
+    model=$2 f=$(family $2)
+    unpack "$3" device/bin/before
+    unpack "$4" device/bin/after
+    mkdir -p device/scratch
+    for case in ${5:-$CASES_DEFAULT}; do
+      for side in before after; do
+        line=$(device/bin/$side logits --model "$(config $model)" --random-weights 0 --dtype bf16 --device cuda:0 \
+          --input device/race/${f}_$case.parquet --output device/scratch/out-$side-$model-$case.parquet \
+          --max-batch-tokens $BUDGET --warmup | grep '^stats ' | sed 's/^stats //')
+        echo "{\"side\": \"arenaflow $side\", \"model\": \"$model\", \"case\": \"$case\", \"stats\": $line}" | tee -a "$OUT/versions-$model.jsonl"
+      done
+      python3 -c 'import pyarrow.parquet as pq, numpy as np, sys
+a, b = (np.array(pq.read_table(p).column("logits").to_pylist()) for p in sys.argv[1:3])
+print(f"{sys.argv[3]}: max |before - after| logits {np.abs(a - b).max():.3g} over {len(a)} rows")' \
+        device/scratch/out-before-$model-$case.parquet device/scratch/out-after-$model-$case.parquet "$model $case" | tee -a "$OUT/versions-$model.txt"
+    done
     ;;
   torch)
     model=$2 attn=$3

@@ -2,6 +2,8 @@
 //! shared data, and a real S3-compatible server.
 
 use std::io::{Read, Write};
+
+use datafusion::arrow::array::AsArray;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -138,4 +140,39 @@ impl Drop for S3Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The `id` and `logits` (3 x f32) of every row of a Parquet file, in file order.
+pub fn read_logits(path: &Path) -> Vec<(String, Vec<f32>)> {
+    let reader =
+        datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+            std::fs::File::open(path).unwrap(),
+        )
+        .unwrap()
+        .build()
+        .unwrap();
+    let mut out = Vec::new();
+    for batch in reader {
+        let batch = batch.unwrap();
+        let ids = batch
+            .column_by_name("id")
+            .unwrap()
+            .as_string::<i32>()
+            .clone();
+        let logits = batch
+            .column_by_name("logits")
+            .unwrap()
+            .as_fixed_size_list()
+            .clone();
+        for r in 0..batch.num_rows() {
+            let row = logits.value(r);
+            out.push((
+                ids.value(r).to_string(),
+                row.as_primitive::<datafusion::arrow::datatypes::Float32Type>()
+                    .values()
+                    .to_vec(),
+            ));
+        }
+    }
+    out
 }

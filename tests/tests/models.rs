@@ -5,12 +5,8 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use arenaflow_tests::{arenaflow, repo_root, text};
-use datafusion::arrow::array::{
-    Array, AsArray, Int32Builder, ListBuilder, RecordBatch, StringArray,
-};
-use datafusion::arrow::datatypes::Float32Type;
-use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use arenaflow_tests::{arenaflow, read_logits, repo_root, text};
+use datafusion::arrow::array::{Array, Int32Builder, ListBuilder, RecordBatch, StringArray};
 use datafusion::parquet::arrow::ArrowWriter;
 
 fn write_tokens(path: &Path, rows: &[(String, Vec<i32>)]) {
@@ -29,35 +25,6 @@ fn write_tokens(path: &Path, rows: &[(String, Vec<i32>)]) {
         ArrowWriter::try_new(std::fs::File::create(path).unwrap(), batch.schema(), None).unwrap();
     writer.write(&batch).unwrap();
     writer.close().unwrap();
-}
-
-fn read_logits(path: &Path) -> Vec<(String, Vec<f32>)> {
-    let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(path).unwrap())
-        .unwrap()
-        .build()
-        .unwrap();
-    let mut out = Vec::new();
-    for batch in reader {
-        let batch = batch.unwrap();
-        let ids = batch
-            .column_by_name("id")
-            .unwrap()
-            .as_string::<i32>()
-            .clone();
-        let logits = batch
-            .column_by_name("logits")
-            .unwrap()
-            .as_fixed_size_list()
-            .clone();
-        for r in 0..batch.num_rows() {
-            let row = logits.value(r);
-            out.push((
-                ids.value(r).to_string(),
-                row.as_primitive::<Float32Type>().values().to_vec(),
-            ));
-        }
-    }
-    out
 }
 
 #[test]

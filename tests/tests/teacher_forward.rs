@@ -7,7 +7,9 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use arenaflow_tests::{arenaflow, arenaflow_bin, arenaflow_with_env, repo_root, shared, text};
+use arenaflow_tests::{
+    arenaflow, arenaflow_bin, arenaflow_with_env, read_logits, repo_root, shared, text,
+};
 use datafusion::arrow::array::{Array, AsArray};
 use datafusion::arrow::datatypes::Float32Type;
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -308,40 +310,15 @@ fn teacher_logits_cover_the_fold_resume_after_kill_and_match_single_rows() {
         }
         orders
     };
-    let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&single).unwrap())
-        .unwrap()
-        .build()
-        .unwrap();
     let mut compared = 0;
     let mut worst = 0f32;
-    let mut row = 0;
-    for batch in reader {
-        let batch = batch.unwrap();
-        let ids = batch
-            .column_by_name("id")
-            .unwrap()
-            .as_string::<i32>()
-            .clone();
-        let values = batch
-            .column_by_name("logits")
-            .unwrap()
-            .as_fixed_size_list()
-            .clone();
-        for r in 0..batch.num_rows() {
-            let v = values.value(r);
-            let v = v.as_primitive::<Float32Type>().values();
-            for split in ["train", "valid"] {
-                let key = (
-                    ids.value(r).to_string(),
-                    orders[row].clone(),
-                    split.to_string(),
-                );
-                if let Some(x) = reference.get(&key) {
-                    compared += 1;
-                    worst = (0..3).map(|i| (x[i] - v[i]).abs()).fold(worst, f32::max);
-                }
+    for ((id, v), order) in read_logits(&single).into_iter().zip(&orders) {
+        for split in ["train", "valid"] {
+            let key = (id.clone(), order.clone(), split.to_string());
+            if let Some(x) = reference.get(&key) {
+                compared += 1;
+                worst = (0..3).map(|i| (x[i] - v[i]).abs()).fold(worst, f32::max);
             }
-            row += 1;
         }
     }
     assert_eq!(compared, 80);
