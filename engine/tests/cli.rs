@@ -40,6 +40,23 @@ fn describe_lists_parameters_and_outputs() {
             && said.contains("../shared/data/lmsys-arena/train_sample.csv"),
         "{said}"
     );
+    // Every plan describes itself, shard parameters (built in) included.
+    for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../plans")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "sql") {
+            let (ok, said) = arenaflow(&["describe", path.to_str().unwrap()]);
+            assert!(
+                ok && said.contains("outputs:"),
+                "{}: {said}",
+                path.display()
+            );
+        }
+    }
+    let (_, said) = arenaflow(&["describe", "plans/teacher_logits.sql"]);
+    assert!(
+        said.contains("shard=${shard_index}-of-${shard_count}"),
+        "{said}"
+    );
 }
 
 #[test]

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use arenaflow_engine::logits::{run_logits, LogitsOptions};
-use arenaflow_engine::plan::RUN_DIR_PARAM;
+use arenaflow_engine::plan::{RUN_DIR_PARAM, SHARD_COUNT_PARAM, SHARD_INDEX_PARAM};
 use arenaflow_engine::runner::Shard;
 use arenaflow_engine::{run_plan, ArenaSession, PlanFile, RunOptions};
 use arenaflow_operators::teacher_forward::{PaddingSide, TeacherSettings};
@@ -162,8 +162,15 @@ fn describe(path: &str) -> anyhow::Result<()> {
         "  {:<16} {:<40} built in: --run-dir",
         RUN_DIR_PARAM, "runs/default"
     );
+    println!(
+        "  {:<16} {:<40} built in: --shard I/N or the SLURM array task",
+        format!("{SHARD_INDEX_PARAM}, {SHARD_COUNT_PARAM}"),
+        "0, 1"
+    );
     let mut values = std::collections::BTreeMap::new();
     values.insert(RUN_DIR_PARAM.to_string(), "${run_dir}".to_string());
+    values.insert(SHARD_INDEX_PARAM.to_string(), "${shard_index}".to_string());
+    values.insert(SHARD_COUNT_PARAM.to_string(), "${shard_count}".to_string());
     for p in &plan.params {
         let default = p.default.as_deref().map_or("(required)".to_string(), |d| {
             if d.is_empty() {
