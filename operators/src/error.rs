@@ -11,16 +11,6 @@ pub enum OperatorError {
     #[error(transparent)]
     Model(#[from] ModelError),
 
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-
-    #[error("{path}: {message}")]
-    File { path: PathBuf, message: String },
-
     #[error("tokenizer {path}: {message}")]
     Tokenizer { path: PathBuf, message: String },
 
@@ -35,19 +25,15 @@ pub enum OperatorError {
     Input(String),
 }
 
+/// File errors are the model crate's ([`ModelError::Io`], [`ModelError::File`]): one
+/// wording for both crates.
 impl OperatorError {
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Self::Io {
-            path: path.into(),
-            source,
-        }
+        Self::Model(ModelError::io(path, source))
     }
 
     pub fn file(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
-        Self::File {
-            path: path.into(),
-            message: message.into(),
-        }
+        Self::Model(ModelError::file(path, message))
     }
 }
 

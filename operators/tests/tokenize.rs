@@ -77,6 +77,26 @@ fn strings(v: &serde_json::Value) -> Vec<String> {
         .collect()
 }
 
+/// The encoder a reference case names (tokenizers loaded once per family).
+fn case_encoder<'a>(
+    case: &'a serde_json::Value,
+    tokenizers: &mut HashMap<&'a str, Arc<TextTokenizer>>,
+) -> Encoder {
+    let family = case["tokenizer"].as_str().unwrap();
+    Encoder::new(
+        tokenizers
+            .entry(family)
+            .or_insert_with(|| tokenizer(family))
+            .clone(),
+        Template::open(case["template"].as_str().unwrap()).unwrap(),
+        case["max_length"].as_u64().unwrap() as usize,
+        Truncation::parse(case["truncation"].as_str().unwrap()).unwrap(),
+        Order::parse(case["order"].as_str().unwrap()).unwrap(),
+        256,
+    )
+    .unwrap()
+}
+
 #[test]
 fn templates_and_truncations_match_the_python_reference() {
     let expected = json(
@@ -87,19 +107,7 @@ fn templates_and_truncations_match_the_python_reference() {
     let mut tokenizers = HashMap::new();
     for case in cases {
         let family = case["tokenizer"].as_str().unwrap();
-        let tok = tokenizers
-            .entry(family)
-            .or_insert_with(|| tokenizer(family))
-            .clone();
-        let encoder = Encoder::new(
-            tok,
-            Template::open(case["template"].as_str().unwrap()).unwrap(),
-            case["max_length"].as_u64().unwrap() as usize,
-            Truncation::parse(case["truncation"].as_str().unwrap()).unwrap(),
-            Order::parse(case["order"].as_str().unwrap()).unwrap(),
-            256,
-        )
-        .unwrap();
+        let encoder = case_encoder(case, &mut tokenizers);
         let (p, a, b) = (
             strings(&case["prompt"]),
             strings(&case["response_a"]),
@@ -238,19 +246,7 @@ async fn tokenize_exec_matches_the_python_reference() {
     let mut tokenizers = HashMap::new();
     for cases in groups.into_values() {
         let first = cases[0];
-        let family = first["tokenizer"].as_str().unwrap();
-        let encoder = Encoder::new(
-            tokenizers
-                .entry(family)
-                .or_insert_with(|| tokenizer(family))
-                .clone(),
-            Template::open(first["template"].as_str().unwrap()).unwrap(),
-            first["max_length"].as_u64().unwrap() as usize,
-            Truncation::parse(first["truncation"].as_str().unwrap()).unwrap(),
-            Order::parse(first["order"].as_str().unwrap()).unwrap(),
-            256,
-        )
-        .unwrap();
+        let encoder = case_encoder(first, &mut tokenizers);
         let list = DataType::List(Arc::new(Field::new_list_field(DataType::Utf8, true)));
         let schema = Arc::new(Schema::new(vec![
             Field::new("id", DataType::Int64, false),
