@@ -9,6 +9,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use datafusion::arrow::compute::SortOptions;
 use datafusion::arrow::datatypes::{Schema, SchemaRef};
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::tree_node::TreeNodeRecursion;
@@ -16,7 +17,10 @@ use datafusion::common::{internal_err, plan_err, Result};
 use datafusion::datasource::TableType;
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::Expr;
-use datafusion::physical_expr::{Distribution, EquivalenceProperties, Partitioning, PhysicalExpr};
+use datafusion::physical_expr::{
+    Distribution, EquivalenceProperties, LexRequirement, OrderingRequirements, Partitioning,
+    PhysicalExpr, PhysicalSortRequirement,
+};
 use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
 use datafusion::physical_plan::expressions::Column;
 use datafusion::physical_plan::metrics::{ExecutionPlanMetricsSet, MetricsSet};
@@ -35,6 +39,13 @@ pub trait Operator: fmt::Debug + Send + Sync + 'static {
     /// Whether the operator needs every input row in one stream (one output partition);
     /// otherwise it runs on each input partition as it comes.
     fn single_partition(&self) -> bool;
+
+    /// Columns the input must arrive sorted by (ascending, nulls last), so that what the
+    /// operator does is a function of the rows alone and not of the order in which input
+    /// partitions happen to arrive. Empty: any order.
+    fn input_order(&self) -> &'static [&'static str] {
+        &[]
+    }
 
     /// The output stream of one partition over `run.input`.
     fn execute(&self, run: OperatorRun) -> Result<SendableRecordBatchStream>;
@@ -113,6 +124,28 @@ impl<Op: Operator> ExecutionPlan for OperatorExec<Op> {
         } else {
             vec![Distribution::UnspecifiedDistribution]
         }
+    }
+    fn required_input_ordering(&self) -> Vec<Option<OrderingRequirements>> {
+        let schema = self.input.schema();
+        let columns = self
+            .op
+            .input_order()
+            .iter()
+            .map(|name| {
+                let index = schema.index_of(name).ok()?;
+                let column: Arc<dyn PhysicalExpr> = Arc::new(Column::new(name, index));
+                Some(PhysicalSortRequirement::new(
+                    column,
+                    Some(SortOptions {
+                        descending: false,
+                        nulls_first: false,
+                    }),
+                ))
+            })
+            .collect::<Option<Vec<_>>>();
+        vec![columns
+            .and_then(LexRequirement::new)
+            .map(OrderingRequirements::new)]
     }
     fn benefits_from_input_partitioning(&self) -> Vec<bool> {
         vec![!self.op.single_partition()]

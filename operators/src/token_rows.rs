@@ -120,7 +120,8 @@ pub fn token_rows(
     Ok(rows)
 }
 
-/// Splits rows into forward batches: longest first (an out-of-memory shows at once), each
+/// Splits rows into forward batches: longest first (an out-of-memory shows at once; rows of
+/// one length keep their input order, so the batches depend on that order alone), each
 /// batch as many rows as fit `max_batch_tokens` once padded to its longest row (at least
 /// one). Without a pad token every row is its own batch, as transformers requires.
 pub fn plan_batches(

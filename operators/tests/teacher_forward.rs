@@ -110,3 +110,34 @@ async fn teacher_forward_exec_matches_transformers() {
         assert!(out.iter().all(|b| b.column(2).null_count() == 0));
     }
 }
+
+/// The planner sorts the operator's input by (id, order), so that rows arriving from
+/// several partitions in any order form the same batches (bitwise the same logits).
+#[tokio::test]
+async fn teacher_forward_input_comes_sorted_by_id_and_order() {
+    use arenaflow_operators::scaffold::{find_operators, OperatorTable};
+    use datafusion::datasource::MemTable;
+    use datafusion::prelude::SessionContext;
+
+    let batch = input(&[vec![1, 2, 3], vec![4, 5], vec![6]]);
+    let parts = vec![vec![batch.slice(2, 1)], vec![batch.slice(0, 2)]];
+    let rows = Arc::new(MemTable::try_new(batch.schema(), parts).unwrap());
+    let settings = TeacherSettings::new(fixture("base").display().to_string());
+    let table = OperatorTable::try_new(TeacherForward { settings }, rows).unwrap();
+    let ctx = SessionContext::new();
+    ctx.register_table("logits", Arc::new(table)).unwrap();
+    let plan = ctx
+        .sql("SELECT id, logits FROM logits")
+        .await
+        .unwrap()
+        .create_physical_plan()
+        .await
+        .unwrap();
+    let exec = find_operators::<TeacherForward>(&plan)[0];
+    let ordering = exec.children()[0]
+        .properties()
+        .output_ordering()
+        .map(|o| o.to_string())
+        .unwrap_or_default();
+    assert_eq!(ordering, "id@0 ASC NULLS LAST, order@1 ASC NULLS LAST");
+}

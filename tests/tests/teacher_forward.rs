@@ -46,6 +46,39 @@ fn prepare(run_dir: &Path, train: &Path) {
     assert!(out.status.success(), "{}", text(&out));
 }
 
+/// Runs arenaflow with `args` until it has committed `commits` batches, then kills it
+/// with SIGKILL.
+fn kill_after_commits(args: &[String], commits: usize) {
+    let mut child = Command::new(arenaflow_bin())
+        .args(args)
+        .current_dir(repo_root())
+        .env("ARENAFLOW_TEST_PAUSE_AFTER_COMMITS", commits.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let paused = format!("paused after {commits} commits");
+    let mut seen = Vec::new();
+    for line in stderr.lines() {
+        let line = line.unwrap();
+        seen.push(line.clone());
+        if line.contains(&paused) {
+            break;
+        }
+    }
+    assert!(seen.iter().any(|l| l.contains(&paused)), "{seen:?}");
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+}
+
+fn run_ok(args: &[String]) -> String {
+    let out = arenaflow(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    log
+}
+
 fn teacher_args(run_dir: &Path) -> Vec<String> {
     [
         "run",
@@ -206,29 +239,7 @@ fn teacher_logits_cover_the_fold_resume_after_kill_and_match_single_rows() {
     );
 
     // Killed with SIGKILL after two committed batches, then the same command again.
-    let mut child = Command::new(arenaflow_bin())
-        .args(teacher_args(&killed))
-        .current_dir(repo_root())
-        .env("ARENAFLOW_TEST_PAUSE_AFTER_COMMITS", "2")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut seen = Vec::new();
-    for line in stderr.lines() {
-        let line = line.unwrap();
-        seen.push(line.clone());
-        if line.contains("paused after 2 commits") {
-            break;
-        }
-    }
-    assert!(
-        seen.iter().any(|l| l.contains("paused after 2 commits")),
-        "{seen:?}"
-    );
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    kill_after_commits(&teacher_args(&killed), 2);
     let manifest = std::fs::read_to_string(killed.join("manifest.json")).unwrap();
     assert!(
         !manifest.contains("teacher/teacher/fold0"),
@@ -250,7 +261,7 @@ fn teacher_logits_cover_the_fold_resume_after_kill_and_match_single_rows() {
     let (resumed, rows) = read_teacher(&killed.join("teacher/teacher/fold0/shard=0-of-1"));
     assert_eq!(rows, 80);
     let diff = max_diff(&reference, &resumed);
-    assert!(diff < 1e-5, "resumed logits differ by {diff}");
+    assert_eq!(diff, 0.0, "resumed logits differ by {diff}");
     let again = arenaflow(
         &teacher_args(&killed)
             .iter()
@@ -323,6 +334,160 @@ fn teacher_logits_cover_the_fold_resume_after_kill_and_match_single_rows() {
     }
     assert_eq!(compared, 80);
     assert!(worst < 1e-4, "operator vs single rows: {worst}");
+}
+
+/// Batches are a function of the rows alone (bf16, rows of many lengths, where the batch a
+/// row shares changes its rounding): two uninterrupted runs and a run killed after three
+/// commits and resumed give bitwise the same logits, and so does `arenaflow logits` over
+/// the same token rows in reverse order.
+#[test]
+fn teacher_logits_are_bitwise_the_same_every_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = small_train(dir.path(), 120);
+    let args = |run_dir: &Path| {
+        teacher_args(run_dir)
+            .into_iter()
+            .map(|a| match a.as_str() {
+                "dtype=f32" => "dtype=bf16".into(),
+                "max_length=96" => "max_length=200".into(),
+                "max_batch_tokens=512" => "max_batch_tokens=1200".into(),
+                _ => a,
+            })
+            .collect::<Vec<String>>()
+    };
+    let mut outputs = Vec::new();
+    for name in ["first", "second", "killed"] {
+        let run_dir = dir.path().join(name);
+        prepare(&run_dir, &train);
+        if name == "killed" {
+            kill_after_commits(&args(&run_dir), 3);
+        }
+        let log = run_ok(&args(&run_dir));
+        assert_eq!(log.contains("resuming after"), name == "killed", "{log}");
+        let (logits, rows) = read_teacher(&run_dir.join("teacher/teacher/fold0/shard=0-of-1"));
+        assert_eq!(rows, 240);
+        outputs.push(logits);
+    }
+    for (name, other) in ["second", "killed"].iter().zip(&outputs[1..]) {
+        let differ = bitwise_differences(&outputs[0], other);
+        assert!(
+            differ.is_empty(),
+            "{name}: {} of 240 rows differ: {differ:?}",
+            differ.len()
+        );
+    }
+
+    // The same token rows in reverse order through `arenaflow logits`.
+    let run_dir = dir.path().join("first");
+    run_ok(&[
+        "run".into(),
+        "plans/tokenize.sql".into(),
+        "--run-dir".into(),
+        run_dir.display().to_string(),
+        "--set".into(),
+        format!("tokenizer={TOKENIZER}"),
+        "--set".into(),
+        "max_length=200".into(),
+        "--set".into(),
+        "model_name=tiny".into(),
+    ]);
+    let tokens = run_dir.join("tokenize/tiny_blackpearl_200_balanced/tokens.parquet");
+    let reversed = dir.path().join("reversed.parquet");
+    reverse_rows(&tokens, &reversed);
+    let mut by_key = Vec::new();
+    for input in [&tokens, &reversed] {
+        let output = dir.path().join("logits.parquet");
+        run_ok(&[
+            "logits".into(),
+            "--model".into(),
+            MODEL.into(),
+            "--dtype".into(),
+            "bf16".into(),
+            "--max-batch-tokens".into(),
+            "1200".into(),
+            "--input".into(),
+            input.display().to_string(),
+            "--output".into(),
+            output.display().to_string(),
+        ]);
+        let keys = string_columns(input, &["id", "order"]);
+        let logits: Logits = read_logits(&output)
+            .into_iter()
+            .zip(keys)
+            .map(|((id, v), key)| {
+                assert_eq!(id, key[0]);
+                ((id, key[1].clone(), String::new()), [v[0], v[1], v[2]])
+            })
+            .collect();
+        by_key.push(logits);
+    }
+    assert_eq!(by_key[0].len(), 240);
+    let differ = bitwise_differences(&by_key[0], &by_key[1]);
+    assert!(
+        differ.is_empty(),
+        "reversed input: {} of {} rows differ: {differ:?}",
+        differ.len(),
+        by_key[0].len()
+    );
+}
+
+/// The keys whose logits are not bitwise equal.
+fn bitwise_differences<'a>(a: &'a Logits, b: &Logits) -> Vec<&'a (String, String, String)> {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .filter(|(k, v)| b[*k].map(f32::to_bits) != v.map(f32::to_bits))
+        .map(|(k, _)| k)
+        .collect()
+}
+
+fn parquet_batches(path: &Path) -> Vec<datafusion::arrow::record_batch::RecordBatch> {
+    ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(path).unwrap())
+        .unwrap()
+        .build()
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+/// Each row's values of string `columns`, in file order.
+fn string_columns(path: &Path, columns: &[&str]) -> Vec<Vec<String>> {
+    let mut rows = Vec::new();
+    for batch in parquet_batches(path) {
+        for r in 0..batch.num_rows() {
+            rows.push(
+                columns
+                    .iter()
+                    .map(|c| {
+                        let column = datafusion::arrow::compute::cast(
+                            batch.column_by_name(c).unwrap(),
+                            &datafusion::arrow::datatypes::DataType::Utf8,
+                        )
+                        .unwrap();
+                        column.as_string::<i32>().value(r).to_string()
+                    })
+                    .collect(),
+            );
+        }
+    }
+    rows
+}
+
+/// Writes the rows of a Parquet file to another in reverse order.
+fn reverse_rows(from: &Path, to: &Path) {
+    use datafusion::arrow::compute::{concat_batches, take_record_batch};
+    let batches = parquet_batches(from);
+    let all = concat_batches(&batches[0].schema(), &batches).unwrap();
+    let indices =
+        datafusion::arrow::array::UInt32Array::from_iter_values((0..all.num_rows() as u32).rev());
+    let reversed = take_record_batch(&all, &indices).unwrap();
+    let mut writer = datafusion::parquet::arrow::ArrowWriter::try_new(
+        std::fs::File::create(to).unwrap(),
+        reversed.schema(),
+        None,
+    )
+    .unwrap();
+    writer.write(&reversed).unwrap();
+    writer.close().unwrap();
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! The `teacher_forward` operator: streams tokenized rows (`id`, `order`, `input_ids`,
 //! anything else) through a teacher and emits `id`, `order`, `logits` (3 x f32, not
-//! probabilities) and the other columns except `input_ids`. Rows are sorted by length
-//! (within a window, or all at once) and batched under a token budget. Inside a managed
+//! probabilities) and the other columns except `input_ids`. Rows arrive sorted by (id,
+//! order) (the plan sorts them), are sorted by length (within a window, or all at once) and
+//! batched under a token budget, so the batches are a function of the rows alone. Inside a managed
 //! output ([`ManagedOutput`]) each batch is committed to the resume folder before it goes
 //! downstream, so a rerun after kill -9 computes only what is missing; the stream ends only
 //! after every input (id, order) was emitted once. The pass's figures are plan metrics
@@ -17,9 +18,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use datafusion::arrow::array::{
-    ArrayRef, BooleanArray, FixedSizeListArray, Float32Array, RecordBatch, UInt32Array,
+    ArrayRef, FixedSizeListArray, Float32Array, RecordBatch, UInt32Array,
 };
-use datafusion::arrow::compute::{concat_batches, filter_record_batch, take_record_batch};
+use datafusion::arrow::compute::{concat_batches, take_record_batch};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::catalog::{TableFunctionArgs, TableFunctionImpl, TableProvider};
 use datafusion::common::{plan_err, DataFusionError, Result};
@@ -119,6 +120,12 @@ impl Operator for TeacherForward {
 
     fn single_partition(&self) -> bool {
         true
+    }
+
+    /// Batches are a function of the rows alone: rows come sorted by (id, order), then
+    /// sort by length (stable), so any run and any kill + rerun forms the same batches.
+    fn input_order(&self) -> &'static [&'static str] {
+        &[ID, ORDER]
     }
 
     fn execute(&self, run: OperatorRun) -> Result<SendableRecordBatchStream> {
@@ -256,11 +263,15 @@ struct Pass {
     metrics: PassMetrics,
 }
 
-/// Rows waiting for the teacher: their other columns, concatenated once full.
+/// Rows waiting for the teacher: their other columns, concatenated once full. Rows
+/// committed by an earlier run stay in the window (`done`), so that the batches are planned
+/// over the same rows as in an uninterrupted run; a batch whose rows are all done is
+/// skipped.
 #[derive(Default)]
 struct Window {
     batches: Vec<RecordBatch>,
     tokens: Vec<Vec<u32>>,
+    done: Vec<bool>,
 }
 
 /// What a pass has done so far.
@@ -342,7 +353,6 @@ impl Pass {
                 &keys,
                 state.teacher.vocab_size(),
             )?;
-            let mut keep = Vec::with_capacity(batch.num_rows());
             for ((key, row_tokens), r) in keys.into_iter().zip(tokens).zip(0..) {
                 let row = state.rows_read + r + 1;
                 if let Some(first) = seen.insert(key.clone(), row) {
@@ -351,25 +361,23 @@ impl Pass {
                         key.0, key.1
                     )));
                 }
-                match done.get_mut(&key) {
+                let committed = match done.get_mut(&key) {
                     Some(again) => {
                         *again = true;
-                        keep.push(false);
+                        true
                     }
-                    None => {
-                        keep.push(true);
-                        window.tokens.push(row_tokens);
-                    }
-                }
+                    None => false,
+                };
+                window.tokens.push(row_tokens);
+                window.done.push(committed);
             }
             state.rows_read += batch.num_rows();
-            let kept = filter_record_batch(&batch, &BooleanArray::from(keep))?;
             let indices = pass_schema
                 .fields()
                 .iter()
-                .map(|f| kept.schema().index_of(f.name()))
+                .map(|f| batch.schema().index_of(f.name()))
                 .collect::<std::result::Result<Vec<_>, _>>()?;
-            window.batches.push(kept.project(&indices)?);
+            window.batches.push(batch.project(&indices)?);
             if self.settings.sort_window > 0 && window.tokens.len() >= self.settings.sort_window {
                 let full = std::mem::take(&mut window);
                 if !self
@@ -417,14 +425,21 @@ impl Pass {
         state: &mut PassState,
         sender: &Sender,
     ) -> Result<bool> {
-        if window.tokens.is_empty() {
+        if window.done.iter().all(|&d| d) {
             return Ok(true);
         }
         let others = concat_batches(pass_schema, &window.batches)?;
         let lengths: Vec<usize> = window.tokens.iter().map(Vec::len).collect();
         let tokens = Arc::new(window.tokens);
         state.progress.set_total(state.rows_read as u64);
-        let batches = state.teacher.plan(&lengths);
+        // Planned over every row of the window, committed ones too: the batches of a rerun
+        // are those of the uninterrupted run, so its logits are bitwise the same.
+        let batches: Vec<Vec<usize>> = state
+            .teacher
+            .plan(&lengths)
+            .into_iter()
+            .filter(|members| members.iter().any(|&i| !window.done[i]))
+            .collect();
         if !state.warmed_up {
             self.forward(&state.teacher, &tokens, batches[0].clone())
                 .await?;
@@ -438,6 +453,13 @@ impl Pass {
                 self.forward(&state.teacher, &tokens, members.clone())
                     .await?
             };
+            // A batch that an earlier run committed in part (it cannot, with the same
+            // settings; the check keeps every (id, order) once) emits only the rest.
+            let (members, logits): (Vec<usize>, Vec<[f32; 3]>) = members
+                .into_iter()
+                .zip(logits)
+                .filter(|(i, _)| !window.done[*i])
+                .unzip();
             let indices = UInt32Array::from(members.iter().map(|&i| i as u32).collect::<Vec<_>>());
             let taken = take_record_batch(&others, &indices)?;
             let flat: Vec<f32> = logits.iter().flatten().copied().collect();
