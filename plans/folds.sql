@@ -5,9 +5,9 @@
 -- UltraFeedback rows (post-pretraining data) stay out of the folds.
 --
 -- stage folds
--- param k = 5 -- number of folds
--- param seed = 2025 -- seed of the fold assignment
--- param swap = true -- add the A/B-swapped copy of every training row
+-- param k: int = 5 -- number of folds
+-- param seed: int = 2025 -- seed of the fold assignment
+-- param swap: bool = true -- add the A/B-swapped copy of every training row
 -- param comparisons = ${run_dir}/prepare/comparisons.parquet -- the canonical table from prepare.sql
 -- param train_source = kaggle -- source whose rows are split into folds; other sources only train
 

@@ -8,23 +8,24 @@
 -- param conversations = -- chatbot_arena_conversations (Parquet, JSON or JSON lines); empty leaves it out
 -- param pandalm = -- PandaLM test set JSON; empty leaves it out
 -- param hh_rlhf = -- HH-RLHF JSON lines, optionally .gz; empty leaves it out
--- param hh_rlhf_seed = 2025 -- seed of HH-RLHF's chosen/rejected A/B order
+-- param hh_rlhf_seed: int = 2025 -- seed of HH-RLHF's chosen/rejected A/B order
 -- param ultrafeedback = -- UltraFeedback in Kaggle format, for post-pretraining (never in the folds); empty leaves it out
 -- param on_error = fail -- fail: the first bad row stops the run; skip: bad rows are left out and counted in the manifest
+-- param max_skipped: float = 0.01 -- with on_error = skip: the share of a file's rows that may be left out before the run fails
 
-CREATE TABLE train_rows AS SELECT * FROM arena_csv('${train}', '${train_source}', '${on_error}');
+CREATE TABLE train_rows AS SELECT * FROM arena_csv('${train}', '${train_source}', '${on_error}', ${max_skipped});
 
 CREATE TABLE extra_rows AS
-    SELECT * FROM arena_conversations('${conversations}', '${on_error}')
-    UNION ALL SELECT * FROM pandalm('${pandalm}', '${on_error}')
-    UNION ALL SELECT * FROM hh_rlhf('${hh_rlhf}', ${hh_rlhf_seed}, '${on_error}');
+    SELECT * FROM arena_conversations('${conversations}', '${on_error}', ${max_skipped})
+    UNION ALL SELECT * FROM pandalm('${pandalm}', '${on_error}', ${max_skipped})
+    UNION ALL SELECT * FROM hh_rlhf('${hh_rlhf}', ${hh_rlhf_seed}, '${on_error}', ${max_skipped});
 
 COPY (
     SELECT * FROM train_rows
     UNION ALL
     SELECT e.* FROM extra_rows e LEFT ANTI JOIN train_rows t ON e.prompt = t.prompt
     UNION ALL
-    SELECT * FROM arena_csv('${ultrafeedback}', 'ultrafeedback', '${on_error}')
+    SELECT * FROM arena_csv('${ultrafeedback}', 'ultrafeedback', '${on_error}', ${max_skipped})
 ) TO '${run_dir}/prepare/comparisons.parquet' STORED AS PARQUET;
 
 CREATE EXTERNAL TABLE comparisons STORED AS PARQUET LOCATION '${run_dir}/prepare/comparisons.parquet';

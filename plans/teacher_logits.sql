@@ -7,19 +7,19 @@
 --
 -- stage teacher_logits
 -- param folds = ${run_dir}/folds/k5_seed2025_swaptrue/ -- folds.sql's output (its k, seed and swap are in the path)
--- param fold = 0 -- the fold: its training side (the other folds and extra rows) and held-out side
+-- param fold: int = 0 -- the fold: its training side (the other folds and extra rows) and held-out side
 -- param model -- the teacher: a model folder (config.json + safetensors), a .gguf file, or a hub id org/name
 -- param model_name = teacher -- names the output folder: teacher/{model_name}/fold{fold}/
 -- param adapter = -- PEFT LoRA adapter folder (with the score head); empty for none
 -- param tokenizer -- the teacher's tokenizer.json (tokenizer_config.json beside it names EOS)
 -- param template = blackpearl -- blackpearl, emiz, or a template file
--- param max_length = 1024 -- tokens per input, BOS and EOS included
+-- param max_length: int = 1024 -- tokens per input, BOS and EOS included
 -- param truncation = balanced -- balanced (prompt capped, answers evened), right, left
--- param prompt_cap = 256 -- the balanced truncation's prompt limit
+-- param prompt_cap: int = 256 -- the balanced truncation's prompt limit
 -- param dtype = bf16 -- weights and activations: bf16, f16 or f32
 -- param device = cpu -- cpu, cuda or cuda:N; a missing device fails the run
--- param max_batch_tokens = 8192 -- padded tokens per forward pass
--- param sort_window = 0 -- rows sorted by length together; 0 sorts the whole shard
+-- param max_batch_tokens: int = 8192 -- padded tokens per forward pass
+-- param sort_window: int = 0 -- rows sorted by length together; 0 sorts the whole shard
 
 CREATE EXTERNAL TABLE folds STORED AS PARQUET LOCATION '${folds}';
 

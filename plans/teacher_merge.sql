@@ -4,9 +4,9 @@
 --
 -- stage teacher_merge
 -- param folds = ${run_dir}/folds/k5_seed2025_swaptrue/ -- folds.sql's output
--- param fold = 0 -- the fold
+-- param fold: int = 0 -- the fold
 -- param model_name = teacher -- the teacher's output folder name
--- param shards = 1 -- how many shards the array job ran
+-- param shards: int = 1 -- how many shards the array job ran
 
 CREATE EXTERNAL TABLE folds STORED AS PARQUET LOCATION '${folds}';
 

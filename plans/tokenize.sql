@@ -6,9 +6,9 @@
 -- param model_name = gemma2 -- names the output folder: the model family this input is for
 -- param tokenizer = ../shared/tokenizers/gemma2/tokenizer.json -- Hugging Face tokenizer.json (tokenizer_config.json beside it names EOS)
 -- param template = blackpearl -- blackpearl, emiz, or a template file
--- param max_length = 1024 -- tokens per input, BOS and EOS included
+-- param max_length: int = 1024 -- tokens per input, BOS and EOS included
 -- param truncation = balanced -- balanced (prompt capped, answers evened), right, left
--- param prompt_cap = 256 -- the balanced truncation's prompt limit
+-- param prompt_cap: int = 256 -- the balanced truncation's prompt limit
 
 CREATE EXTERNAL TABLE comparisons STORED AS PARQUET LOCATION '${comparisons}';
 

@@ -2,6 +2,7 @@
 //! storage, and the readers of preference data sets.
 
 pub mod error;
+pub mod lock;
 pub mod logits;
 pub mod manifest;
 pub mod plan;

@@ -9,7 +9,7 @@ use object_store::{ObjectStoreExt, PutPayload};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{EngineError, Result};
-use crate::storage::{objects_under, InputFile, Location};
+use crate::storage::{objects_under, InputFile, Location, OutputFile};
 
 pub const MANIFEST_FILE: &str = "manifest.json";
 
@@ -35,6 +35,9 @@ pub struct OutputRecord {
     pub plan_sha256: String,
     pub params_sha256: String,
     pub inputs: Vec<InputFile>,
+    /// The files written, with their sizes and content hashes: what "up to date" checks.
+    #[serde(default)]
+    pub files: Vec<OutputFile>,
     /// Rows the readers left out under `on_error = 'skip'`, by input.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub skipped_rows: BTreeMap<String, usize>,
@@ -98,7 +101,9 @@ impl Manifest {
             let part: Manifest =
                 serde_json::from_slice(&bytes).map_err(|e| EngineError::Manifest {
                     run_dir: run_dir.to_string(),
-                    message: format!("{path} is not a valid manifest: {e}"),
+                    message: format!(
+                        "{path} is not a valid manifest ({e}). To recover, move it aside (e.g. `mv {path} {path}.bad`) and run again with --force: the outputs it recorded are made again"
+                    ),
                 })?;
             let mine = own.as_ref() == Some(&path);
             for (key, record) in part.outputs {
@@ -123,34 +128,38 @@ impl Manifest {
         self.outputs.insert(key.to_string(), record);
     }
 
-    /// Writes this writer's file whole, in one atomic put.
+    /// Writes this writer's file in one atomic put: the records this process made over
+    /// the file as it is now (another process's records in it are kept).
     pub async fn save(&self, ctx: &SessionContext, run_dir: &Location) -> Result<()> {
         let store = run_dir.store(ctx)?;
-        let (path, json) = match &self.writer {
-            None => (
-                run_dir.join(MANIFEST_FILE).path,
-                serde_json::to_vec_pretty(self)?,
-            ),
+        let path = match &self.writer {
+            None => run_dir.join(MANIFEST_FILE).path,
             Some(writer) => {
-                let own = Manifest {
-                    version: self.version,
-                    outputs: self
-                        .outputs
-                        .iter()
-                        .filter(|(k, _)| self.owned.contains(*k))
-                        .map(|(k, v)| (k.clone(), v.clone()))
-                        .collect(),
-                    ..Default::default()
-                };
-                (
-                    run_dir
-                        .join(&format!("{SHARD_MANIFESTS}/{writer}.json"))
-                        .path,
-                    serde_json::to_vec_pretty(&own)?,
-                )
+                run_dir
+                    .join(&format!("{SHARD_MANIFESTS}/{writer}.json"))
+                    .path
             }
         };
-        store.put(&path, PutPayload::from(json)).await?;
+        let mut file = match store.get(&path).await {
+            Ok(result) => {
+                let bytes = result.bytes().await?;
+                serde_json::from_slice::<Manifest>(&bytes).map_err(|e| EngineError::Manifest {
+                    run_dir: run_dir.to_string(),
+                    message: format!("{path} is not a valid manifest ({e})"),
+                })?
+            }
+            Err(object_store::Error::NotFound { .. }) => Manifest::default(),
+            Err(e) => return Err(e.into()),
+        };
+        file.version = self.version;
+        for key in &self.owned {
+            if let Some(record) = self.outputs.get(key) {
+                file.outputs.insert(key.clone(), record.clone());
+            }
+        }
+        store
+            .put(&path, PutPayload::from(serde_json::to_vec_pretty(&file)?))
+            .await?;
         Ok(())
     }
 }

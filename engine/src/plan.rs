@@ -2,13 +2,17 @@
 //!
 //! ```sql
 //! -- stage folds
-//! -- param k = 5            -- number of folds
-//! -- param model            -- required: no default
+//! -- param k: int = 5       -- number of folds
+//! -- param model            -- required: no default (text)
 //! -- param extra =          -- empty by default
-//! SELECT ... % ${k} ...;
+//! SELECT ... % ${k} ... FROM '${model}';
 //! ```
 //! `${run_dir}` is always available (from `--run-dir`). Every `${name}` must be declared,
-//! and every declared parameter used.
+//! and every declared parameter used. A parameter has a type (`int`, `float`, `bool`, or
+//! `text` when none is given); values are checked against it before anything runs. Values
+//! go into the SQL as literals: inside a quoted string with its quotes doubled, outside one
+//! as a number or boolean, or (text) as a quoted string of its own, so no value can change
+//! the statement around it.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -21,9 +25,61 @@ pub const SHARD_INDEX_PARAM: &str = "shard_index";
 pub const SHARD_COUNT_PARAM: &str = "shard_count";
 pub const BUILTIN_PARAMS: [&str; 3] = [RUN_DIR_PARAM, SHARD_INDEX_PARAM, SHARD_COUNT_PARAM];
 
+/// The type of a plan parameter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamType {
+    Int,
+    Float,
+    Bool,
+    Text,
+}
+
+impl ParamType {
+    fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "int" => Self::Int,
+            "float" => Self::Float,
+            "bool" => Self::Bool,
+            "text" => Self::Text,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Int => "int",
+            Self::Float => "float",
+            Self::Bool => "bool",
+            Self::Text => "text",
+        }
+    }
+
+    /// The value in its canonical form, or why it is not one of this type.
+    pub fn check(self, value: &str) -> std::result::Result<String, String> {
+        let v = value.trim();
+        match self {
+            Self::Int => v
+                .parse::<i64>()
+                .map(|n| n.to_string())
+                .map_err(|_| format!("{value:?} is not an integer")),
+            Self::Float => match v.parse::<f64>() {
+                Ok(x) if x.is_finite() => Ok(v.to_string()),
+                _ => Err(format!("{value:?} is not a finite number")),
+            },
+            Self::Bool => match v.to_ascii_lowercase().as_str() {
+                "true" => Ok("true".into()),
+                "false" => Ok("false".into()),
+                _ => Err(format!("{value:?} is not true or false")),
+            },
+            Self::Text => Ok(value.to_string()),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParamDecl {
     pub name: String,
+    pub kind: ParamType,
     pub default: Option<String>,
     pub doc: Option<String>,
     pub line: usize,
@@ -206,6 +262,23 @@ impl PlanFile {
                 Some((name, value)) => (name.trim(), Some(value.trim().to_string())),
                 None => (decl.trim(), None),
             };
+            let (name, kind) = match name.split_once(':') {
+                Some((name, kind)) => match ParamType::parse(kind.trim()) {
+                    Some(kind) => (name.trim(), kind),
+                    None => {
+                        return Err(plan_error(
+                            file,
+                            i + 1,
+                            format!(
+                                "parameter {}: unknown type {:?} (int, float, bool or text)",
+                                name.trim(),
+                                kind.trim()
+                            ),
+                        ))
+                    }
+                },
+                None => (name, ParamType::Text),
+            };
             if !is_name(name) {
                 return Err(plan_error(
                     file,
@@ -232,8 +305,18 @@ impl PlanFile {
                     ),
                 ));
             }
+            if let Some(default) = default.as_deref().filter(|d| !d.contains("${")) {
+                if let Err(why) = kind.check(default) {
+                    return Err(plan_error(
+                        file,
+                        i + 1,
+                        format!("parameter {name}: the default {why}"),
+                    ));
+                }
+            }
             params.push(ParamDecl {
                 name: name.to_string(),
+                kind,
                 default,
                 doc,
                 line: i + 1,
@@ -302,6 +385,27 @@ impl PlanFile {
             values.insert(name.clone(), value.clone());
         }
         for param in &self.params {
+            if let Some(value) = values.get_mut(&param.name) {
+                *value = param.kind.check(value).map_err(|why| {
+                    plan_error(
+                        &self.file,
+                        param.line,
+                        format!(
+                            "--set {}: {why} ({} is {} {})",
+                            param.name,
+                            param.name,
+                            if param.kind == ParamType::Int {
+                                "an"
+                            } else {
+                                "a"
+                            },
+                            param.kind.name()
+                        ),
+                    )
+                })?;
+            }
+        }
+        for param in &self.params {
             if !values.contains_key(&param.name) {
                 match &param.default {
                     Some(default) => {
@@ -316,15 +420,31 @@ impl PlanFile {
         Ok(values)
     }
 
-    /// A statement's text with `${name}` replaced; `run_dir` comes with the values.
+    /// The type of parameter `name` (built-ins included).
+    fn kind_of(&self, name: &str) -> ParamType {
+        match name {
+            SHARD_INDEX_PARAM | SHARD_COUNT_PARAM => ParamType::Int,
+            _ => self
+                .params
+                .iter()
+                .find(|p| p.name == name)
+                .map_or(ParamType::Text, |p| p.kind),
+        }
+    }
+
+    /// A statement's text with each `${name}` replaced by its value as a literal: inside a
+    /// quoted string with its quotes doubled; outside one as it is for numbers and booleans
+    /// (checked by [`PlanFile::resolve`]) and as a quoted string for text. `run_dir` comes
+    /// with the values.
     pub fn substitute(
         &self,
         statement: &PlanStatement,
         values: &BTreeMap<String, String>,
     ) -> Result<String> {
-        let mut out = String::with_capacity(statement.text.len());
-        let mut rest = 0;
-        for (offset, name) in references(&statement.text) {
+        let text = &statement.text;
+        let mut out = String::with_capacity(text.len());
+        let (mut rest, mut quoted) = (0, false);
+        for (offset, name) in references(text) {
             let value = values.get(name).ok_or_else(|| {
                 plan_error(
                     &self.file,
@@ -332,11 +452,22 @@ impl PlanFile {
                     format!("${{{name}}} has no value"),
                 )
             })?;
-            out.push_str(&statement.text[rest..offset]);
-            out.push_str(value);
+            let before = &text[rest..offset];
+            quoted ^= before.matches('\'').count() % 2 == 1;
+            out.push_str(before);
+            let escaped = value.replace('\'', "''");
+            match (quoted, self.kind_of(name)) {
+                (true, _) => out.push_str(&escaped),
+                (false, ParamType::Text) => {
+                    out.push('\'');
+                    out.push_str(&escaped);
+                    out.push('\'');
+                }
+                (false, _) => out.push_str(value),
+            }
             rest = offset + name.len() + 3;
         }
-        out.push_str(&statement.text[rest.min(statement.text.len())..]);
+        out.push_str(&text[rest.min(text.len())..]);
         Ok(out)
     }
 }
@@ -358,6 +489,41 @@ mod tests {
             plan.substitute(&plan.statements[1], &values).unwrap(),
             "SELECT ';m'"
         );
+    }
+
+    #[test]
+    fn values_are_typed_and_go_in_as_literals() {
+        let plan = PlanFile::parse(
+            "p.sql",
+            "-- param fold: int = 0\n-- param path\n-- param name = x\n\
+             SELECT * FROM t('${path}', ${fold}) WHERE name = ${name} AND '${path}' <> '';",
+        )
+        .unwrap();
+        let set = |fold: &str, path: &str| {
+            plan.resolve(&[("fold".into(), fold.into()), ("path".into(), path.into())])
+        };
+        let bad = set("abc", "p").unwrap_err().to_string();
+        assert!(
+            bad.contains("p.sql:1: --set fold: \"abc\" is not an integer (fold is an int)"),
+            "{bad}"
+        );
+        let mut values = set(" 3", "it's', on_error => 'skip").unwrap();
+        values.insert("name".into(), "o'brien".into());
+        assert_eq!(
+            plan.substitute(&plan.statements[0], &values).unwrap(),
+            "SELECT * FROM t('it''s'', on_error => ''skip', 3) WHERE name = 'o''brien' AND 'it''s'', on_error => ''skip' <> ''"
+        );
+        let wrong_default = PlanFile::parse("p.sql", "-- param k: int = five\nSELECT ${k};")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            wrong_default.contains("p.sql:1: parameter k: the default \"five\" is not an integer"),
+            "{wrong_default}"
+        );
+        let unknown = PlanFile::parse("p.sql", "-- param k: number = 5\nSELECT ${k};")
+            .unwrap_err()
+            .to_string();
+        assert!(unknown.contains("unknown type \"number\""), "{unknown}");
     }
 
     #[test]

@@ -21,11 +21,13 @@ use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::error::{EngineError, Result};
+use crate::lock::RunLock;
 use crate::manifest::{Manifest, OutputRecord, OutputStatus};
 use crate::plan::{PlanFile, PlanStatement, RUN_DIR_PARAM, SHARD_COUNT_PARAM, SHARD_INDEX_PARAM};
 use crate::session::{execute, ArenaSession};
 use crate::storage::{
-    delete_tree, hash_location, move_tree, objects_under, sha256_hex, InputFile, Location,
+    delete_tree, hash_location, hash_output, move_tree, objects_under, output_changes, sha256_hex,
+    InputFile, Location,
 };
 
 #[derive(Debug, Clone)]
@@ -135,6 +137,16 @@ pub async fn run_plan(
     }
     session.register_stores_for(&options.run_dir)?;
     let run_dir = Location::parse(&options.run_dir)?;
+    // Held until the plan is done: no other run writes these records meanwhile.
+    let _lock = if run_dir.is_local() {
+        let writer = options.shard.writer().unwrap_or_else(|| "main".into());
+        Some(RunLock::acquire(
+            std::path::Path::new(&run_dir.sql()),
+            &writer,
+        )?)
+    } else {
+        None
+    };
     let manifest = Manifest::load(&session.ctx, &run_dir, options.shard.writer()).await?;
     let mut run = PlanRun {
         session,
@@ -329,9 +341,13 @@ impl PlanRun<'_> {
             Some(record)
                 if record.status == OutputStatus::Complete && record.fingerprint == fingerprint =>
             {
-                let present =
-                    record.rows == 0 || !objects_under(store.as_ref(), &target).await?.is_empty();
-                if present {
+                let now = hash_output(store.as_ref(), &self.run_dir, &target).await?;
+                let changes = if record.files.is_empty() && record.rows > 0 {
+                    vec!["its record has no file hashes (written by an older arenaflow)".into()]
+                } else {
+                    output_changes(&record.files, &now)
+                };
+                if changes.is_empty() {
                     writeln!(
                         out,
                         "up to date: {key} ({} rows, {} ids); nothing to do",
@@ -341,6 +357,13 @@ impl PlanRun<'_> {
                     self.summary.up_to_date.push(key);
                     return Ok(());
                 }
+                if !self.options.force {
+                    return Err(conflict(format!(
+                        "{key} is recorded complete, but {}; pass --force to make it again",
+                        changes.join("; ")
+                    )));
+                }
+                writeln!(out, "making {key} again: {}", changes.join("; "))?;
             }
             Some(record)
                 if record.status == OutputStatus::Complete
@@ -416,6 +439,7 @@ impl PlanRun<'_> {
             plan_sha256,
             params_sha256,
             inputs,
+            files: Vec::new(),
             skipped_rows: self.session.inputs.skipped_rows(),
             fingerprint,
             written_at: chrono::Utc::now().to_rfc3339(),
@@ -426,6 +450,7 @@ impl PlanRun<'_> {
         delete_tree(store.as_ref(), &target).await?;
         move_tree(store.as_ref(), &staging, &target).await?;
         delete_tree(store.as_ref(), &staging_root).await?;
+        record.files = hash_output(store.as_ref(), &self.run_dir, &target).await?;
         record.status = OutputStatus::Complete;
         self.manifest.record(&key, record);
         self.manifest.save(ctx, &self.run_dir).await?;

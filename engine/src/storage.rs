@@ -219,6 +219,74 @@ pub async fn hash_location(store: &dyn ObjectStore, location: &Location) -> Resu
     Ok(files)
 }
 
+/// One file of a recorded output: its path relative to the run directory, size and
+/// content hash (xxh3-128, fast enough to check every output each run).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputFile {
+    pub path: String,
+    pub bytes: u64,
+    pub xxh3: String,
+}
+
+/// Hashes every file at `location` (a file, or all files under a folder), with paths
+/// relative to `run_dir`, sorted by path.
+pub async fn hash_output(
+    store: &dyn ObjectStore,
+    run_dir: &Location,
+    location: &Location,
+) -> Result<Vec<OutputFile>> {
+    let mut files = Vec::new();
+    for object in objects_under(store, location).await? {
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        let mut chunks = store.get(&object.location).await?.into_stream();
+        while let Some(chunk) = chunks.try_next().await? {
+            hasher.update(&chunk);
+        }
+        let path = object
+            .location
+            .prefix_match(&run_dir.path)
+            .map(|parts| {
+                parts
+                    .map(|p| p.as_ref().to_string())
+                    .collect::<Vec<_>>()
+                    .join("/")
+            })
+            .unwrap_or_else(|| object.location.to_string());
+        files.push(OutputFile {
+            path,
+            bytes: object.size,
+            xxh3: format!("{:032x}", hasher.digest128()),
+        });
+    }
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(files)
+}
+
+/// What differs between the files an output was recorded with and those there now:
+/// one line per missing, changed or unrecorded file.
+pub fn output_changes(recorded: &[OutputFile], now: &[OutputFile]) -> Vec<String> {
+    let mut changes = Vec::new();
+    for file in recorded {
+        match now.iter().find(|f| f.path == file.path) {
+            None => changes.push(format!("{} is missing", file.path)),
+            Some(f) if f.bytes != file.bytes => changes.push(format!(
+                "{} has {} bytes, recorded {}",
+                file.path, f.bytes, file.bytes
+            )),
+            Some(f) if f.xxh3 != file.xxh3 => {
+                changes.push(format!("{} changed (its content hash differs)", file.path))
+            }
+            Some(_) => {}
+        }
+    }
+    for file in now {
+        if !recorded.iter().any(|f| f.path == file.path) {
+            changes.push(format!("{} is not part of the recorded output", file.path));
+        }
+    }
+    changes
+}
+
 pub fn sha256_hex(data: impl AsRef<[u8]>) -> String {
     hex::encode(Sha256::digest(data.as_ref()))
 }

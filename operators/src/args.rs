@@ -85,6 +85,24 @@ impl<'a> Args<'a> {
         }
     }
 
+    /// A number literal at `i` between 0 and 1 (a share).
+    pub fn fraction(&self, i: usize, name: &str) -> Result<Option<f64>> {
+        let value = match self.exprs.get(i) {
+            None => return Ok(None),
+            Some(Expr::Literal(ScalarValue::Float64(Some(x)), _)) => Some(*x),
+            Some(Expr::Literal(ScalarValue::Int64(Some(n)), _)) => Some(*n as f64),
+            Some(_) => None,
+        };
+        match value {
+            Some(x) if (0.0..=1.0).contains(&x) => Ok(Some(x)),
+            _ => plan_err!(
+                "{}: {name} must be a number from 0 to 1, got {}",
+                self.function(),
+                self.exprs[i]
+            ),
+        }
+    }
+
     /// A positive integer literal at `i` (a count or a size).
     pub fn count(&self, i: usize, name: &str) -> Result<Option<usize>> {
         Ok(self.integer(i, name, 1)?.map(|n| n as usize))

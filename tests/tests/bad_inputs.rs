@@ -147,7 +147,7 @@ fn a_40000_character_response_loads() {
 }
 
 #[test]
-fn skip_policy_counts_bad_rows_in_the_manifest() {
+fn skip_policy_counts_bad_rows_in_the_manifest_up_to_a_limit() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("mixed.csv");
     std::fs::write(
@@ -155,17 +155,33 @@ fn skip_policy_counts_bad_rows_in_the_manifest() {
         format!("{HEADER}{GOOD_ROW}12,a,b,\"[\",\"[]\",\"[]\",1,0,0\n"),
     )
     .unwrap();
-    let run_dir = dir.path().join("run");
-    let output = arenaflow(&[
-        "run",
-        "plans/prepare.sql",
-        "--run-dir",
-        run_dir.to_str().unwrap(),
-        "--set",
-        &format!("train={}", file.display()),
-        "--set",
-        "on_error=skip",
-    ]);
+    let run = |run_dir: &str, extra: &[&str]| {
+        let run_dir = dir.path().join(run_dir);
+        let train = format!("train={}", file.display());
+        let mut args = vec![
+            "run",
+            "plans/prepare.sql",
+            "--run-dir",
+            run_dir.to_str().unwrap(),
+            "--set",
+            &train,
+            "--set",
+            "on_error=skip",
+        ];
+        args.extend(extra);
+        (arenaflow(&args), run_dir)
+    };
+    // One of two rows is over the default limit (1% of the rows).
+    let (output, run_dir) = run("default", &[]);
+    let said = text(&output);
+    assert!(!output.status.success(), "{said}");
+    assert!(
+        said.contains("1 of 2 rows do not parse, over max_skipped = 0.01"),
+        "{said}"
+    );
+    assert!(!run_dir.join("prepare/comparisons.parquet").exists());
+
+    let (output, run_dir) = run("half", &["--set", "max_skipped=0.5"]);
     assert!(output.status.success(), "{}", text(&output));
     let manifest: Value =
         serde_json::from_str(&std::fs::read_to_string(run_dir.join("manifest.json")).unwrap())
@@ -173,4 +189,17 @@ fn skip_policy_counts_bad_rows_in_the_manifest() {
     let record = &manifest["outputs"]["prepare/comparisons.parquet"];
     assert_eq!(record["rows"], 1);
     assert_eq!(record["skipped_rows"][file.to_str().unwrap()], 1);
+    assert_eq!(record["params"]["max_skipped"], "0.5");
+}
+
+#[test]
+fn a_file_without_data_rows_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, said, manifest) = prepare(dir.path(), "header_only.csv", HEADER.as_bytes());
+    assert!(!ok, "{said}");
+    assert!(
+        said.contains("header_only.csv: the file has no data rows"),
+        "{said}"
+    );
+    assert!(manifest.is_none_or(|m| m["outputs"]["prepare/comparisons.parquet"].is_null()));
 }

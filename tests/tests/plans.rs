@@ -11,7 +11,7 @@ fn plan(dir: &std::path::Path, name: &str, sql: &str) -> String {
 #[test]
 fn parameters_are_declared_and_checked() {
     let dir = tempfile::tempdir().unwrap();
-    let p = plan(dir.path(), "p.sql", "-- param n = 2 -- how many\n-- param word\nSELECT ${n} * 21 AS answer, '${word}' AS word;\n");
+    let p = plan(dir.path(), "p.sql", "-- param n: int = 2 -- how many\n-- param word\nSELECT ${n} * 21 AS answer, '${word}' AS word;\n");
     let ok = arenaflow(&[
         "run",
         &p,
@@ -34,6 +34,28 @@ fn parameters_are_declared_and_checked() {
         text(&missing).contains("p.sql:2: parameter word has no default"),
         "{}",
         text(&missing)
+    );
+
+    // Values are typed, and go in as literals: a quote cannot end the string.
+    let typed = arenaflow(&["run", &p, "--set", "word=hi", "--set", "n=abc"]);
+    assert!(!typed.status.success());
+    assert!(
+        text(&typed).contains("p.sql:1: --set n: \"abc\" is not an integer (n is an int)"),
+        "{}",
+        text(&typed)
+    );
+    let quoted = arenaflow(&[
+        "run",
+        &p,
+        "--set",
+        "word=it's",
+        "--run-dir",
+        dir.path().join("r").to_str().unwrap(),
+    ]);
+    assert!(
+        text(&quoted).contains("| 42     | it's |"),
+        "{}",
+        text(&quoted)
     );
 
     let unknown = arenaflow(&["run", &p, "--set", "word=hi", "--set", "wrod=x"]);

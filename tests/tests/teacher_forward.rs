@@ -490,6 +490,69 @@ fn reverse_rows(from: &Path, to: &Path) {
     writer.close().unwrap();
 }
 
+/// Changes one byte (`at` into the tensor data) of a safetensors file; it still loads.
+fn nudge_weights(file: &Path, at: usize) {
+    let mut bytes = std::fs::read(file).unwrap();
+    let header = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    bytes[8 + header + at] ^= 0x01;
+    std::fs::write(file, bytes).unwrap();
+}
+
+/// The weights are part of the output's fingerprint and of its resume key: replacing
+/// `model.safetensors` makes the output again, and a run killed with other weights does not
+/// lend its commits to the rerun.
+#[test]
+fn swapped_weights_are_never_up_to_date_nor_resumed() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = small_train(dir.path(), 30);
+    let model = dir.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for entry in std::fs::read_dir(repo_root().join(MODEL)).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), model.join(entry.file_name())).unwrap();
+    }
+    let weights = model.join("model.safetensors");
+    let original = std::fs::read(&weights).unwrap();
+    let run_dir = dir.path().join("run");
+    prepare(&run_dir, &train);
+    let args: Vec<String> = teacher_args(&run_dir)
+        .into_iter()
+        .map(|a| {
+            if a == format!("model={MODEL}") {
+                format!("model={}", model.display())
+            } else {
+                a
+            }
+        })
+        .collect();
+    let output = run_dir.join("teacher/teacher/fold0/shard=0-of-1");
+    let log = run_ok(&args);
+    assert!(
+        log.contains("wrote teacher/teacher/fold0/shard=0-of-1: 60 rows"),
+        "{log}"
+    );
+    let (first, _) = read_teacher(&output);
+
+    nudge_weights(&weights, 64);
+    let log = run_ok(&args);
+    assert!(!log.contains("up to date: teacher/"), "{log}");
+    assert!(
+        log.contains("wrote teacher/teacher/fold0/shard=0-of-1: 60 rows"),
+        "{log}"
+    );
+
+    // Killed with the nudged weights, the originals back, the same command again: nothing
+    // of the killed run is resumed, and the output is the original weights' bit for bit.
+    nudge_weights(&weights, 128);
+    kill_after_commits(&args, 2);
+    std::fs::write(&weights, &original).unwrap();
+    let log = run_ok(&args);
+    assert!(!log.contains("resuming after"), "{log}");
+    let (again, rows) = read_teacher(&output);
+    assert_eq!(rows, 60);
+    assert!(bitwise_differences(&first, &again).is_empty());
+}
+
 #[test]
 fn shards_split_the_rows_and_the_merge_checks_coverage() {
     let dir = tempfile::tempdir().unwrap();

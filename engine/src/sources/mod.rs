@@ -3,13 +3,15 @@
 //!
 //! | function | reads |
 //! |---|---|
-//! | `arena_csv(path [, source [, on_error]])` | Kaggle `train.csv` / `test.csv`, UltraFeedback in Kaggle format (`source` defaults to `kaggle`) |
-//! | `arena_conversations(path [, on_error])` | `chatbot_arena_conversations` (Parquet, JSON, JSON lines) |
-//! | `pandalm(path [, on_error])` | PandaLM test set JSON |
-//! | `hh_rlhf(path, seed [, on_error])` | HH-RLHF JSON lines, optionally gzip |
+//! | `arena_csv(path [, source [, on_error [, max_skipped]]])` | Kaggle `train.csv` / `test.csv`, UltraFeedback in Kaggle format (`source` defaults to `kaggle`) |
+//! | `arena_conversations(path [, on_error [, max_skipped]])` | `chatbot_arena_conversations` (Parquet, JSON, JSON lines) |
+//! | `pandalm(path [, on_error [, max_skipped]])` | PandaLM test set JSON |
+//! | `hh_rlhf(path, seed [, on_error [, max_skipped]])` | HH-RLHF JSON lines, optionally gzip |
 //!
 //! `on_error` is `fail` (the default: the first bad row stops the query with its file, row
-//! and column) or `skip` (bad rows are left out, counted, and reported). An empty `path`
+//! and column) or `skip` (bad rows are left out, counted, and reported; more than
+//! `max_skipped` of a file's rows, 0.01 by default, fail the query). A file with no data
+//! rows is an error. An empty `path`
 //! reads nothing, so a plan can leave an optional source out.
 
 pub mod arena_csv;
@@ -225,21 +227,24 @@ impl TableFunctionImpl for SourceFunction {
     fn call_with_args(&self, args: TableFunctionArgs) -> Result<Arc<dyn TableProvider>> {
         let args = Args::new(self.usage, &args)?;
         let location = args.required_string(0, "path")?;
-        let (kind, on_error) = match args.function() {
+        let (kind, policy_at) = match args.function() {
             "arena_csv" => {
                 let source = args.string(1, "source")?.unwrap_or_else(|| "kaggle".into());
-                (SourceKind::ArenaCsv { source }, on_error_arg(&args, 2)?)
+                (SourceKind::ArenaCsv { source }, 2)
             }
             "hh_rlhf" => {
                 let Some(seed) = args.integer(1, "seed", 0)? else {
                     return plan_err!("{}: seed is required", self.usage);
                 };
-                let seed = seed as u64;
-                (SourceKind::HhRlhf { seed }, on_error_arg(&args, 2)?)
+                (SourceKind::HhRlhf { seed: seed as u64 }, 2)
             }
-            "arena_conversations" => (SourceKind::Conversations, on_error_arg(&args, 1)?),
-            _ => (SourceKind::PandaLm, on_error_arg(&args, 1)?),
+            "arena_conversations" => (SourceKind::Conversations, 1),
+            _ => (SourceKind::PandaLm, 1),
         };
+        let on_error = on_error_arg(&args, policy_at)?;
+        let max_skipped = args
+            .fraction(policy_at + 1, "max_skipped")?
+            .unwrap_or(DEFAULT_MAX_SKIPPED);
         if !location.is_empty() {
             args.record_input(&location);
         }
@@ -247,6 +252,7 @@ impl TableFunctionImpl for SourceFunction {
             kind,
             location,
             on_error,
+            max_skipped,
             schema: canonical_schema(),
         };
         Ok(Arc::new(StreamingTable::try_new(
@@ -259,10 +265,10 @@ impl TableFunctionImpl for SourceFunction {
 /// Registers the reader table functions.
 pub fn register_sources(ctx: &SessionContext) {
     for usage in [
-        "arena_csv(path [, source [, on_error]])",
-        "arena_conversations(path [, on_error])",
-        "pandalm(path [, on_error])",
-        "hh_rlhf(path, seed [, on_error])",
+        "arena_csv(path [, source [, on_error [, max_skipped]]])",
+        "arena_conversations(path [, on_error [, max_skipped]])",
+        "pandalm(path [, on_error [, max_skipped]])",
+        "hh_rlhf(path, seed [, on_error [, max_skipped]])",
     ] {
         let name = usage.split('(').next().unwrap_or(usage);
         ctx.register_udtf(name, Arc::new(SourceFunction { usage }));
@@ -277,8 +283,13 @@ struct SourceFile {
     kind: SourceKind,
     location: String,
     on_error: OnError,
+    /// The share of a file's rows that `skip` may leave out before the query fails.
+    max_skipped: f64,
     schema: SchemaRef,
 }
+
+/// Under `skip`, at most this share of a file's rows may be left out.
+pub const DEFAULT_MAX_SKIPPED: f64 = 0.01;
 
 impl PartitionStream for SourceFile {
     fn schema(&self) -> &SchemaRef {
@@ -287,11 +298,24 @@ impl PartitionStream for SourceFile {
 
     fn execute(&self, context: Arc<TaskContext>) -> SendableRecordBatchStream {
         let (kind, location, on_error) = (self.kind.clone(), self.location.clone(), self.on_error);
+        let max_skipped = self.max_skipped;
         let batches = async move {
             if location.is_empty() {
                 return Ok::<_, datafusion::error::DataFusionError>(stream::iter(Vec::new()));
             }
             let (batches, skipped) = read_source(&context, &kind, &location, on_error).await?;
+            let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+            let total = rows + skipped.len();
+            if total == 0 {
+                return exec_err!("{location}: the file has no data rows");
+            }
+            if skipped.len() as f64 > max_skipped * total as f64 {
+                return exec_err!(
+                    "{location}: {} of {total} rows do not parse, over max_skipped = {max_skipped} of the rows (on_error = 'skip'); the first: {}",
+                    skipped.len(),
+                    skipped[0]
+                );
+            }
             if !skipped.is_empty() {
                 tracing::warn!(
                     "{location}: skipped {} bad rows (on_error = 'skip'); first: {}",

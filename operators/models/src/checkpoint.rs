@@ -50,6 +50,35 @@ pub fn open_model(spec: &str) -> Result<Checkpoint> {
     ))
 }
 
+/// Every file that loading `spec` reads, so that their contents key what the model
+/// computes: a folder's `config.json`, safetensors index and weight shards (and its
+/// `tokenizer_config.json` where it has one); a GGUF file; for a hub id, the same files of
+/// the snapshot it resolves to (downloading what the cache lacks), whose folder names the
+/// resolved revision.
+pub fn model_files(spec: &str) -> Result<Vec<PathBuf>> {
+    let path = Path::new(spec);
+    let dir = if path.is_dir() {
+        path.to_path_buf()
+    } else if path.is_file() {
+        return Ok(vec![path.to_path_buf()]);
+    } else if looks_like_hub_id(spec) {
+        crate::hub::fetch_model(spec)?
+    } else {
+        return Err(ModelError::file(
+            path,
+            "not a model folder (with config.json), a .gguf file, or a hub id like org/name",
+        ));
+    };
+    let mut files = vec![dir.join("config.json")];
+    for name in ["model.safetensors.index.json", "tokenizer_config.json"] {
+        if dir.join(name).is_file() {
+            files.push(dir.join(name));
+        }
+    }
+    files.extend(safetensors_files(&dir, "model")?);
+    Ok(files)
+}
+
 fn looks_like_hub_id(spec: &str) -> bool {
     let id = spec.split('@').next().unwrap_or(spec);
     let parts: Vec<&str> = id.split('/').collect();

@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -542,25 +542,16 @@ const USAGE: &str = "teacher_forward(table, model [, adapter [, dtype [, device 
 #[derive(Debug)]
 pub struct TeacherForwardFunction;
 
-/// The files of a model and an adapter whose hashes key the output: a folder's config and
-/// index (the weight shards are named by the index; hashing tens of GB each run would cost
-/// minutes), a GGUF file whole, an adapter whole.
-fn model_inputs(settings: &TeacherSettings) -> Vec<PathBuf> {
-    let mut files = Vec::new();
-    let model = Path::new(&settings.model);
-    if model.is_dir() {
-        for name in ["config.json", "model.safetensors.index.json"] {
-            if model.join(name).is_file() {
-                files.push(model.join(name));
-            }
-        }
-    } else if model.is_file() {
-        files.push(model.to_path_buf());
-    }
+/// The files of a model and an adapter whose contents key the output and its resume
+/// folder: every file the model loads (config, weights, tokenizer_config; a hub id's
+/// resolved snapshot), the adapter folder whole.
+fn model_inputs(settings: &TeacherSettings) -> Result<Vec<PathBuf>> {
+    let mut files = arenaflow_models::checkpoint::model_files(&settings.model)
+        .map_err(|e| external(e.into()))?;
     if let Some(adapter) = &settings.adapter {
         files.push(adapter.clone());
     }
-    files
+    Ok(files)
 }
 
 impl TableFunctionImpl for TeacherForwardFunction {
@@ -592,7 +583,7 @@ impl TableFunctionImpl for TeacherForwardFunction {
         settings.validate().map_err(external)?;
         arenaflow_models::device::check_device_name(&settings.device)
             .map_err(|e| external(e.into()))?;
-        for file in model_inputs(&settings) {
+        for file in model_inputs(&settings)? {
             args.record_input(&file.display().to_string());
         }
         let input = args.table(0)?;
