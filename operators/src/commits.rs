@@ -1,6 +1,8 @@
 //! Batch-by-batch commits of a model operator: `part-NNNNNN.parquet` files in a resume
 //! folder, each written as `.partial` and renamed once complete, so that after kill -9 a
-//! part is either whole or absent. A rerun reads the parts back and computes only what is missing.
+//! part is either whole or absent. A rerun reads the parts back and computes only what is
+//! missing; a part damaged after the fact (it does not read) is dropped with a warning, and
+//! its rows are computed again.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -44,27 +46,17 @@ impl PartStore {
         numbered.sort();
         let mut batches = Vec::new();
         for (_, path) in &numbered {
-            let file = File::open(path).map_err(|e| OperatorError::io(path, e))?;
-            let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-                .and_then(|b| b.build())
-                .map_err(|e| OperatorError::file(path, format!("unreadable part: {e}")))?;
-            for batch in reader {
-                let batch = batch
-                    .map_err(|e| OperatorError::file(path, format!("unreadable part: {e}")))?;
-                if batch.schema().fields() != schema.fields() {
-                    return Err(OperatorError::file(
-                        path,
-                        format!(
-                            "a part of another pass (its columns: {:?}); remove the folder to start over",
-                            batch.schema().fields().iter().map(|f| f.name()).collect::<Vec<_>>()
-                        ),
-                    ));
+            match read_part(path, &schema)? {
+                Ok(part) => batches.extend(part),
+                Err(damage) => {
+                    // A part cut short (a disk filled, a copy broke off): its rows are
+                    // computed again.
+                    eprintln!(
+                        "arenaflow: dropped the damaged part {} ({damage}); its rows are computed again",
+                        path.display()
+                    );
+                    std::fs::remove_file(path).map_err(|e| OperatorError::io(path, e))?;
                 }
-                batches.push(
-                    batch
-                        .with_schema(schema.clone())
-                        .map_err(|e| OperatorError::file(path, format!("part schema: {e}")))?,
-                );
             }
         }
         let next = numbered.last().map_or(0, |(n, _)| n + 1);
@@ -104,4 +96,44 @@ impl PartStore {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+}
+
+/// The batches of one committed part; the inner error says why the part is damaged (it
+/// does not read as Parquet). A whole part of another pass is an error.
+fn read_part(
+    path: &Path,
+    schema: &SchemaRef,
+) -> Result<std::result::Result<Vec<RecordBatch>, String>> {
+    let file = File::open(path).map_err(|e| OperatorError::io(path, e))?;
+    let reader = match ParquetRecordBatchReaderBuilder::try_new(file).and_then(|b| b.build()) {
+        Ok(reader) => reader,
+        Err(e) => return Ok(Err(e.to_string())),
+    };
+    let mut batches = Vec::new();
+    for batch in reader {
+        let batch = match batch {
+            Ok(batch) => batch,
+            Err(e) => return Ok(Err(e.to_string())),
+        };
+        if batch.schema().fields() != schema.fields() {
+            return Err(OperatorError::file(
+                path,
+                format!(
+                    "a part of another pass (its columns: {:?}); remove the folder to start over",
+                    batch
+                        .schema()
+                        .fields()
+                        .iter()
+                        .map(|f| f.name())
+                        .collect::<Vec<_>>()
+                ),
+            ));
+        }
+        batches.push(
+            batch
+                .with_schema(schema.clone())
+                .map_err(|e| OperatorError::file(path, format!("part schema: {e}")))?,
+        );
+    }
+    Ok(Ok(batches))
 }

@@ -338,8 +338,8 @@ fn teacher_logits_cover_the_fold_resume_after_kill_and_match_single_rows() {
 
 /// Batches are a function of the rows alone (bf16, rows of many lengths, where the batch a
 /// row shares changes its rounding): two uninterrupted runs and a run killed after three
-/// commits and resumed give bitwise the same logits, and so does `arenaflow logits` over
-/// the same token rows in reverse order.
+/// commits (one of them then damaged) and resumed give bitwise the same logits, and so does
+/// `arenaflow logits` over the same token rows in reverse order.
 #[test]
 fn teacher_logits_are_bitwise_the_same_every_run() {
     let dir = tempfile::tempdir().unwrap();
@@ -361,9 +361,21 @@ fn teacher_logits_are_bitwise_the_same_every_run() {
         prepare(&run_dir, &train);
         if name == "killed" {
             kill_after_commits(&args(&run_dir), 3);
+            // A committed part damaged after the fact is dropped and computed again.
+            let mut parts = Vec::new();
+            parquet_files(&run_dir.join(".resume"), &mut parts);
+            parts.sort();
+            assert_eq!(parts.len(), 3, "{parts:?}");
+            let bytes = std::fs::read(&parts[1]).unwrap();
+            std::fs::write(&parts[1], &bytes[..bytes.len() / 2]).unwrap();
         }
         let log = run_ok(&args(&run_dir));
         assert_eq!(log.contains("resuming after"), name == "killed", "{log}");
+        assert_eq!(
+            log.contains("dropped the damaged part") && log.contains("part-000001.parquet"),
+            name == "killed",
+            "{log}"
+        );
         let (logits, rows) = read_teacher(&run_dir.join("teacher/teacher/fold0/shard=0-of-1"));
         assert_eq!(rows, 240);
         outputs.push(logits);
