@@ -112,6 +112,8 @@ pub struct RunSummary {
 
 struct PlanRun<'a> {
     session: &'a ArenaSession,
+    /// Whose records this run writes: `main` or a shard's name (the lock it holds).
+    writer: String,
     plan: &'a PlanFile,
     options: &'a RunOptions,
     run_dir: Location,
@@ -137,19 +139,20 @@ pub async fn run_plan(
     }
     session.register_stores_for(&options.run_dir)?;
     let run_dir = Location::parse(&options.run_dir)?;
-    // Held until the plan is done: no other run writes these records meanwhile.
+    // Held until the plan is done: no other run writes these records meanwhile, so what
+    // an earlier run of this writer left half-written is nobody's.
+    let writer = options.shard.writer().unwrap_or_else(|| "main".into());
     let _lock = if run_dir.is_local() {
-        let writer = options.shard.writer().unwrap_or_else(|| "main".into());
-        Some(RunLock::acquire(
-            std::path::Path::new(&run_dir.sql()),
-            &writer,
-        )?)
+        let lock = RunLock::acquire(std::path::Path::new(&run_dir.sql()), &writer)?;
+        remove_leftover_staging(session, &run_dir, &writer).await?;
+        Some(lock)
     } else {
         None
     };
     let manifest = Manifest::load(&session.ctx, &run_dir, options.shard.writer()).await?;
     let mut run = PlanRun {
         session,
+        writer,
         plan,
         options,
         run_dir,
@@ -189,6 +192,47 @@ pub async fn run_plan(
     }
     Ok(run.summary)
 }
+
+/// Where managed outputs are written before they are moved into place.
+const STAGING_DIR: &str = ".staging";
+
+/// Removes the staging folders an earlier run of `writer` left (killed during a COPY).
+/// Called with `writer`'s lock held: no live run owns them. Folders of the format before
+/// writers named them (a bare UUID) go with the main writer's.
+async fn remove_leftover_staging(
+    session: &ArenaSession,
+    run_dir: &Location,
+    writer: &str,
+) -> Result<()> {
+    let root = std::path::Path::new(&run_dir.sql()).join(STAGING_DIR);
+    let Ok(entries) = std::fs::read_dir(&root) else {
+        return Ok(());
+    };
+    let store = run_dir.store(&session.ctx)?;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let legacy = writer == "main" && uuid::Uuid::parse_str(&name).is_ok();
+        if legacy || name.starts_with(&format!("{writer}-")) {
+            delete_tree(
+                store.as_ref(),
+                &run_dir.join(&format!("{STAGING_DIR}/{name}")),
+            )
+            .await?;
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    Ok(())
+}
+
+/// What a resume folder is for, written into it (`output.json`).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct ResumeOwner {
+    output: String,
+    writer: String,
+    fingerprint: String,
+}
+
+const RESUME_OWNER: &str = "output.json";
 
 /// Parser errors count lines from the statement's start; add the plan file's line.
 fn with_plan_line(error: EngineError, statement_line: usize) -> EngineError {
@@ -301,9 +345,11 @@ impl PlanRun<'_> {
         let ctx = &self.session.ctx;
         let target = self.run_dir.join(&key);
         let store = target.store(ctx)?;
-        let staging_root = self
-            .run_dir
-            .join(&format!(".staging/{}", uuid::Uuid::new_v4()));
+        let staging_root = self.run_dir.join(&format!(
+            "{STAGING_DIR}/{}-{}",
+            self.writer,
+            uuid::Uuid::new_v4()
+        ));
         let staging = staging_root.join(&key);
         let folder = copy.target.ends_with('/') || !copy.partitioned_by.is_empty();
         copy.target = if folder {
@@ -397,6 +443,7 @@ impl PlanRun<'_> {
         // on where it stopped; the folder is keyed by the fingerprint. Model artifacts go
         // into the staging folder, to be recorded and moved with the output.
         let resume_dir = self.resume_dir(&fingerprint);
+        self.claim_resume_dir(&resume_dir, &key, &fingerprint, out)?;
         let mut state = ctx.state();
         state.config_mut().set_extension(Arc::new(ManagedOutput {
             resume_dir: resume_dir.clone(),
@@ -464,6 +511,56 @@ impl PlanRun<'_> {
             distinct_ids.map_or("-".into(), |n| n.to_string())
         )?;
         self.summary.written.push(key);
+        Ok(())
+    }
+
+    /// Takes `dir` as the resume folder of output `key`: removes the resume folders this
+    /// writer left for `key` under other inputs or settings (no live run owns them: this
+    /// run holds the writer's lock; they could never be resumed), and says in `dir` whose
+    /// it is.
+    fn claim_resume_dir(
+        &self,
+        dir: &std::path::Path,
+        key: &str,
+        fingerprint: &str,
+        out: &mut dyn Write,
+    ) -> Result<()> {
+        let io = |path: &std::path::Path, e: std::io::Error| {
+            EngineError::Invalid(format!("{}: {e}", path.display()))
+        };
+        // Under a local run directory only: the temporary folder of a remote one is shared
+        // by every run directory on the node.
+        let siblings = dir.parent().filter(|_| self.run_dir.is_local());
+        if let Some(Ok(entries)) = siblings.map(std::fs::read_dir) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path == dir {
+                    continue;
+                }
+                let Ok(text) = std::fs::read_to_string(path.join(RESUME_OWNER)) else {
+                    continue;
+                };
+                let Ok(owner) = serde_json::from_str::<ResumeOwner>(&text) else {
+                    continue;
+                };
+                if owner.output == key && owner.writer == self.writer {
+                    std::fs::remove_dir_all(&path).map_err(|e| io(&path, e))?;
+                    writeln!(
+                        out,
+                        "removed {}: the commits of an earlier run of {key} with other inputs or settings",
+                        path.display()
+                    )?;
+                }
+            }
+        }
+        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        let owner = ResumeOwner {
+            output: key.to_string(),
+            writer: self.writer.clone(),
+            fingerprint: fingerprint.to_string(),
+        };
+        let path = dir.join(RESUME_OWNER);
+        std::fs::write(&path, serde_json::to_vec_pretty(&owner)?).map_err(|e| io(&path, e))?;
         Ok(())
     }
 

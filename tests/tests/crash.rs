@@ -60,8 +60,22 @@ fn killed_runs_leave_no_complete_looking_output() {
             }
         }
     }
+    // What a COPY killed midway leaves in staging (as a kill may, or may not, have left
+    // here): the next run, holding the lock, removes it.
+    for leftover in [
+        format!("main-{}", uuid::Uuid::new_v4()),
+        uuid::Uuid::new_v4().to_string(),
+    ] {
+        let dir = run_dir.join(".staging").join(leftover).join("prepare");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("comparisons.parquet"), b"PAR1 cut short").unwrap();
+    }
     let output = arenaflow(&args);
     assert!(output.status.success(), "{}", text(&output));
+    let staging: Vec<_> = std::fs::read_dir(run_dir.join(".staging"))
+        .map(|d| d.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default();
+    assert!(staging.is_empty(), "{staging:?}");
     let manifest: Value =
         serde_json::from_str(&std::fs::read_to_string(run_dir.join("manifest.json")).unwrap())
             .unwrap();

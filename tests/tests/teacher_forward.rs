@@ -560,6 +560,17 @@ fn swapped_weights_are_never_up_to_date_nor_resumed() {
     std::fs::write(&weights, &original).unwrap();
     let log = run_ok(&args);
     assert!(!log.contains("resuming after"), "{log}");
+    assert!(
+        log.contains(
+            "the commits of an earlier run of teacher/teacher/fold0/shard=0-of-1 with other inputs"
+        ),
+        "{log}"
+    );
+    let left: Vec<_> = std::fs::read_dir(run_dir.join(".resume"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
     let (again, rows) = read_teacher(&output);
     assert_eq!(rows, 60);
     assert!(bitwise_differences(&first, &again).is_empty());
