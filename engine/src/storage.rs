@@ -287,6 +287,30 @@ pub fn output_changes(recorded: &[OutputFile], now: &[OutputFile]) -> Vec<String
     changes
 }
 
+/// An error message with what to do where it comes from missing S3 credentials: without
+/// them object_store asks the EC2 instance metadata service, whose failure (a timeout or a
+/// 403 from 169.254.169.254) names nothing the user set.
+pub fn explain(message: &str) -> String {
+    let lower = message.to_ascii_lowercase();
+    let credentials = [
+        "169.254.169.254",
+        "token request",
+        "instance metadata",
+        "credential",
+    ]
+    .iter()
+    .any(|p| lower.contains(p));
+    let keys_set = std::env::var_os("AWS_ACCESS_KEY_ID").is_some()
+        && std::env::var_os("AWS_SECRET_ACCESS_KEY").is_some();
+    if credentials && !keys_set && !message.contains("S3 has no credentials") {
+        format!(
+            "{message}\n  S3 has no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_REGION; AWS_ENDPOINT_URL and AWS_ALLOW_HTTP for a store that is not AWS). Without them the EC2 instance metadata service is asked, and this is its answer"
+        )
+    } else {
+        message.to_string()
+    }
+}
+
 pub fn sha256_hex(data: impl AsRef<[u8]>) -> String {
     hex::encode(Sha256::digest(data.as_ref()))
 }

@@ -203,3 +203,78 @@ fn a_file_without_data_rows_is_an_error() {
     );
     assert!(manifest.is_none_or(|m| m["outputs"]["prepare/comparisons.parquet"].is_null()));
 }
+
+/// Files that are not what their name says get a message that says what they are.
+#[test]
+fn wrong_kinds_of_file_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = format!("{HEADER}{GOOD_ROW}");
+    let mut utf16 = vec![0xff, 0xfe];
+    utf16.extend(csv.encode_utf16().flat_map(u16::to_le_bytes));
+    let (ok, said, _) = prepare(dir.path(), "utf16.csv", &utf16);
+    assert!(
+        !ok && said.contains("utf16.csv: the file is UTF-16 little-endian"),
+        "{said}"
+    );
+
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, csv.as_bytes()).unwrap();
+    let gz = gz.finish().unwrap();
+    let (ok, said, _) = prepare(dir.path(), "packed.csv", &gz);
+    assert!(
+        !ok && said.contains("packed.csv: the file is gzip-compressed; name it with .gz"),
+        "{said}"
+    );
+    let (ok, said, manifest) = prepare(dir.path(), "packed.csv.gz", &gz);
+    assert!(ok, "{said}");
+    assert_eq!(
+        manifest.unwrap()["outputs"]["prepare/comparisons.parquet"]["rows"],
+        1
+    );
+
+    std::fs::create_dir(dir.path().join("folder.csv")).unwrap();
+    let run_dir = dir.path().join("run-folder");
+    let out = arenaflow(&[
+        "run",
+        "plans/prepare.sql",
+        "--run-dir",
+        run_dir.to_str().unwrap(),
+        "--set",
+        &format!("train={}", dir.path().join("folder.csv").display()),
+    ]);
+    assert!(
+        text(&out).contains("folder.csv: is a folder; give the file"),
+        "{}",
+        text(&out)
+    );
+}
+
+/// S3 without credentials names the variables to set, not only the metadata service's
+/// answer.
+#[test]
+fn s3_without_credentials_names_the_variables() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = arenaflow_tests::arenaflow_with_env(
+        &[
+            "run",
+            "plans/prepare.sql",
+            "--run-dir",
+            dir.path().join("run").to_str().unwrap(),
+            "--set",
+            "train=s3://arena/input/train.csv",
+        ],
+        &[
+            ("AWS_ENDPOINT_URL", "http://127.0.0.1:1".into()),
+            ("AWS_ALLOW_HTTP", "true".into()),
+            ("AWS_REGION", "us-east-1".into()),
+        ],
+    );
+    let said = text(&out);
+    assert!(!out.status.success());
+    assert_eq!(
+        said.matches("S3 has no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+            .count(),
+        1,
+        "{said}"
+    );
+}

@@ -278,7 +278,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // Messages carry their causes (DataFusion's too); `{:#}` would repeat them.
-            eprintln!("error: {e}");
+            eprintln!(
+                "error: {}",
+                arenaflow_engine::storage::explain(&e.to_string())
+            );
             ExitCode::FAILURE
         }
     }

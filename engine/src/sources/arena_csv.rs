@@ -152,6 +152,29 @@ fn parse_record(
 }
 
 /// Parses a whole Kaggle-format CSV; rows are converted on all cores.
+/// A CSV error with the line and byte where its record starts. The csv crate reports the
+/// position of a record that follows a CRLF at that CRLF's `\n` (one line and one byte
+/// early, on files as the Kaggle data ships); this moves it past the terminator.
+fn csv_error(bytes: &[u8], e: &csv::Error) -> String {
+    let csv::ErrorKind::UnequalLengths {
+        pos: Some(pos),
+        expected_len,
+        len,
+    } = e.kind()
+    else {
+        return e.to_string();
+    };
+    let (mut line, mut byte) = (pos.line(), pos.byte() as usize);
+    if bytes.get(byte) == Some(&b'\n') {
+        line += 1;
+        byte += 1;
+    }
+    format!(
+        "record {} (line {line}, byte {byte}): found record with {len} fields, but the previous record has {expected_len} fields",
+        pos.record()
+    )
+}
+
 pub fn parse(file: &str, bytes: &[u8], on_error: OnError) -> Result<Parsed, SourceError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(SourceError::file(
@@ -173,8 +196,13 @@ pub fn parse(file: &str, bytes: &[u8], on_error: OnError) -> Result<Parsed, Sour
         match record {
             Ok(record) => records.push((i + 1, record)),
             Err(e) => {
-                let error =
-                    SourceError::row(file, i + 1, None, None, format!("malformed CSV: {e}"));
+                let error = SourceError::row(
+                    file,
+                    i + 1,
+                    None,
+                    None,
+                    format!("malformed CSV: {}", csv_error(bytes, &e)),
+                );
                 match (on_error, e.kind()) {
                     (OnError::Skip, csv::ErrorKind::UnequalLengths { .. }) => {
                         parsed.skipped.push(error)
@@ -211,6 +239,30 @@ pub fn parse(file: &str, bytes: &[u8], on_error: OnError) -> Result<Parsed, Sour
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn positions_are_the_same_with_crlf_and_lf() {
+        let row = "1,a,b,\"[\"\"p\"\"]\",\"[\"\"x\"\"]\",\"[\"\"y\"\"]\",1,0,0";
+        let lf = format!("{HEADER}{row}\n2,a,b\n");
+        let crlf = lf.replace('\n', "\r\n");
+        let at = |csv: &str| {
+            parse("t.csv", csv.as_bytes(), OnError::Fail)
+                .unwrap_err()
+                .to_string()
+        };
+        let line_of_bad_row = 3;
+        let lf_byte = HEADER.len() + row.len() + 1;
+        assert!(
+            at(&lf).contains(&format!("(line {line_of_bad_row}, byte {lf_byte})")),
+            "{}",
+            at(&lf)
+        );
+        assert!(
+            at(&crlf).contains(&format!("(line {line_of_bad_row}, byte {})", lf_byte + 2)),
+            "{}",
+            at(&crlf)
+        );
+    }
 
     const HEADER: &str = "id,model_a,model_b,prompt,response_a,response_b,winner_model_a,winner_model_b,winner_tie\n";
 

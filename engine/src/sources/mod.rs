@@ -127,6 +127,15 @@ impl SourceKind {
     }
 }
 
+/// The UTF-16 encoding a byte order mark names, if any.
+fn utf16(bytes: &[u8]) -> Option<&'static str> {
+    match bytes {
+        [0xff, 0xfe, ..] => Some("UTF-16 little-endian"),
+        [0xfe, 0xff, ..] => Some("UTF-16 big-endian"),
+        _ => None,
+    }
+}
+
 /// Reads a file of any source kind into canonical record batches.
 pub async fn read_source(
     ctx: &TaskContext,
@@ -138,13 +147,32 @@ pub async fn read_source(
     let store = ctx.runtime_env().object_store(url.object_store())?;
     let bytes = match store.get(url.prefix()).await {
         Ok(result) => result.bytes().await?,
+        Err(_) if std::path::Path::new(location).is_dir() => {
+            return exec_err!("{location}: is a folder; give the file")
+        }
         Err(object_store::Error::NotFound { .. }) => return exec_err!("{location}: no such file"),
-        Err(e) => return exec_err!("{location}: cannot read: {e}"),
+        Err(e) => {
+            return exec_err!(
+                "{location}: cannot read: {}",
+                crate::storage::explain(&e.to_string())
+            )
+        }
     };
+    let gzip = bytes.starts_with(&[0x1f, 0x8b]);
+    if gzip && !location.ends_with(".gz") {
+        return exec_err!(
+            "{location}: the file is gzip-compressed; name it with .gz at the end (e.g. train.csv.gz) and it is read as such"
+        );
+    }
+    if let Some(encoding) = utf16(&bytes) {
+        return exec_err!(
+            "{location}: the file is {encoding} (its byte order mark says so); save it as UTF-8 (e.g. iconv -f UTF-16 -t UTF-8)"
+        );
+    }
     let source = kind.source_name().to_string();
     let (kind, file) = (kind.clone(), location.to_string());
     let parsed = tokio::task::spawn_blocking(move || {
-        let bytes = if file.ends_with(".gz") {
+        let bytes = if gzip {
             let mut out = Vec::new();
             flate2::read::MultiGzDecoder::new(&bytes[..])
                 .read_to_end(&mut out)

@@ -47,8 +47,37 @@ pub fn check_device_name(spec: &str) -> Result<()> {
     }
 }
 
+/// Opens GPU `ordinal` after asking the driver itself whether it can: a driver that
+/// cannot start (a stub library, no GPU) is reported by its error code alone, because
+/// cudarc formats a driver error by calling back into that driver (`cuGetErrorString`),
+/// which a stub library answers without an answer (the process crashed with SIGSEGV).
 #[cfg(feature = "cuda")]
 fn open_cuda(spec: &str, ordinal: usize) -> Result<Device> {
+    use candle_core::cuda_backend::cudarc::driver::result;
+    let cannot = |why: String| {
+        ModelError::Config(format!(
+            "device {spec}: cannot open CUDA GPU {ordinal}: {why}; the run does not fall back to the CPU"
+        ))
+    };
+    match std::panic::catch_unwind(result::init) {
+        Err(_) => {
+            return Err(cannot(
+                "the CUDA driver library (libcuda.so) cannot be loaded".into(),
+            ))
+        }
+        Ok(Err(e)) => {
+            return Err(cannot(format!(
+                "the CUDA driver does not start ({:?})",
+                e.0
+            )))
+        }
+        Ok(Ok(())) => {}
+    }
+    let count = result::device::get_count()
+        .map_err(|e| cannot(format!("the driver cannot count its GPUs ({:?})", e.0)))?;
+    if ordinal >= count.max(0) as usize {
+        return Err(cannot(format!("the driver sees {count} GPU(s)")));
+    }
     Device::new_cuda(ordinal).map_err(|e| {
         ModelError::Config(format!(
             "device {spec}: cannot open CUDA GPU {ordinal} ({e}); the run does not fall back to the CPU"
