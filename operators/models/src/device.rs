@@ -48,9 +48,9 @@ pub fn check_device_name(spec: &str) -> Result<()> {
 }
 
 /// Opens GPU `ordinal` after asking the driver itself whether it can: a driver that
-/// cannot start (a stub library, no GPU) is reported by its error code alone, because
-/// cudarc formats a driver error by calling back into that driver (`cuGetErrorString`),
-/// which a stub library answers without an answer (the process crashed with SIGSEGV).
+/// cannot start (a stub library, no GPU) is reported by its numeric error code. Formatting
+/// cudarc's error instead crashed (SIGSEGV): the stub library returns codes that cudarc's
+/// `CUresult` enum has no variant for, and its `Debug` jumps through a table by the code.
 #[cfg(feature = "cuda")]
 fn open_cuda(spec: &str, ordinal: usize) -> Result<Device> {
     use candle_core::cuda_backend::cudarc::driver::result;
@@ -67,14 +67,18 @@ fn open_cuda(spec: &str, ordinal: usize) -> Result<Device> {
         }
         Ok(Err(e)) => {
             return Err(cannot(format!(
-                "the CUDA driver does not start ({:?})",
-                e.0
+                "the CUDA driver does not start ({})",
+                driver_code(e.0 as u32)
             )))
         }
         Ok(Ok(())) => {}
     }
-    let count = result::device::get_count()
-        .map_err(|e| cannot(format!("the driver cannot count its GPUs ({:?})", e.0)))?;
+    let count = result::device::get_count().map_err(|e| {
+        cannot(format!(
+            "the driver cannot count its GPUs ({})",
+            driver_code(e.0 as u32)
+        ))
+    })?;
     if ordinal >= count.max(0) as usize {
         return Err(cannot(format!("the driver sees {count} GPU(s)")));
     }
@@ -83,6 +87,27 @@ fn open_cuda(spec: &str, ordinal: usize) -> Result<Device> {
             "device {spec}: cannot open CUDA GPU {ordinal} ({e}); the run does not fall back to the CPU"
         ))
     })
+}
+
+/// A CUDA driver error code by number, with its name where it is one a user meets here.
+#[cfg(feature = "cuda")]
+fn driver_code(code: u32) -> String {
+    let name = match code {
+        3 => "CUDA_ERROR_NOT_INITIALIZED",
+        34 => "CUDA_ERROR_STUB_LIBRARY: the driver library is a stub, not a driver",
+        35 => "CUDA_ERROR_INSUFFICIENT_DRIVER: the driver is older than this build's CUDA",
+        46 => "CUDA_ERROR_DEVICES_UNAVAILABLE",
+        100 => "CUDA_ERROR_NO_DEVICE: no GPU is visible (CUDA_VISIBLE_DEVICES?)",
+        101 => "CUDA_ERROR_INVALID_DEVICE",
+        _ => "",
+    };
+    if code > 999 {
+        format!("{code}, which is no CUDA error code: the driver library is likely the toolkit's stub, not a driver")
+    } else if name.is_empty() {
+        format!("driver error {code}")
+    } else {
+        format!("driver error {code}, {name}")
+    }
 }
 
 #[cfg(not(feature = "cuda"))]
