@@ -179,9 +179,13 @@ fn describe(path: &str) -> anyhow::Result<()> {
                 d.to_string()
             }
         });
+        let name = match p.kind {
+            arenaflow_engine::plan::ParamType::Text => p.name.clone(),
+            kind => format!("{}: {}", p.name, kind.name()),
+        };
         println!(
             "  {:<16} {:<40} {}",
-            p.name,
+            name,
             default,
             p.doc.as_deref().unwrap_or("")
         );
