@@ -10,6 +10,19 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// The workspace root (plans and `../shared` paths are relative to it).
+/// The first `n` rows of the real Kaggle sample, as `train.csv` of their own in `dir`.
+pub fn small_train(dir: &Path, n: usize) -> PathBuf {
+    let mut reader = csv::Reader::from_path(shared("data/lmsys-arena/train_sample.csv")).unwrap();
+    let path = dir.join("train.csv");
+    let mut writer = csv::Writer::from_path(&path).unwrap();
+    writer.write_record(reader.headers().unwrap()).unwrap();
+    for record in reader.records().take(n) {
+        writer.write_record(&record.unwrap()).unwrap();
+    }
+    writer.flush().unwrap();
+    path
+}
+
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()

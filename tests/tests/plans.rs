@@ -101,4 +101,20 @@ fn errors_point_at_the_plan_line() {
         "{}",
         text(&out)
     );
+
+    let p = plan(dir.path(), "quote.sql", "SELECT 1;\n\nSELECT 'abc;\n");
+    let out = arenaflow(&[
+        "run",
+        &p,
+        "--run-dir",
+        dir.path().join("r").to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("quote.sql:3:")
+            && text(&out).contains("Unterminated string literal")
+            && text(&out).contains("(plan line 3)"),
+        "{}",
+        text(&out)
+    );
 }

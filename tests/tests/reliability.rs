@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use arenaflow_tests::{arenaflow, arenaflow_bin, repo_root, shared, text};
+use arenaflow_tests::{arenaflow, arenaflow_bin, repo_root, small_train, text};
 use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
@@ -23,18 +23,6 @@ const OUTPUTS: [&str; 4] = [
     "tokenize/teacher_blackpearl_160_balanced/tokens.parquet",
     "teacher/teacher/fold0/shard=0-of-1",
 ];
-
-fn small_train(dir: &Path, n: usize) -> PathBuf {
-    let mut reader = csv::Reader::from_path(shared("data/lmsys-arena/train_sample.csv")).unwrap();
-    let path = dir.join("train.csv");
-    let mut writer = csv::Writer::from_path(&path).unwrap();
-    writer.write_record(reader.headers().unwrap()).unwrap();
-    for record in reader.records().take(n) {
-        writer.write_record(&record.unwrap()).unwrap();
-    }
-    writer.flush().unwrap();
-    path
-}
 
 fn args(run_dir: &Path, train: &Path) -> Vec<String> {
     let mut args: Vec<String> = [

@@ -1,25 +1,10 @@
 //! The run directory's records are checked against the files: a deleted, truncated or
 //! replaced output is never "up to date", and a corrupt manifest says how to recover.
+//! (Two runs at once: `reliability.rs`.)
 
 use std::path::{Path, PathBuf};
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-
-use arenaflow_tests::{arenaflow, arenaflow_bin, repo_root, shared, text};
-
-/// The first `n` rows of the real Kaggle sample, as a CSV of their own.
-fn small_train(dir: &Path, n: usize) -> PathBuf {
-    let mut reader = csv::Reader::from_path(shared("data/lmsys-arena/train_sample.csv")).unwrap();
-    let path = dir.join("train.csv");
-    let mut writer = csv::Writer::from_path(&path).unwrap();
-    writer.write_record(reader.headers().unwrap()).unwrap();
-    for record in reader.records().take(n) {
-        writer.write_record(&record.unwrap()).unwrap();
-    }
-    writer.flush().unwrap();
-    path
-}
+use arenaflow_tests::{arenaflow, small_train, text};
 
 /// `prepare.sql` + `folds.sql` on `train` into `run_dir`, with `extra` arguments: (success,
 /// log).
@@ -116,55 +101,6 @@ fn changed_outputs_are_never_up_to_date() {
     assert!(!ok);
     assert!(
         log.contains("is not a valid manifest") && log.contains("move it aside"),
-        "{log}"
-    );
-}
-
-/// A second run on a run directory that another run is writing stops at once, naming the
-/// run that holds the lock; the first finishes, and a rerun finds its outputs up to date.
-#[test]
-fn one_writer_at_a_time() {
-    let dir = tempfile::tempdir().unwrap();
-    let train = small_train(dir.path(), 1982);
-    let run_dir = dir.path().join("run");
-    let train_arg = format!("train={}", train.display());
-    let args = [
-        "run",
-        "plans/prepare.sql",
-        "plans/folds.sql",
-        "--run-dir",
-        run_dir.to_str().unwrap(),
-        "--set",
-        &train_arg,
-    ];
-    let first = Command::new(arenaflow_bin())
-        .args(args)
-        .current_dir(repo_root())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let first_pid = first.id();
-    let lock = run_dir.join(".locks/main.lock");
-    let started = Instant::now();
-    while !std::fs::read_to_string(&lock).is_ok_and(|t| t.contains("\"since\"")) {
-        assert!(started.elapsed() < Duration::from_secs(60), "no lock taken");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let second = arenaflow(&args);
-    let first = first.wait_with_output().unwrap();
-    assert!(first.status.success(), "{}", text(&first));
-    let log = text(&second);
-    assert!(!second.status.success(), "{log}");
-    assert!(
-        log.contains("another run holds the lock") && log.contains(&format!("pid {first_pid}")),
-        "{log}"
-    );
-    let third = arenaflow(&args);
-    let log = text(&third);
-    assert!(third.status.success(), "{log}");
-    assert!(
-        log.contains("up to date: folds/k5_seed2025_swaptrue"),
         "{log}"
     );
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use arenaflow_tests::{
-    arenaflow, arenaflow_bin, arenaflow_with_env, read_logits, repo_root, shared, text,
+    arenaflow, arenaflow_bin, arenaflow_with_env, read_logits, repo_root, small_train, text,
 };
 use datafusion::arrow::array::{Array, AsArray};
 use datafusion::arrow::datatypes::Float32Type;
@@ -19,19 +19,6 @@ const TOKENIZER: &str = "tests/fixtures/teacher/tokenizer.json";
 
 /// (id, order, split) -> logits.
 type Logits = HashMap<(String, String, String), [f32; 3]>;
-
-/// The first `n` rows of the real Kaggle sample, as a CSV of their own.
-fn small_train(dir: &Path, n: usize) -> PathBuf {
-    let mut reader = csv::Reader::from_path(shared("data/lmsys-arena/train_sample.csv")).unwrap();
-    let path = dir.join("train.csv");
-    let mut writer = csv::Writer::from_path(&path).unwrap();
-    writer.write_record(reader.headers().unwrap()).unwrap();
-    for record in reader.records().take(n) {
-        writer.write_record(&record.unwrap()).unwrap();
-    }
-    writer.flush().unwrap();
-    path
-}
 
 fn prepare(run_dir: &Path, train: &Path) {
     let out = arenaflow(&[
