@@ -144,7 +144,7 @@ pub async fn run_plan(
     let writer = options.shard.writer().unwrap_or_else(|| "main".into());
     let _lock = if run_dir.is_local() {
         let lock = RunLock::acquire(std::path::Path::new(&run_dir.sql()), &writer)?;
-        remove_leftover_staging(session, &run_dir, &writer).await?;
+        remove_leftover_staging(&run_dir, &writer)?;
         Some(lock)
     } else {
         None
@@ -196,29 +196,20 @@ pub async fn run_plan(
 /// Where managed outputs are written before they are moved into place.
 const STAGING_DIR: &str = ".staging";
 
-/// Removes the staging folders an earlier run of `writer` left (killed during a COPY).
-/// Called with `writer`'s lock held: no live run owns them. Folders of the format before
+/// Removes the staging folders an earlier run of `writer` left (killed during a COPY) in
+/// a local run directory. Called with `writer`'s lock held: no live run owns them. Folders of the format before
 /// writers named them (a bare UUID) go with the main writer's.
-async fn remove_leftover_staging(
-    session: &ArenaSession,
-    run_dir: &Location,
-    writer: &str,
-) -> Result<()> {
+fn remove_leftover_staging(run_dir: &Location, writer: &str) -> Result<()> {
     let root = std::path::Path::new(&run_dir.sql()).join(STAGING_DIR);
     let Ok(entries) = std::fs::read_dir(&root) else {
         return Ok(());
     };
-    let store = run_dir.store(&session.ctx)?;
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().to_string();
         let legacy = writer == "main" && uuid::Uuid::parse_str(&name).is_ok();
         if legacy || name.starts_with(&format!("{writer}-")) {
-            delete_tree(
-                store.as_ref(),
-                &run_dir.join(&format!("{STAGING_DIR}/{name}")),
-            )
-            .await?;
-            let _ = std::fs::remove_dir_all(entry.path());
+            std::fs::remove_dir_all(entry.path())
+                .map_err(|e| EngineError::Invalid(format!("{}: {e}", entry.path().display())))?;
         }
     }
     Ok(())

@@ -155,18 +155,43 @@ impl Drop for S3Server {
     }
 }
 
+/// A Parquet file itself, or every `.parquet` file under a folder, sorted by path.
+pub fn parquet_files(path: &Path) -> Vec<PathBuf> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else if path.extension().is_some_and(|e| e == "parquet") {
+                out.push(path);
+            }
+        }
+    }
+    if path.is_file() {
+        return vec![path.to_path_buf()];
+    }
+    let mut files = Vec::new();
+    walk(path, &mut files);
+    files.sort();
+    files
+}
+
+/// Every record batch of one Parquet file.
+pub fn parquet_batches(path: &Path) -> Vec<datafusion::arrow::record_batch::RecordBatch> {
+    datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+        std::fs::File::open(path).unwrap(),
+    )
+    .unwrap()
+    .build()
+    .unwrap()
+    .map(Result::unwrap)
+    .collect()
+}
+
 /// The `id` and `logits` (3 x f32) of every row of a Parquet file, in file order.
 pub fn read_logits(path: &Path) -> Vec<(String, Vec<f32>)> {
-    let reader =
-        datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
-            std::fs::File::open(path).unwrap(),
-        )
-        .unwrap()
-        .build()
-        .unwrap();
     let mut out = Vec::new();
-    for batch in reader {
-        let batch = batch.unwrap();
+    for batch in parquet_batches(path) {
         let ids = batch
             .column_by_name("id")
             .unwrap()

@@ -6,13 +6,14 @@
 //! damaged resume parts in `teacher_forward.rs`.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use arenaflow_tests::{arenaflow, arenaflow_bin, repo_root, small_train, text};
+use arenaflow_tests::{
+    arenaflow, arenaflow_bin, parquet_batches, parquet_files, repo_root, small_train, text,
+};
 use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
-use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 const MODEL: &str = "tests/fixtures/teacher/model";
 const TOKENIZER: &str = "tests/fixtures/teacher/tokenizer.json";
@@ -52,35 +53,18 @@ fn args(run_dir: &Path, train: &Path) -> Vec<String> {
     args
 }
 
-fn parquet_files(path: &Path, out: &mut Vec<PathBuf>) {
-    if path.is_file() {
-        out.push(path.to_path_buf());
-        return;
-    }
-    for entry in std::fs::read_dir(path).unwrap() {
-        parquet_files(&entry.unwrap().path(), out);
-    }
-}
-
 /// Every row of an output (a file, or the Parquet files under a folder, with the hive
 /// partition of each file's path), each as one line of text with every value, sorted:
 /// equal dumps are bitwise equal contents (floats print to the last bit).
 fn dump(path: &Path) -> Vec<String> {
-    let mut files = Vec::new();
-    parquet_files(path, &mut files);
     let options = FormatOptions::default();
     let mut rows = Vec::new();
-    for file in files {
+    for file in parquet_files(path) {
         let partition = file
             .strip_prefix(path)
             .map(|p| p.parent().unwrap_or(Path::new("")).display().to_string())
             .unwrap_or_default();
-        let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&file).unwrap())
-            .unwrap()
-            .build()
-            .unwrap();
-        for batch in reader {
-            let batch = batch.unwrap();
+        for batch in parquet_batches(&file) {
             let formatters: Vec<_> = batch
                 .columns()
                 .iter()

@@ -4,15 +4,15 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use arenaflow_tests::{
-    arenaflow, arenaflow_bin, arenaflow_with_env, read_logits, repo_root, small_train, text,
+    arenaflow, arenaflow_bin, arenaflow_with_env, parquet_batches, parquet_files, read_logits,
+    repo_root, small_train, text,
 };
-use datafusion::arrow::array::{Array, AsArray};
+use datafusion::arrow::array::AsArray;
 use datafusion::arrow::datatypes::Float32Type;
-use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 const MODEL: &str = "tests/fixtures/teacher/model";
 const TOKENIZER: &str = "tests/fixtures/teacher/tokenizer.json";
@@ -88,27 +88,10 @@ fn teacher_args(run_dir: &Path) -> Vec<String> {
     .collect()
 }
 
-fn parquet_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            parquet_files(&path, out);
-        } else if path.extension().is_some_and(|e| e == "parquet") {
-            out.push(path);
-        }
-    }
-}
-
 /// Every row of a teacher output folder (split from the hive path) or merged file.
 fn read_teacher(path: &Path) -> (Logits, usize) {
-    let mut files = Vec::new();
-    if path.is_dir() {
-        parquet_files(path, &mut files);
-    } else {
-        files.push(path.to_path_buf());
-    }
     let (mut logits, mut rows) = (Logits::new(), 0);
-    for file in files {
+    for file in parquet_files(path) {
         let split_from_path = file
             .components()
             .filter_map(|c| {
@@ -118,12 +101,7 @@ fn read_teacher(path: &Path) -> (Logits, usize) {
                     .map(String::from)
             })
             .next();
-        let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&file).unwrap())
-            .unwrap()
-            .build()
-            .unwrap();
-        for batch in reader {
-            let batch = batch.unwrap();
+        for batch in parquet_batches(&file) {
             let string = |name: &str| {
                 datafusion::arrow::compute::cast(
                     batch.column_by_name(name).unwrap(),
@@ -232,8 +210,7 @@ fn teacher_logits_cover_the_fold_resume_after_kill_and_match_single_rows() {
         !manifest.contains("teacher/teacher/fold0"),
         "nothing recorded after kill -9"
     );
-    let mut parts = Vec::new();
-    parquet_files(&killed.join(".resume"), &mut parts);
+    let parts = parquet_files(&killed.join(".resume"));
     assert_eq!(parts.len(), 2, "{parts:?}");
 
     let out = arenaflow(
@@ -290,24 +267,10 @@ fn teacher_logits_cover_the_fold_resume_after_kill_and_match_single_rows() {
     ]);
     assert!(out.status.success(), "{}", text(&out));
     // tokens.parquet holds both orders of every comparison; logits keeps its row order.
-    let orders = {
-        let reader =
-            ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&tokens_file).unwrap())
-                .unwrap()
-                .build()
-                .unwrap();
-        let mut orders = Vec::new();
-        for batch in reader {
-            let batch = batch.unwrap();
-            let o = batch
-                .column_by_name("order")
-                .unwrap()
-                .as_string::<i32>()
-                .clone();
-            orders.extend((0..o.len()).map(|r| o.value(r).to_string()));
-        }
-        orders
-    };
+    let orders: Vec<String> = string_columns(&tokens_file, &["order"])
+        .into_iter()
+        .map(|mut row| row.remove(0))
+        .collect();
     let mut compared = 0;
     let mut worst = 0f32;
     for ((id, v), order) in read_logits(&single).into_iter().zip(&orders) {
@@ -349,9 +312,7 @@ fn teacher_logits_are_bitwise_the_same_every_run() {
         if name == "killed" {
             kill_after_commits(&args(&run_dir), 3);
             // A committed part damaged after the fact is dropped and computed again.
-            let mut parts = Vec::new();
-            parquet_files(&run_dir.join(".resume"), &mut parts);
-            parts.sort();
+            let parts = parquet_files(&run_dir.join(".resume"));
             assert_eq!(parts.len(), 3, "{parts:?}");
             let bytes = std::fs::read(&parts[1]).unwrap();
             std::fs::write(&parts[1], &bytes[..bytes.len() / 2]).unwrap();
@@ -436,15 +397,6 @@ fn bitwise_differences<'a>(a: &'a Logits, b: &Logits) -> Vec<&'a (String, String
     a.iter()
         .filter(|(k, v)| b[*k].map(f32::to_bits) != v.map(f32::to_bits))
         .map(|(k, _)| k)
-        .collect()
-}
-
-fn parquet_batches(path: &Path) -> Vec<datafusion::arrow::record_batch::RecordBatch> {
-    ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(path).unwrap())
-        .unwrap()
-        .build()
-        .unwrap()
-        .map(Result::unwrap)
         .collect()
 }
 
