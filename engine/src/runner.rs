@@ -21,7 +21,7 @@ use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::error::{EngineError, Result};
-use crate::lock::RunLock;
+use crate::lock::Lock;
 use crate::manifest::{Manifest, OutputRecord, OutputStatus};
 use crate::plan::{PlanFile, PlanStatement, RUN_DIR_PARAM, SHARD_COUNT_PARAM, SHARD_INDEX_PARAM};
 use crate::session::{execute, ArenaSession};
@@ -121,6 +121,8 @@ struct PlanRun<'a> {
     manifest: Manifest,
     input_hashes: HashMap<String, Vec<InputFile>>,
     summary: RunSummary,
+    /// The run directory's lock, checked before each manifest write.
+    lock: &'a Lock,
 }
 
 /// Runs a plan; query results print to `out`.
@@ -142,13 +144,26 @@ pub async fn run_plan(
     // Held until the plan is done: no other run writes these records meanwhile, so what
     // an earlier run of this writer left half-written is nobody's.
     let writer = options.shard.writer().unwrap_or_else(|| "main".into());
-    let _lock = if run_dir.is_local() {
-        let lock = RunLock::acquire(std::path::Path::new(&run_dir.sql()), &writer)?;
-        remove_leftover_staging(&run_dir, &writer)?;
-        Some(lock)
-    } else {
-        None
-    };
+    let lock = Lock::acquire(&session.ctx, &run_dir, &writer).await?;
+    let result = run_locked(session, plan, options, run_dir, writer, params, &lock, out).await;
+    let released = lock.release().await;
+    let summary = result?;
+    released?;
+    Ok(summary)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_locked(
+    session: &ArenaSession,
+    plan: &PlanFile,
+    options: &RunOptions,
+    run_dir: Location,
+    writer: String,
+    params: BTreeMap<String, String>,
+    lock: &Lock,
+    out: &mut dyn Write,
+) -> Result<RunSummary> {
+    remove_leftover_staging(&session.ctx, &run_dir, &writer).await?;
     let manifest = Manifest::load(&session.ctx, &run_dir, options.shard.writer()).await?;
     let mut run = PlanRun {
         session,
@@ -160,6 +175,7 @@ pub async fn run_plan(
         manifest,
         input_hashes: HashMap::new(),
         summary: RunSummary::default(),
+        lock,
     };
     let run_dir_value = options.run_dir.trim_end_matches('/').to_string();
     // Defaults may name the run directory (`-- param input = ${run_dir}/prepare/...`).
@@ -197,22 +213,52 @@ pub async fn run_plan(
 const STAGING_DIR: &str = ".staging";
 
 /// Removes the staging folders an earlier run of `writer` left (killed during a COPY) in
-/// a local run directory. Called with `writer`'s lock held: no live run owns them. Folders of the format before
-/// writers named them (a bare UUID) go with the main writer's.
-fn remove_leftover_staging(run_dir: &Location, writer: &str) -> Result<()> {
-    let root = std::path::Path::new(&run_dir.sql()).join(STAGING_DIR);
-    let Ok(entries) = std::fs::read_dir(&root) else {
-        return Ok(());
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().to_string();
-        let legacy = writer == "main" && uuid::Uuid::parse_str(&name).is_ok();
-        if legacy || name.starts_with(&format!("{writer}-")) {
-            std::fs::remove_dir_all(entry.path())
-                .map_err(|e| EngineError::Invalid(format!("{}: {e}", entry.path().display())))?;
+/// the run directory. Called with `writer`'s lock held: no live run owns them. Folders of
+/// the format before writers named them (a bare UUID) go with the main writer's.
+async fn remove_leftover_staging(
+    ctx: &datafusion::prelude::SessionContext,
+    run_dir: &Location,
+    writer: &str,
+) -> Result<()> {
+    let root = run_dir.join(STAGING_DIR);
+    let store = root.store(ctx)?;
+    let mut leftovers = std::collections::BTreeSet::new();
+    for object in objects_under(store.as_ref(), &root).await? {
+        let Some(folder) = object
+            .location
+            .prefix_match(&root.path)
+            .and_then(|mut parts| parts.next())
+        else {
+            continue;
+        };
+        let name = folder.as_ref().to_string();
+        if staged_by(&name, writer) {
+            leftovers.insert(name);
+        }
+    }
+    for name in leftovers {
+        delete_tree(store.as_ref(), &root.join(&name)).await?;
+    }
+    if root.is_local() {
+        // Empty folders hold no objects; remove this writer's too.
+        if let Ok(entries) = std::fs::read_dir(root.sql()) {
+            for entry in entries.flatten() {
+                if staged_by(&entry.file_name().to_string_lossy(), writer) {
+                    std::fs::remove_dir_all(entry.path()).map_err(|e| {
+                        EngineError::Invalid(format!("{}: {e}", entry.path().display()))
+                    })?;
+                }
+            }
         }
     }
     Ok(())
+}
+
+/// Whether the staging folder `name` is `writer`'s (`{writer}-{uuid}`, or a bare UUID of
+/// the main writer from before writers named their folders).
+fn staged_by(name: &str, writer: &str) -> bool {
+    name.starts_with(&format!("{writer}-"))
+        || (writer == "main" && uuid::Uuid::parse_str(name).is_ok())
 }
 
 /// What a resume folder is for, written into it (`output.json`).
@@ -484,6 +530,7 @@ impl PlanRun<'_> {
             metrics,
         };
         self.manifest.record(&key, record.clone());
+        self.lock.check()?;
         self.manifest.save(ctx, &self.run_dir).await?;
         delete_tree(store.as_ref(), &target).await?;
         move_tree(store.as_ref(), &staging, &target).await?;
@@ -491,6 +538,7 @@ impl PlanRun<'_> {
         record.files = hash_output(store.as_ref(), &self.run_dir, &target).await?;
         record.status = OutputStatus::Complete;
         self.manifest.record(&key, record);
+        self.lock.check()?;
         self.manifest.save(ctx, &self.run_dir).await?;
         if resume_dir.exists() {
             std::fs::remove_dir_all(&resume_dir)

@@ -146,6 +146,26 @@ impl S3Server {
             response.lines().next().unwrap_or_default()
         );
     }
+
+    /// Whether an object exists (a raw anonymous HEAD: moto answers 403 for an object it
+    /// holds and 404 for one it does not).
+    pub fn exists(&self, bucket: &str, key: &str) -> bool {
+        let host = self.endpoint.trim_start_matches("http://");
+        let mut stream = TcpStream::connect(host).expect("connect to the S3 server");
+        write!(
+            stream,
+            "HEAD /{bucket}/{key} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        let status = response.lines().next().unwrap_or_default().to_string();
+        match status.split_whitespace().nth(1) {
+            Some("404") => false,
+            Some("200" | "403") => true,
+            _ => panic!("S3 HEAD {key}: {status}"),
+        }
+    }
 }
 
 impl Drop for S3Server {
