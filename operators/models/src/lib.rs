@@ -17,6 +17,7 @@ pub mod lora;
 pub mod models;
 pub mod ops;
 pub mod profile;
+pub mod train;
 pub mod weights;
 
 pub use error::{ModelError, Result};

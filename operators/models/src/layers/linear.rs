@@ -65,7 +65,8 @@ impl Linear {
         let adapter_dtype = lora.a.dtype();
         let mut x = xs.to_dtype(adapter_dtype)?;
         if train && lora.dropout > 0.0 {
-            x = candle_nn::ops::dropout(&x, lora.dropout as f32)?;
+            x = super::dropout::dropout(&x, lora.dropout)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         }
         let update = linear(
             &linear(&x, lora.a.as_tensor(), None)?,

@@ -7,6 +7,7 @@
 
 pub mod attention;
 pub mod decoder_layer;
+pub mod dropout;
 pub mod linear;
 pub mod mlp;
 pub mod rms_norm;

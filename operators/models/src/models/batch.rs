@@ -3,7 +3,8 @@
 use crate::error::{ModelError, Result};
 
 /// Where padding goes in a batch of rows of different lengths.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum PaddingSide {
     Right,
     Left,

@@ -51,6 +51,16 @@ pub struct SequenceClassifier {
 const PEFT_PREFIX: &str = "base_model.model";
 const SCORE: &str = "score.weight";
 
+/// Where the score head comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadInit {
+    /// The adapter's saved head, else the checkpoint's (an error where neither has one).
+    Checkpoint,
+    /// A new head as transformers initialises one (normal, std `initializer_range`),
+    /// drawn from `seed`; a head in the checkpoint or the adapter is ignored.
+    Fresh { seed: u64 },
+}
+
 impl SequenceClassifier {
     /// Loads a classifier from a checkpoint's tensors and, optionally, a PEFT LoRA adapter's.
     /// All or nothing: every tensor named by the config must be present, and nothing else.
@@ -61,6 +71,18 @@ impl SequenceClassifier {
         adapter: Option<(&LoraConfig, &TensorSource)>,
         dtype: DType,
         device: &Device,
+    ) -> Result<Self> {
+        Self::load_with_head(config, base, adapter, dtype, device, HeadInit::Checkpoint)
+    }
+
+    /// [`Self::load`] with the score head from `head`.
+    pub fn load_with_head(
+        config: &ModelConfig,
+        base: &TensorSource,
+        adapter: Option<(&LoraConfig, &TensorSource)>,
+        dtype: DType,
+        device: &Device,
+        head: HeadInit,
     ) -> Result<Self> {
         let cfg = &config.decoder;
         let kernels = Kernels::resolve(device, dtype);
@@ -88,14 +110,30 @@ impl SequenceClassifier {
         // The score head: the adapter's trained copy (PEFT `modules_to_save`) replaces the
         // base's; a causal-LM checkpoint has none and must get one from an adapter.
         let adapter_has_score = adapter.is_some_and(|(lora, _)| lora.saves_score_head());
-        let score_weight = match &adapter_loader {
-            Some((_, a)) if adapter_has_score => {
+        let score_weight = match (&adapter_loader, head) {
+            (_, HeadInit::Fresh { seed }) => {
+                vb.drop_if_present(SCORE);
+                if let Some((_, a)) = &adapter_loader {
+                    if adapter_has_score {
+                        a.root().pp(PEFT_PREFIX).drop_if_present(SCORE);
+                    }
+                }
+                let std = config
+                    .raw
+                    .get("initializer_range")
+                    .and_then(|v| v.as_f64())
+                    .unwrap_or(0.02);
+                let mut rng = SplitMix64::new(seed);
+                let values: Vec<f64> = (0..3 * h).map(|_| std * rng.next_normal()).collect();
+                Tensor::from_vec(values, (3, h), device)?.to_dtype(head_dtype)?
+            }
+            (Some((_, a)), HeadInit::Checkpoint) if adapter_has_score => {
                 vb.drop_if_present(SCORE);
                 a.root()
                     .pp(PEFT_PREFIX)
                     .get_as(SCORE, &[3, h], head_dtype)?
             }
-            _ => {
+            (_, HeadInit::Checkpoint) => {
                 if config.head != CheckpointHead::Classifier && !vb.contains(SCORE) {
                     return Err(ModelError::Config(format!(
                         "{}: no `{SCORE}`: the checkpoint is a {} without a classifier head; load it \
@@ -120,7 +158,7 @@ impl SequenceClassifier {
             rope: Rope::new(cfg),
             score: ScoreHead {
                 weight: Var::from_tensor(&score_weight)?,
-                trainable: adapter_has_score,
+                trainable: adapter_has_score || matches!(head, HeadInit::Fresh { .. }),
             },
             lora: None,
             kernels,
@@ -193,6 +231,26 @@ impl SequenceClassifier {
 
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// Sets every adapter's dropout (and the config's `lora_dropout`, saved with it).
+    pub fn set_lora_dropout(&mut self, p: f64) -> Result<()> {
+        if !(0.0..1.0).contains(&p) {
+            return Err(ModelError::Config(format!(
+                "lora_dropout {p} is not in [0, 1)"
+            )));
+        }
+        for layer in &mut self.layers {
+            for proj in Projection::ALL {
+                if let Some(lora) = &mut layer.projection_mut(proj).lora {
+                    lora.dropout = p;
+                }
+            }
+        }
+        if let Some(lora) = &mut self.lora {
+            lora.lora_dropout = p;
+        }
+        Ok(())
     }
 
     pub fn device(&self) -> &Device {

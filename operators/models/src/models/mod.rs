@@ -19,7 +19,7 @@ use crate::error::{ModelError, Result};
 
 pub use crate::ops::gated::Activation;
 pub use batch::{PaddedBatch, PaddingSide};
-pub use classifier::{ScoreHead, SequenceClassifier};
+pub use classifier::{HeadInit, ScoreHead, SequenceClassifier};
 
 /// The dtype trainable tensors live in: f32 under a half-precision model, as PEFT keeps them.
 pub fn adapter_dtype(model_dtype: candle_core::DType) -> candle_core::DType {
