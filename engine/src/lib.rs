@@ -10,6 +10,7 @@ pub mod runner;
 pub mod session;
 pub mod sources;
 pub mod storage;
+pub mod train;
 
 pub use error::{EngineError, Result, SourceError};
 pub use plan::PlanFile;

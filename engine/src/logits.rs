@@ -85,20 +85,29 @@ pub async fn run_logits(opts: &LogitsOptions) -> Result<ForwardStats> {
         .into_iter()
         .map(|(section, (seconds, _))| (section, seconds))
         .collect();
-    let partial = opts.output.with_extension("parquet.partial");
+    write_parquet(&opts.output, schema, &executed.batches)?;
+    Ok(stats)
+}
+
+/// Writes `batches` to a Parquet file whole or not at all (through `FILE.partial`).
+pub fn write_parquet(
+    path: &Path,
+    schema: datafusion::arrow::datatypes::SchemaRef,
+    batches: &[datafusion::arrow::record_batch::RecordBatch],
+) -> Result<()> {
+    let partial = path.with_extension("parquet.partial");
     let write = || -> std::result::Result<(), Box<dyn std::error::Error>> {
         let file = File::create(&partial)?;
-        let mut writer = ArrowWriter::try_new(file, schema.clone(), None)?;
-        for batch in &executed.batches {
+        let mut writer = ArrowWriter::try_new(file, schema, None)?;
+        for batch in batches {
             writer.write(batch)?;
         }
         writer.close()?;
-        std::fs::rename(&partial, &opts.output)?;
+        std::fs::rename(&partial, path)?;
         Ok(())
     };
-    if let Err(e) = write() {
+    write().map_err(|e| {
         let _ = std::fs::remove_file(&partial);
-        return Err(invalid(&opts.output, e));
-    }
-    Ok(stats)
+        invalid(path, e)
+    })
 }

@@ -7,9 +7,11 @@ use anyhow::{bail, Context};
 use arenaflow_engine::logits::{run_logits, LogitsOptions};
 use arenaflow_engine::plan::{RUN_DIR_PARAM, SHARD_COUNT_PARAM, SHARD_INDEX_PARAM};
 use arenaflow_engine::runner::Shard;
+use arenaflow_engine::train::{run_train, TrainOptions};
 use arenaflow_engine::{run_plan, ArenaSession, PlanFile, RunOptions};
+use arenaflow_operators::distill_step::TrainSettings;
 use arenaflow_operators::teacher_forward::{PaddingSide, TeacherSettings};
-use clap::{Parser, Subcommand};
+use clap::{Arg, ArgAction, ArgMatches, Parser, Subcommand};
 use datafusion::sql::parser::{DFParser, Statement};
 
 #[derive(Parser)]
@@ -83,6 +85,144 @@ enum Command {
         #[arg(long, default_value = "right", value_parser = ["right", "left"])]
         padding: String,
     },
+    /// Train a LoRA adapter and the score head of a 3-class classifier on rows of token
+    /// ids (Parquet: `id`, `input_ids`, `label`; optional `order`, `weight`, `split`
+    /// ('train'/'dev') and teacher logit columns): the `distill_step` operator, as the
+    /// plans run it. Writes a PEFT folder with `metrics.parquet`; after kill -9 the same
+    /// command continues from its last checkpoint.
+    Train(TrainArgs),
+}
+
+/// `arenaflow train`'s arguments: the model, the rows, the output, and every knob of
+/// [`TrainSettings::KNOBS`] as `--knob-name VALUE` (switches also as `--knob`/`--no-knob`).
+struct TrainArgs {
+    model: String,
+    input: std::path::PathBuf,
+    output: std::path::PathBuf,
+    knobs: Vec<(String, String)>,
+}
+
+fn flag_name(knob: &str) -> String {
+    knob.replace('_', "-")
+}
+
+impl clap::Args for TrainArgs {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        let defaults = TrainSettings::new("");
+        let mut cmd = cmd
+            .arg(
+                Arg::new("model").long("model").required(true).help(
+                    "Model folder (config.json + safetensors), .gguf file, or hub id org/name",
+                ),
+            )
+            .arg(
+                Arg::new("input")
+                    .long("input")
+                    .required(true)
+                    .value_parser(clap::value_parser!(std::path::PathBuf))
+                    .help("Rows to train on (Parquet)"),
+            )
+            .arg(
+                Arg::new("teacher")
+                    .long("teacher")
+                    .action(ArgAction::Append)
+                    .value_name("COLUMN")
+                    .help("A column of teacher logits (repeatable; same as --teachers A,B)"),
+            );
+        for (knob, help) in TrainSettings::KNOBS {
+            let default = defaults.current(knob);
+            let help = if default.is_empty() {
+                help.to_string()
+            } else {
+                format!("{help} [default: {default}]")
+            };
+            let mut arg = Arg::new(*knob).long(flag_name(knob)).help(help);
+            if *knob == "output" {
+                arg = arg
+                    .required(true)
+                    .value_parser(clap::value_parser!(std::path::PathBuf));
+            }
+            if TrainSettings::SWITCHES.contains(knob) {
+                arg = arg
+                    .num_args(0..=1)
+                    .default_missing_value("true")
+                    .value_name("BOOL");
+                cmd = cmd.arg(
+                    Arg::new(format!("no_{knob}"))
+                        .long(format!("no-{}", flag_name(knob)))
+                        .action(ArgAction::SetTrue)
+                        .help(format!("--{} false", flag_name(knob))),
+                );
+            }
+            cmd = cmd.arg(arg);
+        }
+        cmd
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
+}
+
+impl clap::FromArgMatches for TrainArgs {
+    fn from_arg_matches(m: &ArgMatches) -> Result<Self, clap::Error> {
+        let mut knobs = Vec::new();
+        for (knob, _) in TrainSettings::KNOBS {
+            if *knob == "output" {
+                continue;
+            }
+            if let Some(value) = m.get_one::<String>(knob) {
+                knobs.push((knob.to_string(), value.clone()));
+            }
+            if TrainSettings::SWITCHES.contains(knob) && m.get_flag(&format!("no_{knob}")) {
+                knobs.push((knob.to_string(), "false".into()));
+            }
+        }
+        if let Some(teachers) = m.get_many::<String>("teacher") {
+            let teachers: Vec<String> = teachers.cloned().collect();
+            knobs.push(("teachers".into(), teachers.join(",")));
+        }
+        Ok(Self {
+            model: m.get_one::<String>("model").cloned().unwrap_or_default(),
+            input: m
+                .get_one::<std::path::PathBuf>("input")
+                .cloned()
+                .unwrap_or_default(),
+            output: m
+                .get_one::<std::path::PathBuf>("output")
+                .cloned()
+                .unwrap_or_default(),
+            knobs,
+        })
+    }
+
+    fn update_from_arg_matches(&mut self, m: &ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(m)?;
+        Ok(())
+    }
+}
+
+fn train(args: TrainArgs) -> anyhow::Result<()> {
+    let mut settings = TrainSettings::new(args.model);
+    for (knob, value) in &args.knobs {
+        settings
+            .set(knob, value)
+            .with_context(|| format!("--{}", flag_name(knob)))?;
+    }
+    settings.validate()?;
+    let options = TrainOptions {
+        settings,
+        input: args.input,
+        output: args.output,
+    };
+    let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let batches = rt.block_on(run_train(&options))?;
+    let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+    println!(
+        "wrote {} (adapter_config.json, adapter_model.safetensors, metrics.parquet: {rows} rows)",
+        options.output.display()
+    );
+    Ok(())
 }
 
 fn parse_set(arg: &str) -> Result<(String, String), String> {
@@ -277,6 +417,7 @@ fn main() -> ExitCode {
             output,
             profile,
         }),
+        Command::Train(args) => train(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

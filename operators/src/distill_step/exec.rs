@@ -1,0 +1,540 @@
+//! The `distill_step` operator: trains on every input row (`id`, `order`, `input_ids`,
+//! `label`, optional `weight`, optional `split` ('train' / 'dev'), the named teacher logit
+//! columns) and emits one row per optimizer step and per evaluation. Inside a managed
+//! output ([`ManagedOutput`]) it commits a checkpoint every `checkpoint_every` steps into
+//! the resume folder, so that the same command continues after kill -9, and writes the
+//! adapter (PEFT folder `adapter/`) into the output, beside the metrics.
+//!
+//! SQL: `distill_step(table, model [, settings])`, settings as `key=value` pairs
+//! (`lr=2e-4 lora_r=16 teachers=logits_a,logits_b ...`, see [`TrainSettings::KNOBS`]).
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, Float64Array, RecordBatch, StringArray, UInt64Array,
+};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{
+    DataType, Field, Float32Type, Float64Type, Int64Type, Schema, SchemaRef,
+};
+use datafusion::catalog::{TableFunctionArgs, TableFunctionImpl, TableProvider};
+use datafusion::common::{plan_err, DataFusionError, Result};
+use datafusion::execution::SendableRecordBatchStream;
+use datafusion::physical_plan::stream::RecordBatchReceiverStream;
+use datafusion::physical_plan::ExecutionPlan;
+use futures::StreamExt;
+
+use super::{load_model, write_adapter, TrainSettings};
+use crate::args::Args;
+use crate::error::OperatorError;
+use crate::run_state::ManagedOutput;
+use crate::scaffold::{Operator, OperatorRun, OperatorTable};
+use crate::teacher_forward::Progress;
+use crate::token_rows::{input_error, row_keys, token_rows, ID, INPUT_IDS, ORDER};
+use arenaflow_models::train::{state, Event, TrainRow, Trainer};
+
+const NAME: &str = "distill_step";
+const LABEL: &str = "label";
+const WEIGHT: &str = "weight";
+const SPLIT: &str = "split";
+
+fn external(e: OperatorError) -> DataFusionError {
+    DataFusionError::External(Box::new(e))
+}
+
+/// The metric columns: kind ('step' / 'eval'), step, epoch, lr, loss, ce, kl_{t} and
+/// cos_{t} per teacher, grad_norm, rows, tokens, tokens_per_s, dev_log_loss, dev_accuracy.
+pub fn output_schema(teachers: &[String]) -> SchemaRef {
+    let f = |name: &str| Field::new(name, DataType::Float64, true);
+    let mut fields = vec![
+        Field::new("kind", DataType::Utf8, false),
+        Field::new("step", DataType::UInt64, false),
+        f("epoch"),
+        f("lr"),
+        f("loss"),
+        f("ce"),
+    ];
+    for t in teachers {
+        fields.push(f(&format!("kl_{t}")));
+        fields.push(f(&format!("cos_{t}")));
+    }
+    fields.extend([
+        f("grad_norm"),
+        Field::new("rows", DataType::UInt64, true),
+        Field::new("tokens", DataType::UInt64, true),
+        f("tokens_per_s"),
+        f("dev_log_loss"),
+        f("dev_accuracy"),
+    ]);
+    Arc::new(Schema::new(fields))
+}
+
+/// Checks the input's columns.
+fn check_input(input: &Schema, settings: &TrainSettings) -> Result<()> {
+    let field = |name: &str| match input.field_with_name(name) {
+        Ok(f) => Ok(f.data_type().clone()),
+        Err(_) => plan_err!("{NAME}: the input has no column {name}"),
+    };
+    field(ID)?;
+    field(ORDER)?;
+    match field(INPUT_IDS)? {
+        DataType::List(item) | DataType::LargeList(item) if item.data_type().is_integer() => {}
+        other => return plan_err!("{NAME}: column input_ids is {other}, not a list of token ids"),
+    }
+    if !field(LABEL)?.is_integer() {
+        return plan_err!("{NAME}: column label must be an integer (0 = A, 1 = B, 2 = tie)");
+    }
+    if let Ok(w) = input.field_with_name(WEIGHT) {
+        if !w.data_type().is_numeric() {
+            return plan_err!("{NAME}: column weight is {}, not a number", w.data_type());
+        }
+    }
+    for t in &settings.teachers {
+        match input.field_with_name(t).map(|f| f.data_type().clone()) {
+            Ok(DataType::FixedSizeList(item, 3)) | Ok(DataType::List(item))
+                if item.data_type().is_floating() => {}
+            Ok(other) => {
+                return plan_err!("{NAME}: teacher column {t} is {other}, not 3 logits (f32)")
+            }
+            Err(_) => {
+                return plan_err!(
+                    "{NAME}: no teacher column {t}; the input has {}",
+                    input
+                        .fields()
+                        .iter()
+                        .map(|f| f.name().as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The training operator: its settings. One output partition.
+pub struct DistillStep {
+    pub settings: TrainSettings,
+}
+
+impl fmt::Debug for DistillStep {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.settings)
+    }
+}
+
+impl Operator for DistillStep {
+    const NAME: &'static str = "DistillStepExec";
+
+    fn output_schema(&self, input: &Schema) -> Result<SchemaRef> {
+        check_input(input, &self.settings)?;
+        Ok(output_schema(&self.settings.teachers))
+    }
+
+    fn single_partition(&self) -> bool {
+        true
+    }
+
+    /// The rows are a set: sorted by (id, order), any arrival order trains the same.
+    fn input_order(&self) -> &'static [&'static str] {
+        &[ID, ORDER]
+    }
+
+    fn execute(&self, run: OperatorRun) -> Result<SendableRecordBatchStream> {
+        let managed = ManagedOutput::of(&run.context);
+        let checkpoint = match &managed {
+            Some(output) => Some(output.resume_dir.join(self.resume_key(&run.input_plan))),
+            None => self.settings.checkpoint_dir.clone(),
+        };
+        let adapter = match (&self.settings.output, &managed) {
+            (Some(dir), _) => dir.clone(),
+            (None, Some(output)) if !output.artifact_dir.contains("://") => {
+                PathBuf::from(&output.artifact_dir).join("adapter")
+            }
+            (None, Some(output)) => {
+                return Err(external(OperatorError::Config(format!(
+                    "{NAME}: the adapter is written to a local folder; {} is not one (set output=DIR)",
+                    output.artifact_dir
+                ))))
+            }
+            (None, None) => {
+                return Err(external(OperatorError::Config(format!(
+                    "{NAME} writes an adapter: run it in a COPY into the run directory, or set output=DIR"
+                ))))
+            }
+        };
+        let job = Job {
+            settings: self.settings.clone(),
+            schema: run.schema.clone(),
+            checkpoint,
+            adapter,
+        };
+        let mut builder = RecordBatchReceiverStream::builder(run.schema, 4);
+        let sender = builder.tx();
+        let input = run.input;
+        builder.spawn(async move { job.run(input, sender).await });
+        Ok(builder.build())
+    }
+}
+
+impl DistillStep {
+    /// The checkpoint subfolder of one run: its settings and input plan, hashed.
+    fn resume_key(&self, input: &Arc<dyn ExecutionPlan>) -> String {
+        let input = datafusion::physical_plan::displayable(input.as_ref())
+            .indent(false)
+            .to_string();
+        let mut settings = self.settings.clone();
+        settings.output = None;
+        settings.checkpoint_dir = None;
+        let text = format!("{settings:?}\n{input}");
+        format!(
+            "{NAME}-{:016x}",
+            xxhash_rust::xxh3::xxh3_64(text.as_bytes())
+        )
+    }
+}
+
+type Sender = tokio::sync::mpsc::Sender<Result<RecordBatch>>;
+
+struct Job {
+    settings: TrainSettings,
+    schema: SchemaRef,
+    checkpoint: Option<PathBuf>,
+    adapter: PathBuf,
+}
+
+impl Job {
+    async fn run(self, mut input: SendableRecordBatchStream, sender: Sender) -> Result<()> {
+        if self.adapter.exists() {
+            return Err(external(OperatorError::Config(format!(
+                "{NAME}: {} already exists; refusing to overwrite it",
+                self.adapter.display()
+            ))));
+        }
+        arenaflow_models::device::reset_peak();
+        let settings = self.settings.clone();
+        let model = tokio::task::spawn_blocking(move || load_model(&settings))
+            .await
+            .map_err(|e| DataFusionError::External(Box::new(e)))?
+            .map_err(external)?;
+        let vocab = model.config.vocab_size;
+        let mut rows = Vec::new();
+        let mut seen = HashSet::new();
+        while let Some(batch) = input.next().await {
+            let batch = batch?;
+            let first = rows.len();
+            read_rows(
+                &batch,
+                first,
+                vocab,
+                &self.settings.teachers,
+                &mut seen,
+                &mut rows,
+            )?;
+        }
+        if rows.is_empty() {
+            return Err(input_error(NAME, "the input has no rows".into()));
+        }
+        let job = Arc::new(self);
+        let worker = job.clone();
+        let train_sender = sender.clone();
+        tokio::task::spawn_blocking(move || worker.train(model, rows, &train_sender))
+            .await
+            .map_err(|e| DataFusionError::External(Box::new(e)))?
+    }
+
+    /// Builds the trainer (resuming from the checkpoint where there is one), runs it,
+    /// sends each event as a row, commits checkpoints, writes the adapter.
+    fn train(
+        &self,
+        model: arenaflow_models::models::SequenceClassifier,
+        rows: Vec<TrainRow>,
+        sender: &Sender,
+    ) -> Result<()> {
+        let mut trainer = Trainer::new(model, self.settings.train.clone(), rows)
+            .map_err(|e| external(e.into()))?;
+        if let Some(dir) = &self.checkpoint {
+            if state::exists(dir) {
+                state::restore(&mut trainer, dir).map_err(|e| external(e.into()))?;
+                eprintln!(
+                    "{NAME}: resuming after step {} of {} ({})",
+                    trainer.steps_done(),
+                    trainer.total_steps(),
+                    dir.display()
+                );
+            }
+        }
+        eprintln!(
+            "{NAME}: {} training rows, {} dev rows, {} teacher(s), {} steps ({} warm-up), {} trainable tensors",
+            trainer.train_rows(),
+            trainer.dev_rows(),
+            trainer.teachers(),
+            trainer.total_steps(),
+            trainer.warmup_steps(),
+            trainer.named_vars().count()
+        );
+        for event in trainer.events() {
+            if sender.blocking_send(Ok(self.event_batch(event)?)).is_err() {
+                return Ok(());
+            }
+        }
+        let mut progress = Progress::new(
+            NAME,
+            trainer.total_steps() as u64,
+            trainer.steps_done() as u64,
+        );
+        let every = self.settings.checkpoint_every;
+        let mut stopped = false;
+        let result = trainer.run(&mut |t, event| {
+            let batch = self
+                .event_batch(event)
+                .map_err(|e| arenaflow_models::ModelError::Input(e.to_string()))?;
+            match event {
+                Event::Step(m) => {
+                    progress.advance(1, m.tokens as u64);
+                    if let (Some(dir), true) = (&self.checkpoint, every > 0 && m.step % every == 0)
+                    {
+                        state::save(t, dir)?;
+                        pause_for_tests(m.step);
+                    }
+                }
+                Event::Eval(e) => eprintln!(
+                    "{NAME}: step {}: dev log loss {:.4}, accuracy {:.3} ({} rows)",
+                    e.step, e.log_loss, e.accuracy, e.rows
+                ),
+            }
+            if !stopped && sender.blocking_send(Ok(batch)).is_err() {
+                stopped = true;
+            }
+            Ok(())
+        });
+        progress.finish();
+        result.map_err(|e| external(e.into()))?;
+        if let Some(dir) = &self.checkpoint {
+            state::save(&trainer, dir).map_err(|e| external(e.into()))?;
+        }
+        let peak = arenaflow_models::device::peak_memory(trainer.model.device());
+        let (model, best) = trainer.finish().map_err(|e| external(e.into()))?;
+        if let Some((step, loss)) = best {
+            eprintln!("{NAME}: keeping the adapter of step {step} (dev log loss {loss:.4})");
+        }
+        write_adapter(&model, &self.adapter).map_err(external)?;
+        eprintln!(
+            "{NAME}: wrote {}; peak memory {}",
+            self.adapter.display(),
+            peak.map_or("-".into(), |b| format!(
+                "{:.2} GiB",
+                b as f64 / (1u64 << 30) as f64
+            ))
+        );
+        Ok(())
+    }
+
+    /// One event as a one-row batch of the output schema.
+    fn event_batch(&self, event: &Event) -> Result<RecordBatch> {
+        let f = |v: Option<f64>| Arc::new(Float64Array::from(vec![v])) as ArrayRef;
+        let u = |v: Option<u64>| Arc::new(UInt64Array::from(vec![v])) as ArrayRef;
+        let teachers = self.settings.teachers.len();
+        let mut columns: Vec<ArrayRef> = Vec::new();
+        match event {
+            Event::Step(m) => {
+                columns.push(Arc::new(StringArray::from(vec!["step"])));
+                columns.push(u(Some(m.step as u64)));
+                columns.extend([
+                    f(Some(m.epoch)),
+                    f(Some(m.lr)),
+                    f(Some(m.terms.loss)),
+                    f(Some(m.terms.ce)),
+                ]);
+                for t in 0..teachers {
+                    columns.push(f(m.terms.kl.get(t).copied()));
+                    columns.push(f(m.terms.cos.get(t).copied()));
+                }
+                columns.extend([
+                    f(Some(m.grad_norm)),
+                    u(Some(m.rows as u64)),
+                    u(Some(m.tokens as u64)),
+                    f(Some(m.tokens_per_second())),
+                    f(None),
+                    f(None),
+                ]);
+            }
+            Event::Eval(e) => {
+                columns.push(Arc::new(StringArray::from(vec!["eval"])));
+                columns.push(u(Some(e.step as u64)));
+                columns.extend([f(Some(e.epoch)), f(None), f(None), f(None)]);
+                for _ in 0..2 * teachers {
+                    columns.push(f(None));
+                }
+                columns.extend([
+                    f(None),
+                    u(Some(e.rows as u64)),
+                    u(None),
+                    f(None),
+                    f(Some(e.log_loss)),
+                    f(Some(e.accuracy)),
+                ]);
+            }
+        }
+        Ok(RecordBatch::try_new(self.schema.clone(), columns)?)
+    }
+}
+
+/// Reads one input batch into training rows, checking every value: a bad value is an
+/// error naming the input row, its id and order, and the column.
+fn read_rows(
+    batch: &RecordBatch,
+    first_row: usize,
+    vocab: usize,
+    teachers: &[String],
+    seen: &mut HashSet<(String, String)>,
+    out: &mut Vec<TrainRow>,
+) -> Result<()> {
+    let keys = row_keys(NAME, batch)?;
+    let tokens = token_rows(NAME, batch, first_row, &keys, vocab)?;
+    let column = |name: &str, to: &DataType| -> Result<Option<ArrayRef>> {
+        batch
+            .column_by_name(name)
+            .map(|c| cast(c, to).map_err(DataFusionError::from))
+            .transpose()
+    };
+    let labels = column(LABEL, &DataType::Int64)?
+        .ok_or_else(|| input_error(NAME, "no column label".into()))?;
+    let labels = labels.as_primitive::<Int64Type>();
+    let weights = column(WEIGHT, &DataType::Float64)?;
+    let splits = column(SPLIT, &DataType::Utf8)?;
+    let list = DataType::List(Arc::new(Field::new_list_field(DataType::Float32, true)));
+    let teacher_columns = teachers
+        .iter()
+        .map(|t| column(t, &list).map(|c| c.expect("checked at planning")))
+        .collect::<Result<Vec<_>>>()?;
+    for (r, ((id, order), tokens)) in keys.into_iter().zip(tokens).enumerate() {
+        let at = |col: &str, m: String| {
+            input_error(
+                NAME,
+                format!(
+                    "input row {} (id {id}, order {order}), column {col}: {m}",
+                    first_row + r + 1
+                ),
+            )
+        };
+        if !seen.insert((id.clone(), order.clone())) {
+            return Err(at(
+                ORDER,
+                "this (id, order) came before: each must come once".into(),
+            ));
+        }
+        if labels.is_null(r) || !(0..=2).contains(&labels.value(r)) {
+            let v = if labels.is_null(r) {
+                "null".into()
+            } else {
+                labels.value(r).to_string()
+            };
+            return Err(at(LABEL, format!("{v} is not 0 (A), 1 (B) or 2 (tie)")));
+        }
+        let weight = match &weights {
+            None => 1.0,
+            Some(w) => {
+                let w = w.as_primitive::<Float64Type>();
+                if w.is_null(r) || !(w.value(r).is_finite() && w.value(r) >= 0.0) {
+                    return Err(at(WEIGHT, "not a finite number >= 0".into()));
+                }
+                w.value(r)
+            }
+        };
+        let dev = match &splits {
+            None => false,
+            Some(s) => {
+                let s = s.as_string::<i32>();
+                match (s.is_null(r), if s.is_null(r) { "" } else { s.value(r) }) {
+                    (true, _) | (false, "train") => false,
+                    (false, "dev") => true,
+                    (false, other) => {
+                        return Err(at(SPLIT, format!("{other:?} is not 'train' or 'dev'")))
+                    }
+                }
+            }
+        };
+        let mut logits = Vec::with_capacity(teachers.len());
+        for (name, c) in teachers.iter().zip(&teacher_columns) {
+            let lists = c.as_list::<i32>();
+            if lists.is_null(r) {
+                return Err(at(
+                    name,
+                    "null: every training row needs this teacher's logits".into(),
+                ));
+            }
+            let values = lists.value(r);
+            let values = values.as_primitive::<Float32Type>();
+            if values.len() != 3
+                || values.null_count() > 0
+                || values.values().iter().any(|v| !v.is_finite())
+            {
+                return Err(at(
+                    name,
+                    format!("{} values; 3 finite logits expected", values.len()),
+                ));
+            }
+            logits.push([values.value(0), values.value(1), values.value(2)]);
+        }
+        out.push(TrainRow {
+            id,
+            order,
+            input_ids: tokens,
+            label: labels.value(r) as u32,
+            weight,
+            teachers: logits,
+            dev,
+        });
+    }
+    Ok(())
+}
+
+/// `ARENAFLOW_TEST_PAUSE_AFTER_STEPS=N`: after the checkpoint of step N, say so and stop
+/// forever, so that a test can kill -9 the process at a known point. Unset in real runs.
+fn pause_for_tests(step: usize) {
+    let pause = std::env::var("ARENAFLOW_TEST_PAUSE_AFTER_STEPS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok());
+    if pause == Some(step) {
+        eprintln!("{NAME}: paused after step {step}");
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
+    }
+}
+
+const USAGE: &str = "distill_step(table, model [, settings])";
+
+/// The SQL table function.
+#[derive(Debug)]
+pub struct DistillStepFunction;
+
+impl TableFunctionImpl for DistillStepFunction {
+    fn call_with_args(&self, args: TableFunctionArgs) -> Result<Arc<dyn TableProvider>> {
+        let args = Args::new(USAGE, &args)?;
+        let mut settings = TrainSettings::new(args.required_string(1, "model")?);
+        if let Some(text) = args.string(2, "settings")? {
+            settings.apply(&text).map_err(external)?;
+        }
+        settings.validate().map_err(external)?;
+        arenaflow_models::device::check_device_name(&settings.device)
+            .map_err(|e| external(e.into()))?;
+        for file in arenaflow_models::checkpoint::model_files(&settings.model)
+            .map_err(|e| external(e.into()))?
+        {
+            args.record_input(&file.display().to_string());
+        }
+        if let Some(adapter) = &settings.init_adapter {
+            args.record_input(&adapter.display().to_string());
+        }
+        let input = args.table(0)?;
+        Ok(Arc::new(OperatorTable::try_new(
+            DistillStep { settings },
+            input,
+        )?))
+    }
+}
