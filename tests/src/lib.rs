@@ -1,7 +1,7 @@
 //! Helpers for arenaflow's integration tests: the CLI binary, the repository root, the
 //! shared data, and a real S3-compatible server.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 
 use datafusion::arrow::array::AsArray;
 use std::net::{TcpListener, TcpStream};
@@ -233,4 +233,29 @@ pub fn read_logits(path: &Path) -> Vec<(String, Vec<f32>)> {
         }
     }
     out
+}
+
+/// Runs arenaflow with `args` and the test pause `pause` (an `ARENAFLOW_TEST_PAUSE_*`
+/// variable and its value) until it prints `marker`, then kills it with SIGKILL.
+pub fn kill_at_pause(args: &[String], pause: (&str, usize), marker: &str) {
+    let mut child = Command::new(arenaflow_bin())
+        .args(args)
+        .current_dir(repo_root())
+        .env(pause.0, pause.1.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = Vec::new();
+    for line in stderr.lines() {
+        let line = line.unwrap();
+        seen.push(line.clone());
+        if line.contains(marker) {
+            break;
+        }
+    }
+    assert!(seen.iter().any(|l| l.contains(marker)), "{seen:?}");
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
 }

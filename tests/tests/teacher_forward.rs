@@ -3,12 +3,10 @@
 //! teacher is tests/fixtures/teacher: a byte-level tokenizer and a tiny random Llama.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 use arenaflow_tests::{
-    arenaflow, arenaflow_bin, arenaflow_with_env, parquet_batches, parquet_files, read_logits,
+    arenaflow, arenaflow_with_env, kill_at_pause, parquet_batches, parquet_files, read_logits,
     repo_root, small_train, text,
 };
 use datafusion::arrow::array::AsArray;
@@ -36,27 +34,11 @@ fn prepare(run_dir: &Path, train: &Path) {
 /// Runs arenaflow with `args` until it has committed `commits` batches, then kills it
 /// with SIGKILL.
 fn kill_after_commits(args: &[String], commits: usize) {
-    let mut child = Command::new(arenaflow_bin())
-        .args(args)
-        .current_dir(repo_root())
-        .env("ARENAFLOW_TEST_PAUSE_AFTER_COMMITS", commits.to_string())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = BufReader::new(child.stderr.take().unwrap());
-    let paused = format!("paused after {commits} commits");
-    let mut seen = Vec::new();
-    for line in stderr.lines() {
-        let line = line.unwrap();
-        seen.push(line.clone());
-        if line.contains(&paused) {
-            break;
-        }
-    }
-    assert!(seen.iter().any(|l| l.contains(&paused)), "{seen:?}");
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    kill_at_pause(
+        args,
+        ("ARENAFLOW_TEST_PAUSE_AFTER_COMMITS", commits),
+        &format!("paused after {commits} commits"),
+    );
 }
 
 fn run_ok(args: &[String]) -> String {

@@ -207,7 +207,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     for (knob, value) in &args.knobs {
         settings
             .set(knob, value)
-            .with_context(|| format!("--{}", flag_name(knob)))?;
+            .map_err(|e| anyhow::anyhow!("--{}: {e}", flag_name(knob)))?;
     }
     settings.validate()?;
     let options = TrainOptions {

@@ -1,0 +1,229 @@
+//! Training through the plans and the CLI on the CPU (the tiny teacher of
+//! tests/fixtures/teacher, f32): a killed run continues from its checkpoint and ends with
+//! the adapter an uninterrupted run writes, byte for byte; `arenaflow train` does the same;
+//! bad settings and rows fail with messages naming them.
+
+use std::path::Path;
+
+use arenaflow_tests::{
+    arenaflow, kill_at_pause, parquet_batches, parquet_files, small_train, text,
+};
+
+const MODEL: &str = "tests/fixtures/teacher/model";
+const TOKENIZER: &str = "tests/fixtures/teacher/tokenizer.json";
+
+fn run_ok(args: &[String]) -> String {
+    let out = arenaflow(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    log
+}
+
+fn prepare(run_dir: &Path, rows: usize) {
+    let dir = run_dir.parent().unwrap();
+    let train = small_train(dir, rows);
+    run_ok(&[
+        "run".into(),
+        "plans/prepare.sql".into(),
+        "plans/folds.sql".into(),
+        "--run-dir".into(),
+        run_dir.display().to_string(),
+        "--set".into(),
+        format!("train={}", train.display()),
+    ]);
+}
+
+fn train_args(run_dir: &Path) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "run".into(),
+        "plans/train_teacher.sql".into(),
+        "--run-dir".into(),
+        run_dir.display().to_string(),
+    ];
+    for set in [
+        format!("model={MODEL}"),
+        format!("tokenizer={TOKENIZER}"),
+        "max_length=64".into(),
+        "dtype=f32".into(),
+        "batch_rows=6".into(),
+        "max_batch_tokens=200".into(),
+        "epochs=2".into(),
+        "lr=0.002".into(),
+        "lora_r=4".into(),
+        "eval_every=3".into(),
+        "checkpoint_every=1".into(),
+    ] {
+        args.push("--set".into());
+        args.push(set);
+    }
+    args
+}
+
+fn adapter_bytes(run_dir: &Path) -> Vec<u8> {
+    std::fs::read(run_dir.join("train/teacher/fold0/adapter/adapter_model.safetensors")).unwrap()
+}
+
+#[test]
+fn a_killed_training_run_continues_and_ends_with_the_same_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let whole = tmp.path().join("whole/run");
+    let killed = tmp.path().join("killed/run");
+    for dir in [&whole, &killed] {
+        std::fs::create_dir_all(dir.parent().unwrap()).unwrap();
+        prepare(dir, 30);
+    }
+    let log = run_ok(&train_args(&whole));
+    assert!(log.contains("wrote train/teacher/fold0"), "{log}");
+    assert!(log.contains("dev log loss"), "{log}");
+    let steps: usize = log
+        .lines()
+        .find_map(|l| {
+            l.split(" steps (")
+                .next()?
+                .rsplit(", ")
+                .next()?
+                .parse()
+                .ok()
+        })
+        .expect("the step count");
+    assert!(steps >= 8, "{log}");
+
+    // Killed twice (after a checkpoint in each epoch), resumed each time.
+    for step in [2, steps - 2] {
+        kill_at_pause(
+            &train_args(&killed),
+            ("ARENAFLOW_TEST_PAUSE_AFTER_STEPS", step),
+            &format!("paused after step {step}"),
+        );
+    }
+    let log = run_ok(&train_args(&killed));
+    assert!(
+        log.contains(&format!("resuming after step {}", steps - 2)),
+        "{log}"
+    );
+    assert_eq!(
+        adapter_bytes(&killed),
+        adapter_bytes(&whole),
+        "adapters differ"
+    );
+    // The metrics cover every step and evaluation once.
+    let rows = |dir: &Path| -> usize {
+        parquet_files(&dir.join("train/teacher/fold0"))
+            .iter()
+            .flat_map(|f| parquet_batches(f))
+            .map(|b| b.num_rows())
+            .sum()
+    };
+    assert_eq!(rows(&killed), rows(&whole));
+    // Up to date on a rerun; the checkpoints are gone.
+    let again = run_ok(&train_args(&killed));
+    assert!(again.contains("up to date: train/teacher/fold0"), "{again}");
+    let resume = killed.join(".resume");
+    let left = std::fs::read_dir(&resume).map_or(0, |d| d.count());
+    assert_eq!(left, 0, "resume folders left in {}", resume.display());
+}
+
+#[test]
+fn arenaflow_train_resumes_and_refuses_bad_settings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run_dir = tmp.path().join("run");
+    prepare(&run_dir, 20);
+    run_ok(&[
+        "run".into(),
+        "plans/tokenize.sql".into(),
+        "--run-dir".into(),
+        run_dir.display().to_string(),
+        "--set".into(),
+        format!("tokenizer={TOKENIZER}"),
+        "--set".into(),
+        "model_name=tiny".into(),
+        "--set".into(),
+        "max_length=64".into(),
+    ]);
+    let rows = run_dir.join("tokenize/tiny_blackpearl_64_balanced/tokens.parquet");
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "train",
+            "--model",
+            MODEL,
+            "--input",
+            rows.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--dtype",
+            "f32",
+            "--lora-r",
+            "4",
+            "--batch-rows",
+            "8",
+            "--max-steps",
+            "5",
+            "--checkpoint-every",
+            "1",
+            "--no-shuffle",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let whole = tmp.path().join("whole");
+    let log = run_ok(&args(&whole));
+    assert!(log.contains("metrics.parquet: 5 rows"), "{log}");
+    let killed = tmp.path().join("killed");
+    kill_at_pause(
+        &args(&killed),
+        ("ARENAFLOW_TEST_PAUSE_AFTER_STEPS", 3),
+        "paused after step 3",
+    );
+    let log = run_ok(&args(&killed));
+    assert!(log.contains("resuming after step 3 of 5"), "{log}");
+    let bytes = |d: &Path| std::fs::read(d.join("adapter_model.safetensors")).unwrap();
+    assert_eq!(bytes(&killed), bytes(&whole));
+    assert!(!tmp.path().join(".killed.checkpoint").exists());
+
+    let out = arenaflow(&[
+        "train",
+        "--model",
+        MODEL,
+        "--input",
+        rows.to_str().unwrap(),
+        "--output",
+        tmp.path().join("x").to_str().unwrap(),
+        "--lr",
+        "fast",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("lr = \"fast\": not a number"),
+        "{}",
+        text(&out)
+    );
+    let out = arenaflow(&[
+        "train",
+        "--model",
+        MODEL,
+        "--input",
+        rows.to_str().unwrap(),
+        "--output",
+        tmp.path().join("x").to_str().unwrap(),
+        "--teacher",
+        "logits",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("no teacher column logits"),
+        "{}",
+        text(&out)
+    );
+    let help = arenaflow(&["train", "--help"]);
+    for flag in [
+        "--lora-r",
+        "--kl-weight",
+        "--warmup-steps",
+        "--no-shuffle",
+        "--gradient-checkpointing",
+        "[default: 0.0002]",
+    ] {
+        assert!(text(&help).contains(flag), "{flag} missing from --help");
+    }
+}
