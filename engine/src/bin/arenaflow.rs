@@ -219,6 +219,10 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     let batches = rt.block_on(run_train(&options))?;
     let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
     println!(
+        "{}",
+        datafusion::arrow::util::pretty::pretty_format_batches(&batches)?
+    );
+    println!(
         "wrote {} (adapter_config.json, adapter_model.safetensors, metrics.parquet: {rows} rows)",
         options.output.display()
     );

@@ -523,10 +523,12 @@ impl TableFunctionImpl for DistillStepFunction {
         settings.validate().map_err(external)?;
         arenaflow_models::device::check_device_name(&settings.device)
             .map_err(|e| external(e.into()))?;
-        for file in arenaflow_models::checkpoint::model_files(&settings.model)
-            .map_err(|e| external(e.into()))?
-        {
-            args.record_input(&file.display().to_string());
+        if settings.random_weights.is_none() {
+            for file in arenaflow_models::checkpoint::model_files(&settings.model)
+                .map_err(|e| external(e.into()))?
+            {
+                args.record_input(&file.display().to_string());
+            }
         }
         if let Some(adapter) = &settings.init_adapter {
             args.record_input(&adapter.display().to_string());

@@ -13,13 +13,17 @@ use candle_core::DType;
 use serde::Serialize;
 
 use crate::error::{OperatorError, Result};
-use arenaflow_models::checkpoint::{open_adapter, open_model, parse_dtype, save_adapter};
+use arenaflow_models::checkpoint::{
+    open_adapter, open_model, parse_dtype, save_adapter, Checkpoint,
+};
 use arenaflow_models::device::parse_device;
 use arenaflow_models::lora::{LayerSelection, LoraConfig, TargetModules};
+use arenaflow_models::models::ModelConfig;
 use arenaflow_models::models::{HeadInit, PaddingSide, SequenceClassifier};
 use arenaflow_models::train::{
     InfoGainConfig, InfoGainMode, Keep, Schedule, TrainConfig, TrainRow, Trainer,
 };
+use arenaflow_models::weights::TensorSource;
 
 /// Every knob of a training run.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -47,6 +51,9 @@ pub struct TrainSettings {
     pub output: Option<PathBuf>,
     /// Where checkpoints go outside a managed COPY (the CLI); inside one, the resume folder.
     pub checkpoint_dir: Option<PathBuf>,
+    /// Benchmarks only: seeded random weights (std 0.02) for the architecture of `model`
+    /// (a config.json, or a folder with one) instead of its weights.
+    pub random_weights: Option<u64>,
     pub train: TrainConfig,
 }
 
@@ -68,6 +75,7 @@ impl TrainSettings {
             checkpoint_every: 50,
             output: None,
             checkpoint_dir: None,
+            random_weights: None,
             train: TrainConfig::default(),
         }
     }
@@ -324,6 +332,12 @@ impl TrainSettings {
             "checkpoint_dir" => {
                 self.checkpoint_dir = (!value.is_empty()).then(|| PathBuf::from(value))
             }
+            "random_weights" => {
+                self.random_weights = match value.trim() {
+                    "" => None,
+                    v => Some(v.parse::<u64>().map_err(|_| bad("an integer seed"))?),
+                }
+            }
             other => {
                 let known: Vec<&str> = Self::KNOBS.iter().map(|(k, _)| *k).collect();
                 return Err(OperatorError::Config(format!(
@@ -447,7 +461,22 @@ fn split_settings(text: &str) -> Result<Vec<(String, String)>> {
 pub fn load_model(settings: &TrainSettings) -> Result<SequenceClassifier> {
     let dtype = settings.validate()?;
     let device = parse_device(&settings.device)?;
-    let checkpoint = open_model(&settings.model)?;
+    let checkpoint = match settings.random_weights {
+        None => open_model(&settings.model)?,
+        Some(seed) => {
+            let path = Path::new(&settings.model);
+            let config = if path.is_dir() {
+                path.join("config.json")
+            } else {
+                path.to_path_buf()
+            };
+            Checkpoint {
+                config: ModelConfig::from_file(&config)?,
+                tensors: TensorSource::Random { seed, std: 0.02 },
+                location: settings.model.clone(),
+            }
+        }
+    };
     let adapter = settings
         .init_adapter
         .as_deref()
