@@ -495,7 +495,15 @@ impl PlanRun<'_> {
             } else {
                 self.distinct_ids(&staging, &format, folder).await?
             };
-            Ok::<_, EngineError>((rows, distinct_ids, executed.passes))
+            let mut metrics = executed
+                .passes
+                .iter()
+                .map(serde_json::to_value)
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            for training in &executed.trainings {
+                metrics.push(serde_json::to_value(training)?);
+            }
+            Ok::<_, EngineError>((rows, distinct_ids, metrics))
         }
         .await;
         bar.finish_and_clear();
@@ -506,10 +514,6 @@ impl PlanRun<'_> {
                 return Err(e);
             }
         };
-        let metrics = metrics
-            .into_iter()
-            .map(serde_json::to_value)
-            .collect::<std::result::Result<Vec<_>, _>>()?;
 
         let mut record = OutputRecord {
             status: OutputStatus::Writing,

@@ -2,6 +2,8 @@
 
 use std::sync::Arc;
 
+use arenaflow_operators::distill_step::exec::training_figures;
+use arenaflow_operators::distill_step::TrainingStats;
 use arenaflow_operators::run_state::RunInputs;
 use arenaflow_operators::teacher_forward::exec::pass_figures;
 use arenaflow_operators::teacher_forward::ForwardStats;
@@ -56,6 +58,7 @@ impl ArenaSession {
 pub struct Executed {
     pub batches: Vec<RecordBatch>,
     pub passes: Vec<ForwardStats>,
+    pub trainings: Vec<TrainingStats>,
 }
 
 /// Runs `plan` in `state` (a statement's session state, with its extensions).
@@ -67,5 +70,6 @@ pub async fn execute(state: SessionState, plan: LogicalPlan) -> Result<Executed>
     Ok(Executed {
         batches,
         passes: pass_figures(&physical),
+        trainings: training_figures(&physical),
     })
 }

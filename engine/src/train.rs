@@ -68,8 +68,8 @@ pub async fn run_train(opts: &TrainOptions) -> Result<Vec<RecordBatch>> {
     .await
     .map_err(|e| with_file(e.into()))?;
     let rows = ctx.table_provider("train_input").await?;
-    let operator =
-        OperatorTable::try_new(DistillStep { settings }, rows).map_err(|e| with_file(e.into()))?;
+    let operator = OperatorTable::try_new(DistillStep::new(settings), rows)
+        .map_err(|e| with_file(e.into()))?;
     ctx.register_table("training", Arc::new(operator))?;
     let frame = ctx.sql("SELECT * FROM training").await?;
     let plan = frame.into_unoptimized_plan();

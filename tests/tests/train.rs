@@ -63,6 +63,16 @@ fn adapter_bytes(run_dir: &Path) -> Vec<u8> {
     std::fs::read(run_dir.join("train/teacher/fold0/adapter/adapter_model.safetensors")).unwrap()
 }
 
+/// The object holding `key`, anywhere in `value`.
+fn find_key<'a>(value: &'a serde_json::Value, key: &str) -> Option<&'a serde_json::Value> {
+    match value {
+        serde_json::Value::Object(map) if map.contains_key(key) => Some(value),
+        serde_json::Value::Object(map) => map.values().find_map(|v| find_key(v, key)),
+        serde_json::Value::Array(items) => items.iter().find_map(|v| find_key(v, key)),
+        _ => None,
+    }
+}
+
 #[test]
 fn a_killed_training_run_continues_and_ends_with_the_same_adapter() {
     let tmp = tempfile::tempdir().unwrap();
@@ -87,6 +97,35 @@ fn a_killed_training_run_continues_and_ends_with_the_same_adapter() {
         })
         .expect("the step count");
     assert!(steps >= 8, "{log}");
+    // The loss curve beside the adapter, and the run's figures in the manifest.
+    let png = std::fs::read(whole.join("train/teacher/fold0/loss.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(whole.join("manifest.json")).unwrap())
+            .unwrap();
+    let text = manifest.to_string();
+    let figures = find_key(&manifest, "computed_steps").expect(&text);
+    assert_eq!(figures["steps"], steps, "{figures}");
+    assert_eq!(figures["computed_steps"], steps, "{figures}");
+    assert_eq!(figures["keep"], "last", "{figures}");
+    assert!(
+        figures["tokens_per_second"].as_f64().unwrap() > 0.0,
+        "{figures}"
+    );
+    assert!(
+        figures["peak_memory_bytes"].as_u64().unwrap() > 0,
+        "{figures}"
+    );
+    assert!(
+        figures["kept_dev_log_loss"].as_f64().unwrap() > 0.0,
+        "{figures}"
+    );
+    let shares: f64 = ["forward_share", "backward_share", "optimizer_share"]
+        .iter()
+        .map(|k| figures[k].as_f64().unwrap())
+        .sum();
+    assert!(shares > 0.5 && shares <= 1.0 + 1e-9, "{figures}");
+    assert_eq!(figures["settings"]["lora_r"], "4", "{figures}");
 
     // Killed twice (after a checkpoint in each epoch), resumed each time.
     for step in [2, steps - 2] {

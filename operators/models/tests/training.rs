@@ -14,8 +14,13 @@ use arenaflow_models::train::{
 };
 use candle_core::{DType, Device, Tensor};
 
+/// The fixtures; `ARENAFLOW_REPO` names the repository root where the test binary runs
+/// away from its build (a GPU machine).
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+    match std::env::var("ARENAFLOW_REPO") {
+        Ok(repo) => PathBuf::from(repo).join("tests/fixtures"),
+        Err(_) => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures"),
+    }
 }
 
 fn reference(family: &str) -> HashMap<String, Tensor> {
@@ -370,4 +375,68 @@ fn a_resumed_run_ends_bitwise_where_the_uninterrupted_one_does() {
         );
     }
     assert!(events.iter().any(|e| matches!(e, Event::Eval(_))));
+}
+
+/// On a CUDA GPU, the same gradients in bf16 (base weights and activations; LoRA, head and
+/// loss in f32) against the f32 CPU path, per family and padding side, with and without
+/// checkpointing. Run by hand on a GPU machine:
+/// `cargo test --release --features cuda --test training -- --ignored cuda`.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_bf16_gradients_track_the_cpu_f32_ones() {
+    let device = Device::new_cuda(0).expect("a CUDA GPU");
+    let meta = meta();
+    let tokens = ids(&meta["rows"]);
+    let labels: Vec<u32> = serde_json::from_value(meta["labels"].clone()).unwrap();
+    let load = |family: &str, dtype: DType, device: &Device| {
+        let models = root().join("models").join(family);
+        let mut model = load_classifier(
+            models.join("base").to_str().unwrap(),
+            Some(&models.join("adapter")),
+            dtype,
+            device,
+        )
+        .unwrap();
+        model.set_lora_dropout(0.0).unwrap();
+        model
+    };
+    for family in ["llama", "qwen2", "gemma2"] {
+        for side in [PaddingSide::Right, PaddingSide::Left] {
+            for checkpointing in [false, true] {
+                let config = TrainConfig {
+                    batch_rows: 4,
+                    shuffle: false,
+                    padding: side,
+                    gradient_checkpointing: checkpointing,
+                    ..Default::default()
+                };
+                let grads = |dtype: DType, device: &Device| {
+                    let t = Trainer::new(
+                        load(family, dtype, device),
+                        config.clone(),
+                        rows(&tokens, &labels, None),
+                    )
+                    .unwrap();
+                    let g = t.gradients().unwrap();
+                    (g.terms.loss, g.grads)
+                };
+                let (cpu_loss, cpu) = grads(DType::F32, &Device::Cpu);
+                let (gpu_loss, gpu) = grads(DType::BF16, &device);
+                let mut worst = 0f64;
+                for (a, b) in gpu.iter().zip(&cpu) {
+                    let a = a
+                        .to_device(&Device::Cpu)
+                        .unwrap()
+                        .to_dtype(DType::F32)
+                        .unwrap();
+                    worst = worst.max(relative_error(&a, b));
+                }
+                eprintln!(
+                    "{family} {side:?} checkpointing={checkpointing}: loss {gpu_loss:.5} (bf16 GPU) vs {cpu_loss:.5} (f32 CPU), worst gradient relative error {worst:.2e}"
+                );
+                assert!((gpu_loss - cpu_loss).abs() < 0.02 * cpu_loss.abs().max(1.0));
+                assert!(worst < 0.05, "{family}: bf16 gradients off by {worst:.2e}");
+            }
+        }
+    }
 }

@@ -27,7 +27,8 @@ use datafusion::physical_plan::stream::RecordBatchReceiverStream;
 use datafusion::physical_plan::ExecutionPlan;
 use futures::StreamExt;
 
-use super::{load_model, write_adapter, TrainSettings};
+use super::plot::write_loss_curve;
+use super::{load_model, write_adapter, TrainSettings, TrainingStats};
 use crate::args::Args;
 use crate::error::OperatorError;
 use crate::run_state::ManagedOutput;
@@ -115,9 +116,11 @@ fn check_input(input: &Schema, settings: &TrainSettings) -> Result<()> {
     Ok(())
 }
 
-/// The training operator: its settings. One output partition.
+/// The training operator: its settings, and the figures of its run once it has run. One
+/// output partition.
 pub struct DistillStep {
     pub settings: TrainSettings,
+    figures: Arc<parking_lot::Mutex<Option<TrainingStats>>>,
 }
 
 impl fmt::Debug for DistillStep {
@@ -149,10 +152,11 @@ impl Operator for DistillStep {
             Some(output) => Some(output.resume_dir.join(self.resume_key(&run.input_plan))),
             None => self.settings.checkpoint_dir.clone(),
         };
-        let adapter = match (&self.settings.output, &managed) {
-            (Some(dir), _) => dir.clone(),
+        let (adapter, loss_curve) = match (&self.settings.output, &managed) {
+            (Some(dir), _) => (dir.clone(), dir.join("loss.png")),
             (None, Some(output)) if !output.artifact_dir.contains("://") => {
-                PathBuf::from(&output.artifact_dir).join("adapter")
+                let artifacts = PathBuf::from(&output.artifact_dir);
+                (artifacts.join("adapter"), artifacts.join("loss.png"))
             }
             (None, Some(output)) => {
                 return Err(external(OperatorError::Config(format!(
@@ -171,6 +175,8 @@ impl Operator for DistillStep {
             schema: run.schema.clone(),
             checkpoint,
             adapter,
+            loss_curve,
+            figures: self.figures.clone(),
         };
         let mut builder = RecordBatchReceiverStream::builder(run.schema, 4);
         let sender = builder.tx();
@@ -181,6 +187,18 @@ impl Operator for DistillStep {
 }
 
 impl DistillStep {
+    pub fn new(settings: TrainSettings) -> Self {
+        Self {
+            settings,
+            figures: Arc::default(),
+        }
+    }
+
+    /// The figures of the finished run, if it finished.
+    pub fn figures(&self) -> Option<TrainingStats> {
+        self.figures.lock().clone()
+    }
+
     /// The checkpoint subfolder of one run: its settings and input plan, hashed.
     fn resume_key(&self, input: &Arc<dyn ExecutionPlan>) -> String {
         let input = datafusion::physical_plan::displayable(input.as_ref())
@@ -204,6 +222,9 @@ struct Job {
     schema: SchemaRef,
     checkpoint: Option<PathBuf>,
     adapter: PathBuf,
+    /// The loss-curve PNG: beside the adapter in a run directory, inside `output` otherwise.
+    loss_curve: PathBuf,
+    figures: Arc<parking_lot::Mutex<Option<TrainingStats>>>,
 }
 
 impl Job {
@@ -287,6 +308,7 @@ impl Job {
             trainer.steps_done() as u64,
         );
         let every = self.settings.checkpoint_every;
+        let resumed_at = trainer.steps_done();
         let mut stopped = false;
         let result = trainer.run(&mut |t, event| {
             let batch = self
@@ -313,24 +335,96 @@ impl Job {
         });
         progress.finish();
         result.map_err(|e| external(e.into()))?;
+        let computed = trainer.steps_done() - resumed_at;
         if let Some(dir) = &self.checkpoint {
             state::save(&trainer, dir).map_err(|e| external(e.into()))?;
         }
         let peak = arenaflow_models::device::peak_memory(trainer.model.device());
+        let events = trainer.events().to_vec();
+        let (train_rows, dev_rows, steps) = (
+            trainer.train_rows(),
+            trainer.dev_rows(),
+            trainer.steps_done(),
+        );
         let (model, best) = trainer.finish().map_err(|e| external(e.into()))?;
         if let Some((step, loss)) = best {
             eprintln!("{NAME}: keeping the adapter of step {step} (dev log loss {loss:.4})");
         }
         write_adapter(&model, &self.adapter).map_err(external)?;
+        write_loss_curve(&events, &self.loss_curve).map_err(external)?;
+        let stats = self.stats(&events, (train_rows, dev_rows, steps), computed, best, peak);
         eprintln!(
-            "{NAME}: wrote {}; peak memory {}",
+            "{NAME}: wrote {} and {}; {}",
             self.adapter.display(),
-            peak.map_or("-".into(), |b| format!(
-                "{:.2} GiB",
-                b as f64 / (1u64 << 30) as f64
-            ))
+            self.loss_curve.display(),
+            stats.summary()
         );
+        *self.figures.lock() = Some(stats);
         Ok(())
+    }
+
+    /// The run's figures from its events: the steps this invocation computed give the
+    /// speed and the time shares; the evaluations give the dev log losses.
+    fn stats(
+        &self,
+        events: &[Event],
+        (train_rows, dev_rows, steps): (usize, usize, usize),
+        computed: usize,
+        best: Option<(usize, f64)>,
+        peak_memory_bytes: Option<u64>,
+    ) -> TrainingStats {
+        let step_metrics: Vec<_> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Step(m) => Some(m),
+                Event::Eval(_) => None,
+            })
+            .collect();
+        let fresh = &step_metrics[step_metrics.len().saturating_sub(computed)..];
+        let seconds: f64 = fresh.iter().map(|m| m.seconds).sum();
+        let share = |f: fn(&&arenaflow_models::train::StepMetrics) -> f64| {
+            if seconds > 0.0 {
+                fresh.iter().map(f).sum::<f64>() / seconds
+            } else {
+                0.0
+            }
+        };
+        let tokens: u64 = fresh.iter().map(|m| m.tokens as u64).sum();
+        let last_dev = events.iter().rev().find_map(|e| match e {
+            Event::Eval(m) => Some(m.log_loss),
+            Event::Step(_) => None,
+        });
+        let s = &self.settings;
+        TrainingStats {
+            operator: NAME.into(),
+            model: s.model.clone(),
+            device: s.device.clone(),
+            dtype: s.dtype.clone(),
+            train_rows,
+            dev_rows,
+            teachers: s.teachers.len(),
+            steps,
+            computed_steps: computed,
+            tokens,
+            seconds,
+            tokens_per_second: if seconds > 0.0 {
+                tokens as f64 / seconds
+            } else {
+                0.0
+            },
+            forward_share: share(|m| m.forward_seconds),
+            backward_share: share(|m| m.backward_seconds),
+            optimizer_share: share(|m| m.optimizer_seconds),
+            peak_memory_bytes,
+            keep: s.current("keep"),
+            kept_step: best.map_or(steps, |b| b.0),
+            kept_dev_log_loss: best.map(|b| b.1).or(last_dev),
+            last_dev_log_loss: last_dev,
+            settings: TrainSettings::KNOBS
+                .iter()
+                .map(|(k, _)| (k.to_string(), serde_json::Value::String(s.current(k))))
+                .collect(),
+        }
     }
 
     /// One event as a one-row batch of the output schema.
@@ -493,6 +587,14 @@ fn read_rows(
     Ok(())
 }
 
+/// The figures of every `distill_step` run of an executed plan, in plan order.
+pub fn training_figures(plan: &Arc<dyn ExecutionPlan>) -> Vec<TrainingStats> {
+    crate::scaffold::find_operators::<DistillStep>(plan)
+        .into_iter()
+        .filter_map(|exec| exec.operator().figures())
+        .collect()
+}
+
 /// `ARENAFLOW_TEST_PAUSE_AFTER_STEPS=N`: after the checkpoint of step N, say so and stop
 /// forever, so that a test can kill -9 the process at a known point. Unset in real runs.
 fn pause_for_tests(step: usize) {
@@ -535,7 +637,7 @@ impl TableFunctionImpl for DistillStepFunction {
         }
         let input = args.table(0)?;
         Ok(Arc::new(OperatorTable::try_new(
-            DistillStep { settings },
+            DistillStep::new(settings),
             input,
         )?))
     }

@@ -5,6 +5,7 @@
 //! is the operator and its SQL table function.
 
 pub mod exec;
+pub mod plot;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -516,6 +517,59 @@ pub fn load_model(settings: &TrainSettings) -> Result<SequenceClassifier> {
     }
     model.score.trainable = true;
     Ok(model)
+}
+
+/// The figures of one training run, recorded in the run manifest.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct TrainingStats {
+    pub operator: String,
+    pub model: String,
+    pub device: String,
+    pub dtype: String,
+    pub train_rows: usize,
+    pub dev_rows: usize,
+    pub teachers: usize,
+    pub steps: usize,
+    /// Steps taken by this invocation (the rest came from a checkpoint).
+    pub computed_steps: usize,
+    pub tokens: u64,
+    pub seconds: f64,
+    pub tokens_per_second: f64,
+    /// Shares of the steps' time: forward, backward (with recomputation), optimizer.
+    pub forward_share: f64,
+    pub backward_share: f64,
+    pub optimizer_share: f64,
+    /// GPU memory in use at its peak (device-wide), or the process's peak resident memory.
+    pub peak_memory_bytes: Option<u64>,
+    /// `last` or `best`, and the step whose adapter was written.
+    pub keep: String,
+    pub kept_step: usize,
+    /// Dev log loss of the kept adapter and of the last evaluation, where there is a dev split.
+    pub kept_dev_log_loss: Option<f64>,
+    pub last_dev_log_loss: Option<f64>,
+    pub settings: BTreeMap<String, serde_json::Value>,
+}
+
+impl TrainingStats {
+    pub fn summary(&self) -> String {
+        format!(
+            "{} steps ({} computed), {} tokens, {:.1} s, {:.0} tokens/s (forward {:.0}%, backward {:.0}%, optimizer {:.0}%), peak memory {}, kept step {} ({}){}",
+            self.steps,
+            self.computed_steps,
+            self.tokens,
+            self.seconds,
+            self.tokens_per_second,
+            100.0 * self.forward_share,
+            100.0 * self.backward_share,
+            100.0 * self.optimizer_share,
+            self.peak_memory_bytes
+                .map_or("-".into(), |b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)),
+            self.kept_step,
+            self.keep,
+            self.kept_dev_log_loss
+                .map_or(String::new(), |l| format!(", dev log loss {l:.4}"))
+        )
+    }
 }
 
 /// Writes the trained adapter as a PEFT folder (written whole or not at all).

@@ -214,16 +214,22 @@ pub struct Progress {
     done: u64,
     tokens: u64,
     label: String,
+    unit: String,
 }
 
 impl Progress {
     pub fn new(label: &str, total: u64, already: u64) -> Self {
+        Self::with_unit(label, "rows", total, already)
+    }
+
+    /// A progress bar counting `unit` (rows, steps).
+    pub fn with_unit(label: &str, unit: &str, total: u64, already: u64) -> Self {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::new(total);
             bar.set_style(
-                ProgressStyle::with_template(
-                    "{prefix} [{bar:30}] {pos}/{len} rows, {msg}, ETA {eta}",
-                )
+                ProgressStyle::with_template(&format!(
+                    "{{prefix}} [{{bar:30}}] {{pos}}/{{len}} {unit}, {{msg}}, ETA {{eta}}"
+                ))
                 .unwrap_or_else(|_| ProgressStyle::default_bar())
                 .progress_chars("=> "),
             );
@@ -244,6 +250,7 @@ impl Progress {
             done: already,
             tokens: 0,
             label: label.to_string(),
+            unit: unit.to_string(),
         }
     }
 
@@ -260,10 +267,11 @@ impl Progress {
             let left = self.total.saturating_sub(self.done);
             let per_row = elapsed / (self.done as f64).max(1.0);
             eprintln!(
-                "{}: {}/{} rows, {rate:.0} tokens/s, ETA {:.0} s",
+                "{}: {}/{} {}, {rate:.0} tokens/s, ETA {:.0} s",
                 self.label,
                 self.done,
                 self.total,
+                self.unit,
                 per_row * left as f64
             );
         }

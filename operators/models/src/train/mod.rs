@@ -187,6 +187,11 @@ pub struct StepMetrics {
     pub tokens: usize,
     pub micro_batches: usize,
     pub seconds: f64,
+    /// Where the step's time went: forward passes (with the loss), backward passes
+    /// (with the recomputation under checkpointing), clipping and the optimizer.
+    pub forward_seconds: f64,
+    pub backward_seconds: f64,
+    pub optimizer_seconds: f64,
 }
 
 impl StepMetrics {

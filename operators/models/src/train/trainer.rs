@@ -41,6 +41,8 @@ pub struct StepGradients {
     pub logits: Vec<[f32; 3]>,
     pub tokens: usize,
     pub micro_batches: usize,
+    pub forward_seconds: f64,
+    pub backward_seconds: f64,
 }
 
 /// Trains a classifier's adapters and score head over a set of rows.
@@ -256,6 +258,7 @@ impl Trainer {
         let planned = self.plan[index].clone();
         let rows: Vec<&TrainRow> = planned.rows.iter().map(|&i| &self.train[i]).collect();
         let gradients = self.gradients()?;
+        let optimizer_started = Instant::now();
         let mut grads = gradients.grads;
         let grad_norm = clip_grad_norm(&mut grads, self.config.max_grad_norm)?;
         let lr = self.config.lr
@@ -269,6 +272,8 @@ impl Trainer {
             ig.update(&labels, &gradients.logits);
         }
         self.next_step += 1;
+        // The optimizer's work is queued on a GPU: wait for it, so the shares are true.
+        self.vars[0].as_tensor().device().synchronize()?;
         Ok(StepMetrics {
             step: index + 1,
             epoch: planned.epoch_progress,
@@ -279,6 +284,9 @@ impl Trainer {
             tokens: gradients.tokens,
             micro_batches: gradients.micro_batches,
             seconds: started.elapsed().as_secs_f64(),
+            forward_seconds: gradients.forward_seconds,
+            backward_seconds: gradients.backward_seconds,
+            optimizer_seconds: optimizer_started.elapsed().as_secs_f64(),
         })
     }
 
@@ -310,12 +318,15 @@ impl Trainer {
         let mut tokens = 0;
         let micro = micro_batches(&rows, self.config.max_batch_tokens);
         let mut student_logits = vec![[0f32; 3]; rows.len()];
+        let (mut forward_seconds, mut backward_seconds) = (0.0, 0.0);
         for (m, members) in micro.iter().enumerate() {
             let key = dropout::key(&[self.config.seed, index as u64, m as u64]);
             let scales: Vec<f64> = members.iter().map(|&i| weights[i] / total_weight).collect();
             let part: Vec<&TrainRow> = members.iter().map(|&i| rows[i]).collect();
             tokens += part.iter().map(|r| r.input_ids.len()).sum::<usize>();
-            let (t, g, logits) = self.micro_batch(&part, &scales, key)?;
+            let (t, g, logits, times) = self.micro_batch(&part, &scales, key)?;
+            forward_seconds += times.0;
+            backward_seconds += times.1;
             terms.add(&t);
             for (slot, new) in grads.iter_mut().zip(g) {
                 *slot = match (slot.take(), new) {
@@ -338,17 +349,21 @@ impl Trainer {
             logits: student_logits,
             tokens,
             micro_batches: micro.len(),
+            forward_seconds,
+            backward_seconds,
         })
     }
 
-    /// Loss terms, the gradient of each variable and the rows' logits for one micro-batch.
+    /// Loss terms, the gradient of each variable, the rows' logits and the seconds of the
+    /// forward and backward passes, for one micro-batch.
     #[allow(clippy::type_complexity)]
     fn micro_batch(
         &self,
         rows: &[&TrainRow],
         scales: &[f64],
         key: u64,
-    ) -> Result<(LossTerms, Vec<Option<Tensor>>, Vec<[f32; 3]>)> {
+    ) -> Result<(LossTerms, Vec<Option<Tensor>>, Vec<[f32; 3]>, (f64, f64))> {
+        let started = Instant::now();
         let model = &self.model;
         let device = model.device().clone();
         let pad = model.pad_token_id().unwrap_or(0);
@@ -384,6 +399,7 @@ impl Trainer {
         let mut xs = model.embed(&batch)?;
         let terms;
         let logits;
+        let forward_end;
         if !self.config.gradient_checkpointing {
             for (l, layer) in layers.iter().enumerate() {
                 xs = dropout::with_key(layer_key(l), || layer.forward_t(&xs, &state, true))?;
@@ -392,6 +408,7 @@ impl Trainer {
             logits = model.head(&xs, &state, true)?;
             let (loss, t) = distill_loss(&logits, &labels, &teachers, &scales, &self.config.loss)?;
             terms = t;
+            forward_end = Instant::now();
             let store = loss.backward()?;
             collect(&store)?;
         } else {
@@ -408,6 +425,7 @@ impl Trainer {
             logits = model.head(last.as_tensor(), &state, true)?;
             let (loss, t) = distill_loss(&logits, &labels, &teachers, &scales, &self.config.loss)?;
             terms = t;
+            forward_end = Instant::now();
             let store = loss.backward()?;
             collect(&store)?;
             let mut upstream = store
@@ -443,7 +461,14 @@ impl Trainer {
             .to_device(&candle_core::Device::Cpu)?
             .to_vec2::<f32>()?;
         let values = values.into_iter().map(|r| [r[0], r[1], r[2]]).collect();
-        Ok((terms, grads, values))
+        device.synchronize()?;
+        let forward = (forward_end - started).as_secs_f64();
+        Ok((
+            terms,
+            grads,
+            values,
+            (forward, forward_end.elapsed().as_secs_f64()),
+        ))
     }
 
     /// The dev rows' mean log loss and accuracy (inference path, no dropout).
