@@ -19,17 +19,7 @@ cd "$(dirname "$0")/.."
 BUDGET=${BUDGET:-8192}
 CASES_DEFAULT="fixed_1024 sample_1024 sample_2000"
 
-# unpack [XZ [BIN]]: the packed binary (device/arenaflow.xz) to BIN (device/bin/arenaflow).
-unpack() {
-  local xz=${1:-device/arenaflow.xz} bin=${2:-device/bin/arenaflow}
-  if [ ! -x "$bin" ]; then
-    mkdir -p "$(dirname "$bin")"
-    python3 -c 'import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],"wb"))' "$xz" "$bin"
-    chmod +x "$bin"
-  fi
-  LIB=$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))')
-  export LD_LIBRARY_PATH=$LIB:${LD_LIBRARY_PATH:-}
-}
+. benches/gpu_env.sh
 
 family() { case $1 in llama) echo llama3;; gemma) echo gemma2;; esac; }
 config() { case $1 in llama) echo benches/configs/llama-3.1-8b.json;; gemma) echo benches/configs/gemma-2-9b.json;; esac; }

@@ -30,13 +30,8 @@ PY
     ls -l device/train_race
     ;;
   arenaflow)
-    LIB=$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))')
-    export LD_LIBRARY_PATH=$LIB:${LD_LIBRARY_PATH:-}
-    if [ ! -x device/bin/arenaflow ]; then
-      mkdir -p device/bin
-      python3 -c 'import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2],"wb"))' device/arenaflow.xz device/bin/arenaflow
-      chmod +x device/bin/arenaflow
-    fi
+    . benches/gpu_env.sh
+    unpack
     rm -rf device/scratch/adapter-llama
     mkdir -p device/scratch
     device/bin/arenaflow train --model benches/configs/llama-3.1-8b.json --random-weights 0 \

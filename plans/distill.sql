@@ -1,16 +1,19 @@
--- Stage 5: distil a teacher's logits into the student on one fold's training side (the
--- other folds, with their swapped copies), joined with the teacher's logits
--- (teacher_logits.sql's output for the same fold) by (id, order): a training row without
--- them fails the run. The loss per row is (w_ce CE + w_kl KL + w_cos (1 - cos)) / (w_ce +
--- w_kl + w_cos) at temperature T. The fold's held-out side is the dev split. Writes
--- train/{model_name}/fold{fold}/ (metrics and adapter/); resumable as train_teacher.sql.
+-- Stage 5: distil one or more teachers' logits into the student on one fold's training
+-- side (the other folds, with their swapped copies), each row joined with every teacher's
+-- logits (teacher_logits.sql's output for the same fold) by (id, order): a training row
+-- without logits of every named teacher fails the run, naming the row and the teacher.
+-- The loss per row is (w_ce CE + sum over teachers of (w_kl KL_t + w_cos (1 - cos_t))) /
+-- (w_ce + n_teachers (w_kl + w_cos)) at temperature T: with two teachers and unit weights
+-- the 1st place's (CE + KL_1 + cos_1 + KL_2 + cos_2) / 5. The fold's held-out side is the
+-- dev split. Writes train/{model_name}/fold{fold}/ (metrics and adapter/); resumable as
+-- train_teacher.sql.
 --
 -- stage distill
 -- param folds = ${run_dir}/folds/k5_seed2025_swaptrue/ -- folds.sql's output (its k, seed and swap are in the path)
 -- param fold: int = 0 -- the fold held out as dev
 -- param model -- the model: a folder (config.json + safetensors), a .gguf file, or a hub id org/name
 -- param model_name = student -- names the output folder: train/{model_name}/fold{fold}/
--- param teacher = teacher -- teacher_logits.sql's model_name: its logits are teacher/{teacher}/fold{fold}/
+-- param teachers = teacher -- teacher_logits.sql's model_name, or several comma-separated: their logits are teacher/{name}/fold{fold}/
 -- param init_adapter = -- PEFT adapter to start from (e.g. post_pretrain.sql's); empty for fresh LoRA
 -- param init_head: bool = false -- keep the initial adapter's score head (the 1st place's student drops it)
 -- param ce_weight: float = 1 -- weight of the cross-entropy on the label
@@ -52,9 +55,6 @@
 
 CREATE EXTERNAL TABLE folds STORED AS PARQUET LOCATION '${folds}';
 
-CREATE EXTERNAL TABLE teacher_logits STORED AS PARQUET
-LOCATION '${run_dir}/teacher/${teacher}/fold${fold}/';
-
 CREATE VIEW fold_rows AS
     SELECT CASE WHEN split = 'valid' THEN 'dev' ELSE 'train' END AS split,
            "order", id, source, prompt, response_a, response_b, label
@@ -64,19 +64,18 @@ CREATE VIEW fold_rows AS
 SELECT ensure(count(*) FILTER (WHERE split = 'train') > 0, 'distill: fold ${fold} has no training rows in ${folds}') AS has_rows
 FROM fold_rows;
 
--- Each row with the teacher's logits of the same (id, order); the dev side needs none.
-CREATE VIEW tokens AS
-    SELECT t.split, t.id, t."order", t.label, t.input_ids, l.logits AS teacher
-    FROM tokenize('fold_rows', '${tokenizer}', '${template}', ${max_length}, '${truncation}', 'ab', ${prompt_cap}) t
-    LEFT JOIN teacher_logits l ON l.id = t.id AND l."order" = t."order";
+CREATE VIEW fold_tokens AS
+    SELECT split, id, "order", label, input_ids
+    FROM tokenize('fold_rows', '${tokenizer}', '${template}', ${max_length}, '${truncation}', 'ab', ${prompt_cap});
 
-SELECT ensure(count(*) FILTER (WHERE split = 'train' AND teacher IS NULL) = 0,
-              'distill: training rows of fold ${fold} without logits of teacher ${teacher}') AS all_have_logits
-FROM tokens;
+-- Each row with every teacher's logits of the same (id, order), one column per teacher,
+-- named after it; the dev side needs none.
+CREATE VIEW tokens AS
+    SELECT * FROM with_teacher_logits('fold_tokens', '${teachers}', '${run_dir}/teacher/{teacher}/fold${fold}/');
 
 COPY (
     SELECT * FROM distill_step('tokens', '${model}',
-        'teachers=teacher init_adapter="${init_adapter}" init_head=${init_head}
+        'teachers=${teachers} init_adapter="${init_adapter}" init_head=${init_head}
          ce_weight=${ce_weight} kl_weight=${kl_weight} cos_weight=${cos_weight} temperature=${temperature}
          info_gain=${info_gain} ig_lambda=${ig_lambda} ig_min=${ig_min} ig_max=${ig_max}
          lora_r=${lora_r} lora_alpha=${lora_alpha} lora_dropout=${lora_dropout}
@@ -94,6 +93,5 @@ SELECT step, round(epoch, 3) AS epoch, rows, round(dev_log_loss, 4) AS dev_log_l
        round(dev_accuracy, 3) AS dev_accuracy
 FROM metrics WHERE kind = 'eval' ORDER BY step;
 
-SELECT count(*) AS steps, round(avg(loss), 4) AS mean_loss, round(avg(ce), 4) AS mean_ce,
-       round(avg(kl_teacher), 4) AS mean_kl, round(avg(cos_teacher), 4) AS mean_cos
+SELECT count(*) AS steps, round(avg(loss), 4) AS mean_loss, round(avg(ce), 4) AS mean_ce
 FROM metrics WHERE kind = 'step';

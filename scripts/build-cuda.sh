@@ -12,3 +12,17 @@ mkdir -p device
 strip -o device/arenaflow "$CARGO_TARGET_DIR/release/arenaflow"
 xz -9e -T2 -f device/arenaflow
 ls -l device/arenaflow.xz
+# `scripts/build-cuda.sh tests`: also the models crate's training test binary (its
+# ignored CUDA gradient test), packed as device/training-test.xz. On the GPU machine:
+# ARENAFLOW_REPO=$PWD device/bin/training-test --ignored cuda --nocapture
+if [ "${1:-}" = tests ]; then
+  exe=$(cargo test --release --features cuda -p arenaflow-models --test training --no-run \
+    --message-format=json | python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "training":
+        print(m["executable"])')
+  strip -o device/training-test "$exe"
+  xz -9e -T2 -f device/training-test
+  ls -l device/training-test.xz
+fi

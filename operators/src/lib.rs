@@ -5,7 +5,7 @@
 //! |---|---|---|---|---|
 //! | tokenize | `plans/tokenize.sql` | `tokenize(...)` | [`tokenize`] | `tests/tests/tokenize.rs`, `tests/slt/tokenize.slt` |
 //! | teacher logits (4) | `plans/teacher_logits.sql`, `plans/teacher_merge.sql` | `teacher_forward(...)` | [`teacher_forward`] | `tests/tests/teacher_forward.rs`, `tests/slt/teacher_forward.slt` |
-//! | training (1, 3, 5) | `plans/post_pretrain.sql`, `plans/train_teacher.sql`, `plans/distill.sql` | `distill_step(...)` | [`distill_step`] | `tests/tests/train.rs`, `operators/models/tests/training.rs` |
+//! | training (1, 3, 5) | `plans/post_pretrain.sql`, `plans/train_teacher.sql`, `plans/distill.sql` | `distill_step(...)`, `with_teacher_logits(...)` | [`distill_step`] | `tests/tests/train.rs`, `operators/models/tests/training.rs` |
 //!
 //! What they share: [`scaffold`] (the plan node, its metrics and its table), [`args`] (the
 //! table functions' argument parser), [`run_state`] (per-run state as session
@@ -38,5 +38,9 @@ pub fn register(ctx: &SessionContext) {
     ctx.register_udtf(
         "distill_step",
         Arc::new(distill_step::exec::DistillStepFunction),
+    );
+    ctx.register_udtf(
+        "with_teacher_logits",
+        Arc::new(distill_step::teachers::WithTeacherLogitsFunction),
     );
 }

@@ -266,3 +266,99 @@ fn arenaflow_train_resumes_and_refuses_bad_settings() {
         assert!(text(&help).contains(flag), "{flag} missing from --help");
     }
 }
+
+#[test]
+fn distill_joins_every_named_teacher_and_names_the_one_a_row_lacks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run_dir = tmp.path().join("run");
+    prepare(&run_dir, 30);
+    let dir = run_dir.display().to_string();
+    let set = |args: &mut Vec<String>, values: &[&str]| {
+        for v in values {
+            args.push("--set".into());
+            args.push(v.to_string());
+        }
+    };
+    let model = format!("model={MODEL}");
+    let tokenizer = format!("tokenizer={TOKENIZER}");
+    for (name, length) in [("alpha", "64"), ("beta", "80")] {
+        let mut args: Vec<String> = vec!["run".into(), "plans/teacher_logits.sql".into()];
+        args.extend(["--run-dir".into(), dir.clone()]);
+        let name = format!("model_name={name}");
+        let length = format!("max_length={length}");
+        set(
+            &mut args,
+            &[&model, &tokenizer, &name, &length, "dtype=f32"],
+        );
+        run_ok(&args);
+    }
+    let distill = |student: &str| {
+        let mut args: Vec<String> = vec!["run".into(), "plans/distill.sql".into()];
+        args.extend(["--run-dir".into(), dir.clone()]);
+        let student = format!("model_name={student}");
+        set(
+            &mut args,
+            &[
+                &model,
+                &tokenizer,
+                &student,
+                "teachers=alpha,beta",
+                "max_length=64",
+                "dtype=f32",
+                "batch_rows=6",
+                "max_steps=3",
+                "lora_r=4",
+                "temperature=2",
+            ],
+        );
+        arenaflow(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let out = distill("student");
+    assert!(out.status.success(), "{}", text(&out));
+    let mut steps = 0;
+    for file in parquet_files(&run_dir.join("train/student/fold0")) {
+        for batch in parquet_batches(&file) {
+            let kind = batch.column_by_name("kind").unwrap();
+            let kind = kind
+                .as_any()
+                .downcast_ref::<datafusion::arrow::array::StringArray>()
+                .unwrap();
+            for column in ["kl_alpha", "cos_alpha", "kl_beta", "cos_beta"] {
+                let values = batch.column_by_name(column).expect(column);
+                let values = values
+                    .as_any()
+                    .downcast_ref::<datafusion::arrow::array::Float64Array>()
+                    .unwrap();
+                for r in 0..batch.num_rows() {
+                    if kind.value(r) == "step" {
+                        assert!(values.value(r) >= 0.0 && values.value(r).is_finite());
+                    }
+                }
+            }
+            steps += (0..batch.num_rows())
+                .filter(|&r| kind.value(r) == "step")
+                .count();
+        }
+    }
+    assert_eq!(steps, 3);
+
+    // Teacher beta loses its training-side logits: the run fails naming the teacher.
+    let beta = run_dir.join("teacher/beta/fold0");
+    let train_files: Vec<_> = parquet_files(&beta)
+        .into_iter()
+        .filter(|f| f.display().to_string().contains("split=train"))
+        .collect();
+    assert!(!train_files.is_empty(), "{}", beta.display());
+    for file in train_files {
+        std::fs::remove_file(file).unwrap();
+    }
+    let out = distill("student2");
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("column beta"), "{said}");
+    assert!(
+        said.contains("every training row needs this teacher's logits"),
+        "{said}"
+    );
+    assert!(!run_dir.join("train/student2/fold0/adapter").exists());
+}

@@ -6,6 +6,7 @@
 
 pub mod exec;
 pub mod plot;
+pub mod teachers;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

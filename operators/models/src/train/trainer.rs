@@ -214,9 +214,15 @@ impl Trainer {
         self.names.iter().map(|n| n.as_str()).zip(&self.vars)
     }
 
-    /// Runs the remaining steps, evaluating every `eval_every` steps and after the last;
+    /// Runs the remaining steps, evaluating every `eval_every` steps and after the last
+    /// (with `eval_every`, also before the first step: the untrained model's dev log loss);
     /// `on_event` sees each event after it happened (to report it or write a checkpoint).
     pub fn run(&mut self, on_event: &mut dyn FnMut(&Trainer, &Event) -> Result<()>) -> Result<()> {
+        if self.next_step == 0 && !self.dev.is_empty() && self.config.eval_every.is_some() {
+            let eval = Event::Eval(self.evaluate()?);
+            self.events.push(eval.clone());
+            on_event(self, &eval)?;
+        }
         while self.next_step < self.plan.len() {
             let metrics = self.step()?;
             let step = metrics.step;
@@ -500,7 +506,10 @@ impl Trainer {
         let n = rows.len().max(1) as f64;
         let metrics = EvalMetrics {
             step,
-            epoch: self.plan[step.saturating_sub(1)].epoch_progress,
+            epoch: match step {
+                0 => 0.0,
+                s => self.plan[s - 1].epoch_progress,
+            },
             rows: rows.len(),
             log_loss: nll / n,
             accuracy: correct as f64 / n,

@@ -1,0 +1,169 @@
+//! `with_teacher_logits(table, teachers, location)`: the rows of `table` with one more
+//! column per teacher, named after it, holding that teacher's logits (3 x f32) for the
+//! row's (id, order), or null where the teacher has none. `teachers` is a comma-separated
+//! list of names; `location` is a folder of Parquet files (teacher_logits.sql's output, its
+//! `shard=`/`split=` subfolders included) with `{teacher}` where the name goes, e.g.
+//! `runs/r/teacher/{teacher}/fold0/`. Each folder is a left join on (id, order): the
+//! distillation step then fails on a training row whose logits are missing, naming the
+//! row and the teacher. Any number of teachers, in the order given.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::catalog::{Session, TableFunctionArgs, TableFunctionImpl, TableProvider};
+use datafusion::common::{plan_err, Column, JoinType, Result};
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::datasource::listing::{
+    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
+};
+use datafusion::datasource::{provider_as_source, TableType};
+use datafusion::logical_expr::{cast, Expr, LogicalPlanBuilder};
+use datafusion::physical_plan::ExecutionPlan;
+
+use crate::args::Args;
+use crate::token_rows::{ID, ORDER};
+
+const USAGE: &str = "with_teacher_logits(table, teachers, location)";
+const LOGITS: &str = "logits";
+const INPUT: &str = "rows";
+
+/// The table function.
+#[derive(Debug)]
+pub struct WithTeacherLogitsFunction;
+
+impl TableFunctionImpl for WithTeacherLogitsFunction {
+    fn call_with_args(&self, args: TableFunctionArgs) -> Result<Arc<dyn TableProvider>> {
+        let args = Args::new(USAGE, &args)?;
+        let input = args.table(0)?;
+        let names: Vec<String> = args
+            .required_string(1, "teachers")?
+            .split(',')
+            .map(|n| n.trim().to_string())
+            .filter(|n| !n.is_empty())
+            .collect();
+        let location = args.required_string(2, "location")?;
+        if names.is_empty() {
+            return plan_err!("{USAGE}: teachers names no teacher");
+        }
+        if !location.contains("{teacher}") {
+            return plan_err!(
+                "{USAGE}: location {location} has no {{teacher}} where the teacher's name goes"
+            );
+        }
+        let schema = input.schema();
+        for column in [ID, ORDER] {
+            if schema.field_with_name(column).is_err() {
+                return plan_err!("{USAGE}: the input has no column {column}");
+            }
+        }
+        let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+        let mut teachers = Vec::new();
+        for name in names {
+            if fields.iter().any(|f| f.name() == &name) {
+                return plan_err!(
+                    "{USAGE}: teacher {name} is named like a column of the input or another teacher"
+                );
+            }
+            let folder = location.replace("{teacher}", &name);
+            args.record_input(&folder);
+            fields.push(Field::new(
+                &name,
+                DataType::List(Arc::new(Field::new_list_field(DataType::Float32, true))),
+                true,
+            ));
+            teachers.push((name, folder));
+        }
+        Ok(Arc::new(WithTeacherLogits {
+            input,
+            teachers,
+            schema: Arc::new(Schema::new(fields)),
+        }))
+    }
+}
+
+/// The view: the input left-joined with each teacher's logits folder.
+#[derive(Debug)]
+struct WithTeacherLogits {
+    input: Arc<dyn TableProvider>,
+    /// (name, folder) per teacher.
+    teachers: Vec<(String, String)>,
+    schema: SchemaRef,
+}
+
+impl WithTeacherLogits {
+    /// One teacher's folder as a table of (id, order, logits); its error names the folder.
+    async fn logits_table(&self, state: &dyn Session, folder: &str) -> Result<ListingTable> {
+        let url = ListingTableUrl::parse(folder)?;
+        let options =
+            ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
+        let schema = options.infer_schema(state, &url).await.map_err(|e| {
+            datafusion::error::DataFusionError::Plan(format!(
+                "with_teacher_logits: cannot read the logits in {folder}: {e}"
+            ))
+        })?;
+        for column in [ID, ORDER, LOGITS] {
+            if schema.field_with_name(column).is_err() {
+                return plan_err!("with_teacher_logits: {folder} has no column {column}");
+            }
+        }
+        let config = ListingTableConfig::new(url)
+            .with_listing_options(options)
+            .with_schema(schema);
+        ListingTable::try_new(config)
+    }
+}
+
+#[async_trait]
+impl TableProvider for WithTeacherLogits {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::View
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let input_fields = self.input.schema().fields().len();
+        let mut plan =
+            LogicalPlanBuilder::scan(INPUT, provider_as_source(self.input.clone()), None)?;
+        let mut outputs: Vec<Expr> = self
+            .input
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| Expr::Column(Column::new(Some(INPUT), f.name())))
+            .collect();
+        for (k, (name, folder)) in self.teachers.iter().enumerate() {
+            let alias = format!("teacher{k}");
+            let table = self.logits_table(state, folder).await?;
+            let logits =
+                LogicalPlanBuilder::scan(&alias, provider_as_source(Arc::new(table)), None)?
+                    .build()?;
+            let key = |q: &str| vec![Column::new(Some(q), ID), Column::new(Some(q), ORDER)];
+            plan = plan.join(logits, JoinType::Left, (key(INPUT), key(&alias)), None)?;
+            let list = DataType::List(Arc::new(Field::new_list_field(DataType::Float32, true)));
+            outputs.push(
+                cast(
+                    Expr::Column(Column::new(Some(alias.as_str()), LOGITS)),
+                    list,
+                )
+                .alias(name),
+            );
+        }
+        debug_assert_eq!(outputs.len(), input_fields + self.teachers.len());
+        let outputs = match projection {
+            Some(columns) => columns.iter().map(|&i| outputs[i].clone()).collect(),
+            None => outputs,
+        };
+        let plan = plan.project(outputs)?.build()?;
+        state.create_physical_plan(&plan).await
+    }
+}
