@@ -214,15 +214,9 @@ impl Trainer {
         self.names.iter().map(|n| n.as_str()).zip(&self.vars)
     }
 
-    /// Runs the remaining steps, evaluating every `eval_every` steps and after the last
-    /// (with `eval_every`, also before the first step: the untrained model's dev log loss);
+    /// Runs the remaining steps, evaluating every `eval_every` steps and after the last;
     /// `on_event` sees each event after it happened (to report it or write a checkpoint).
     pub fn run(&mut self, on_event: &mut dyn FnMut(&Trainer, &Event) -> Result<()>) -> Result<()> {
-        if self.next_step == 0 && !self.dev.is_empty() && self.config.eval_every.is_some() {
-            let eval = Event::Eval(self.evaluate()?);
-            self.events.push(eval.clone());
-            on_event(self, &eval)?;
-        }
         while self.next_step < self.plan.len() {
             let metrics = self.step()?;
             let step = metrics.step;
