@@ -29,22 +29,7 @@ use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 const SUBSET: usize = 32;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn gguf() -> PathBuf {
-    let path = std::env::var("ARENAFLOW_SMOLLM2_GGUF").map_or_else(
-        |_| root().join(".models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
-        PathBuf::from,
-    );
-    assert!(
-        path.is_file(),
-        "{} is missing: run scripts/fetch-smollm2.sh",
-        path.display()
-    );
-    path
-}
+use arenaflow_benches::{root, smollm2_gguf as gguf};
 
 /// A PEFT adapter with a seeded score head and a LoRA (r 8) on layer 0's q_proj.
 fn adapter(dir: &Path, hidden: usize) {

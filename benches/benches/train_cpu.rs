@@ -6,8 +6,6 @@
 //! the share of its time in the forward pass, the backward pass and the optimizer. Two
 //! variants: without and with per-layer gradient checkpointing.
 
-use std::path::{Path, PathBuf};
-
 use arenaflow_models::train::{TrainConfig, TrainRow, Trainer};
 use arenaflow_models::weights::SplitMix64;
 use arenaflow_operators::distill_step::{load_model, TrainSettings};
@@ -16,21 +14,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 const ROWS: usize = 8;
 const LENGTH: usize = 512;
 
-fn gguf() -> PathBuf {
-    let path = std::env::var("ARENAFLOW_SMOLLM2_GGUF").map_or_else(
-        |_| {
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../.models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-        },
-        PathBuf::from,
-    );
-    assert!(
-        path.is_file(),
-        "{} is missing: run scripts/fetch-smollm2.sh",
-        path.display()
-    );
-    path
-}
+use arenaflow_benches::smollm2_gguf as gguf;
 
 fn trainer(checkpointing: bool) -> Trainer {
     let mut settings = TrainSettings::new(gguf().display().to_string());
