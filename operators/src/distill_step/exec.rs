@@ -500,7 +500,7 @@ fn read_rows(
     let labels = labels.as_primitive::<Int64Type>();
     let weights = column(WEIGHT, &DataType::Float64)?;
     let splits = column(SPLIT, &DataType::Utf8)?;
-    let list = DataType::List(Arc::new(Field::new_list_field(DataType::Float32, true)));
+    let list = super::logits_type();
     let teacher_columns = teachers
         .iter()
         .map(|t| column(t, &list).map(|c| c.expect("checked at planning")))

@@ -520,6 +520,15 @@ pub fn load_model(settings: &TrainSettings) -> Result<SequenceClassifier> {
     Ok(model)
 }
 
+/// The type of a teacher-logits column: a list of 3 f32 (A, B, tie).
+pub fn logits_type() -> datafusion::arrow::datatypes::DataType {
+    use datafusion::arrow::datatypes::{DataType, Field};
+    DataType::List(std::sync::Arc::new(Field::new_list_field(
+        DataType::Float32,
+        true,
+    )))
+}
+
 /// The figures of one training run, recorded in the run manifest.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct TrainingStats {

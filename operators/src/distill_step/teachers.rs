@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::arrow::datatypes::{Field, Schema, SchemaRef};
 use datafusion::catalog::{Session, TableFunctionArgs, TableFunctionImpl, TableProvider};
 use datafusion::common::{plan_err, Column, JoinType, Result};
 use datafusion::datasource::file_format::parquet::ParquetFormat;
@@ -21,6 +21,7 @@ use datafusion::datasource::{provider_as_source, TableType};
 use datafusion::logical_expr::{cast, Expr, LogicalPlanBuilder};
 use datafusion::physical_plan::ExecutionPlan;
 
+use super::logits_type;
 use crate::args::Args;
 use crate::token_rows::{ID, ORDER};
 
@@ -67,11 +68,7 @@ impl TableFunctionImpl for WithTeacherLogitsFunction {
             }
             let folder = location.replace("{teacher}", &name);
             args.record_input(&folder);
-            fields.push(Field::new(
-                &name,
-                DataType::List(Arc::new(Field::new_list_field(DataType::Float32, true))),
-                true,
-            ));
+            fields.push(Field::new(&name, logits_type(), true));
             teachers.push((name, folder));
         }
         Ok(Arc::new(WithTeacherLogits {
@@ -131,7 +128,6 @@ impl TableProvider for WithTeacherLogits {
         _filters: &[Expr],
         _limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
-        let input_fields = self.input.schema().fields().len();
         let mut plan =
             LogicalPlanBuilder::scan(INPUT, provider_as_source(self.input.clone()), None)?;
         let mut outputs: Vec<Expr> = self
@@ -149,16 +145,15 @@ impl TableProvider for WithTeacherLogits {
                     .build()?;
             let key = |q: &str| vec![Column::new(Some(q), ID), Column::new(Some(q), ORDER)];
             plan = plan.join(logits, JoinType::Left, (key(INPUT), key(&alias)), None)?;
-            let list = DataType::List(Arc::new(Field::new_list_field(DataType::Float32, true)));
             outputs.push(
                 cast(
                     Expr::Column(Column::new(Some(alias.as_str()), LOGITS)),
-                    list,
+                    logits_type(),
                 )
                 .alias(name),
             );
         }
-        debug_assert_eq!(outputs.len(), input_fields + self.teachers.len());
+        debug_assert_eq!(outputs.len(), self.schema.fields().len());
         let outputs = match projection {
             Some(columns) => columns.iter().map(|&i| outputs[i].clone()).collect(),
             None => outputs,
