@@ -377,14 +377,22 @@ fn a_resumed_run_ends_bitwise_where_the_uninterrupted_one_does() {
     assert!(events.iter().any(|e| matches!(e, Event::Eval(_))));
 }
 
-/// On a CUDA GPU, the same gradients in bf16 (base weights and activations; LoRA, head and
-/// loss in f32) against the f32 CPU path, per family and padding side, with and without
-/// checkpointing. Run by hand on a GPU machine:
-/// `cargo test --release --features cuda --test training -- --ignored cuda`.
-#[test]
-#[ignore = "needs a CUDA GPU"]
-fn cuda_bf16_gradients_track_the_cpu_f32_ones() {
-    let device = Device::new_cuda(0).expect("a CUDA GPU");
+/// One case's gradients in bf16 on the GPU against f32 on the CPU, beside bf16's own floor:
+/// the same bf16 computation on the CPU against f32.
+struct Bf16Case {
+    case: String,
+    /// Per tensor: its name, ||gpu - f32|| / ||f32|| and ||cpu bf16 - f32|| / ||f32||.
+    tensors: Vec<(String, f64, f64)>,
+    /// Worst ||gpu - cpu bf16|| / ||cpu bf16|| over the tensors.
+    same_precision: f64,
+    /// |loss_gpu - loss_f32| and |loss_cpu_bf16 - loss_f32|, relative.
+    loss_gap: (f64, f64),
+}
+
+/// The same gradients in bf16 (base weights and activations; LoRA, head and loss in f32) on
+/// `device` and on the CPU against the f32 CPU path, per family and padding side, with and
+/// without checkpointing.
+fn bf16_gradients_against_f32(device: &Device) -> Vec<Bf16Case> {
     let meta = meta();
     let tokens = ids(&meta["rows"]);
     let labels: Vec<u32> = serde_json::from_value(meta["labels"].clone()).unwrap();
@@ -400,6 +408,7 @@ fn cuda_bf16_gradients_track_the_cpu_f32_ones() {
         model.set_lora_dropout(0.0).unwrap();
         model
     };
+    let mut cases = Vec::new();
     for family in ["llama", "qwen2", "gemma2"] {
         for side in [PaddingSide::Right, PaddingSide::Left] {
             for checkpointing in [false, true] {
@@ -411,32 +420,116 @@ fn cuda_bf16_gradients_track_the_cpu_f32_ones() {
                     ..Default::default()
                 };
                 let grads = |dtype: DType, device: &Device| {
-                    let t = Trainer::new(
-                        load(family, dtype, device),
-                        config.clone(),
-                        rows(&tokens, &labels, None),
-                    )
-                    .unwrap();
+                    let model = load(family, dtype, device);
+                    let names: Vec<String> = model
+                        .trainable_vars()
+                        .iter()
+                        .map(|(n, _)| n.clone())
+                        .collect();
+                    let t =
+                        Trainer::new(model, config.clone(), rows(&tokens, &labels, None)).unwrap();
                     let g = t.gradients().unwrap();
-                    (g.terms.loss, g.grads)
+                    let grads: Vec<Tensor> = g
+                        .grads
+                        .iter()
+                        .map(|t| {
+                            t.to_device(&Device::Cpu)
+                                .unwrap()
+                                .to_dtype(DType::F32)
+                                .unwrap()
+                        })
+                        .collect();
+                    (g.terms.loss, grads, names)
                 };
-                let (cpu_loss, cpu) = grads(DType::F32, &Device::Cpu);
-                let (gpu_loss, gpu) = grads(DType::BF16, &device);
-                let mut worst = 0f64;
-                for (a, b) in gpu.iter().zip(&cpu) {
-                    let a = a
-                        .to_device(&Device::Cpu)
-                        .unwrap()
-                        .to_dtype(DType::F32)
-                        .unwrap();
-                    worst = worst.max(relative_error(&a, b));
+                let (f32_loss, f32_grads, names) = grads(DType::F32, &Device::Cpu);
+                let (floor_loss, floor_grads, _) = grads(DType::BF16, &Device::Cpu);
+                let (gpu_loss, gpu_grads, _) = grads(DType::BF16, device);
+                let mut case = Bf16Case {
+                    case: format!("{family} {side:?} checkpointing={checkpointing}"),
+                    tensors: Vec::new(),
+                    same_precision: 0.0,
+                    loss_gap: (
+                        (gpu_loss - f32_loss).abs() / f32_loss.abs().max(1.0),
+                        (floor_loss - f32_loss).abs() / f32_loss.abs().max(1.0),
+                    ),
+                };
+                for i in 0..names.len() {
+                    case.tensors.push((
+                        names[i].clone(),
+                        norm_relative_error(&gpu_grads[i], &f32_grads[i]),
+                        norm_relative_error(&floor_grads[i], &f32_grads[i]),
+                    ));
+                    case.same_precision = case
+                        .same_precision
+                        .max(norm_relative_error(&gpu_grads[i], &floor_grads[i]));
                 }
+                let worst = case
+                    .tensors
+                    .iter()
+                    .max_by(|a, b| a.1.total_cmp(&b.1))
+                    .unwrap();
                 eprintln!(
-                    "{family} {side:?} checkpointing={checkpointing}: loss {gpu_loss:.5} (bf16 GPU) vs {cpu_loss:.5} (f32 CPU), worst gradient relative error {worst:.2e}"
+                    "{}: loss {gpu_loss:.5} (bf16 GPU) {floor_loss:.5} (bf16 CPU) {f32_loss:.5} (f32 CPU); worst gradient {} off f32 by {:.2e} (bf16 CPU: {:.2e}); worst GPU vs CPU bf16 {:.2e}",
+                    case.case, worst.0, worst.1, worst.2, case.same_precision
                 );
-                assert!((gpu_loss - cpu_loss).abs() < 0.02 * cpu_loss.abs().max(1.0));
-                assert!(worst < 0.05, "{family}: bf16 gradients off by {worst:.2e}");
+                cases.push(case);
             }
+        }
+    }
+    cases
+}
+
+/// ||a - b|| / max(||b||, 1e-6): the error of a whole gradient tensor, which bf16's 8-bit
+/// mantissa bounds, unlike the worst element of a tensor whose entries cancel.
+fn norm_relative_error(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a
+        .flatten_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    let b = b
+        .flatten_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    let diff: f64 = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    let norm: f64 = b.iter().map(|y| y * y).sum::<f64>().sqrt();
+    diff / norm.max(1e-6)
+}
+
+/// On a CUDA GPU, bf16 gradients are as far from the f32 ones as bf16 itself puts them (the
+/// same computation in bf16 on the CPU), within a small margin. These random fixtures are a
+/// hard case for bf16 (near-uniform attention makes the query and key gradients a small
+/// difference of large terms), so the floor, not a fixed bound, is the reference. Run by
+/// hand on a GPU machine (`scripts/build-cuda.sh tests`):
+/// `training-test --ignored cuda --nocapture`.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_bf16_gradients_track_the_cpu_f32_ones() {
+    let device = Device::new_cuda(0).expect("a CUDA GPU");
+    for c in bf16_gradients_against_f32(&device) {
+        assert!(
+            c.loss_gap.0 <= 1.5 * c.loss_gap.1 + 5e-3,
+            "{}: bf16 loss off f32 by {:.2e} on the GPU, {:.2e} on the CPU",
+            c.case,
+            c.loss_gap.0,
+            c.loss_gap.1
+        );
+        for (name, gpu, floor) in &c.tensors {
+            assert!(
+                *gpu <= 1.5 * floor + 0.02,
+                "{}: {name} off f32 by {gpu:.2e} on the GPU, {floor:.2e} in bf16 on the CPU",
+                c.case,
+            );
         }
     }
 }

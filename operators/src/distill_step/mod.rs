@@ -166,6 +166,10 @@ impl TrainSettings {
             "checkpoint_dir",
             "checkpoint folder outside a plan (resume from it)",
         ),
+        (
+            "random_weights",
+            "benchmarks only: seeded random weights (std 0.02) for the model's architecture",
+        ),
     ];
 
     /// The knobs that are switches (`--shuffle`, `--no-shuffle`).
@@ -233,6 +237,7 @@ impl TrainSettings {
                 .checkpoint_dir
                 .as_ref()
                 .map(|p| p.display().to_string())),
+            "random_weights" => opt(self.random_weights.map(|seed| seed.to_string())),
             _ => String::new(),
         }
     }

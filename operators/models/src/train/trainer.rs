@@ -214,9 +214,16 @@ impl Trainer {
         self.names.iter().map(|n| n.as_str()).zip(&self.vars)
     }
 
-    /// Runs the remaining steps, evaluating every `eval_every` steps and after the last;
-    /// `on_event` sees each event after it happened (to report it or write a checkpoint).
+    /// Runs the remaining steps, evaluating every `eval_every` steps and after the last
+    /// (with `eval_every`, also before the first step: the untrained model's dev log loss,
+    /// the baseline, never kept by `keep = best`); `on_event` sees each event after it
+    /// happened (to report it or write a checkpoint).
     pub fn run(&mut self, on_event: &mut dyn FnMut(&Trainer, &Event) -> Result<()>) -> Result<()> {
+        if self.next_step == 0 && !self.dev.is_empty() && self.config.eval_every.is_some() {
+            let eval = Event::Eval(self.evaluate()?);
+            self.events.push(eval.clone());
+            on_event(self, &eval)?;
+        }
         while self.next_step < self.plan.len() {
             let metrics = self.step()?;
             let step = metrics.step;
@@ -508,10 +515,12 @@ impl Trainer {
             log_loss: nll / n,
             accuracy: correct as f64 / n,
         };
-        if self
-            .best
-            .as_ref()
-            .is_none_or(|b| metrics.log_loss < b.log_loss)
+        // Before the first step there is nothing trained to keep.
+        if step > 0
+            && self
+                .best
+                .as_ref()
+                .is_none_or(|b| metrics.log_loss < b.log_loss)
         {
             self.best = Some(Best {
                 log_loss: metrics.log_loss,
