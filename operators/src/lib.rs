@@ -5,6 +5,7 @@
 //! |---|---|---|---|---|
 //! | tokenize | `plans/tokenize.sql` | `tokenize(...)` | [`tokenize`] | `tests/tests/tokenize.rs`, `tests/slt/tokenize.slt` |
 //! | teacher logits (4) | `plans/teacher_logits.sql`, `plans/teacher_merge.sql` | `teacher_forward(...)` | [`teacher_forward`] | `tests/tests/teacher_forward.rs`, `tests/slt/teacher_forward.slt` |
+//! | calibration (4.5) | `plans/calibrate.sql` | `fold_logits(...)` (with the SQL functions `fit_calibration`, `calibrate`) | [`fold_logits`] | `tests/tests/recipe.rs`, `tests/slt/calibration.slt` |
 //! | training (1, 3, 5) | `plans/post_pretrain.sql`, `plans/train_teacher.sql`, `plans/distill.sql` | `distill_step(...)`, `with_teacher_logits(...)` | [`distill_step`] | `tests/tests/train.rs`, `operators/models/tests/training.rs` |
 //!
 //! What they share: [`scaffold`] (the plan node, its metrics and its table), [`args`] (the
@@ -16,6 +17,7 @@ pub mod args;
 pub mod commits;
 pub mod distill_step;
 pub mod error;
+pub mod fold_logits;
 pub mod run_state;
 pub mod scaffold;
 pub mod teacher_forward;
@@ -39,6 +41,7 @@ pub fn register(ctx: &SessionContext) {
         "distill_step",
         Arc::new(distill_step::exec::DistillStepFunction),
     );
+    ctx.register_udtf("fold_logits", Arc::new(fold_logits::FoldLogitsFunction));
     ctx.register_udtf(
         "with_teacher_logits",
         Arc::new(distill_step::teachers::WithTeacherLogitsFunction),

@@ -1,11 +1,14 @@
-//! SQL functions of arenaflow: turns parsing, strict labels, folds, softmax and log loss.
+//! SQL functions of arenaflow: turns parsing, strict labels, folds, softmax, log loss,
+//! calibration and symmetrization (TTA).
 
+pub mod calibrate;
 pub mod ensure;
 pub mod fold;
 pub mod label;
 pub mod log_loss;
 pub mod shard;
 pub mod softmax;
+pub mod symmetrize;
 pub mod turns;
 
 use datafusion::logical_expr::{AggregateUDF, ScalarUDF, WindowUDF};
@@ -23,6 +26,9 @@ pub fn register_all(ctx: &SessionContext) {
     ctx.register_udf(ScalarUDF::from(softmax::Softmax3::default()));
     ctx.register_udf(ScalarUDF::from(ensure::Ensure::default()));
     ctx.register_udaf(AggregateUDF::from(log_loss::LogLoss::default()));
+    ctx.register_udaf(AggregateUDF::from(calibrate::FitCalibration::default()));
+    ctx.register_udf(ScalarUDF::from(calibrate::Calibrate::default()));
+    ctx.register_udaf(AggregateUDF::from(symmetrize::Symmetrize::default()));
     ctx.register_udwf(WindowUDF::from(fold::FoldOf::default()));
     ctx.register_udf(ScalarUDF::from(shard::ShardOf::default()));
 }

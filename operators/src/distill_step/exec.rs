@@ -302,8 +302,9 @@ impl Job {
                 return Ok(());
             }
         }
-        let mut progress = Progress::new(
+        let mut progress = Progress::with_unit(
             NAME,
+            "steps",
             trainer.total_steps() as u64,
             trainer.steps_done() as u64,
         );
@@ -316,6 +317,7 @@ impl Job {
                 .map_err(|e| arenaflow_models::ModelError::Input(e.to_string()))?;
             match event {
                 Event::Step(m) => {
+                    progress.set_note(format!("loss {:.4}", m.terms.loss));
                     progress.advance(1, m.tokens as u64);
                     if let (Some(dir), true) = (&self.checkpoint, every > 0 && m.step % every == 0)
                     {

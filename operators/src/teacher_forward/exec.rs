@@ -81,11 +81,7 @@ pub fn output_schema(input: &Schema) -> Result<SchemaRef> {
     let mut fields = vec![
         Arc::new(id),
         Arc::new(order),
-        Arc::new(Field::new(
-            LOGITS,
-            DataType::FixedSizeList(Arc::new(Field::new_list_field(DataType::Float32, false)), 3),
-            false,
-        )),
+        Arc::new(Field::new(LOGITS, teacher_logits_type(), false)),
     ];
     fields.extend(
         input
@@ -539,6 +535,11 @@ fn pause_for_tests(commits: usize) {
 const USAGE: &str = "teacher_forward(table, model [, adapter [, dtype [, device [, max_batch_tokens [, sort_window [, padding]]]]]])";
 
 /// The SQL table function.
+/// The type of a teacher's `logits` column: 3 x f32, none null.
+pub fn teacher_logits_type() -> DataType {
+    DataType::FixedSizeList(Arc::new(Field::new_list_field(DataType::Float32, false)), 3)
+}
+
 #[derive(Debug)]
 pub struct TeacherForwardFunction;
 

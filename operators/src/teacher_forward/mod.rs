@@ -215,6 +215,8 @@ pub struct Progress {
     tokens: u64,
     label: String,
     unit: String,
+    /// Shown before the rate (training: the last step's loss).
+    note: String,
 }
 
 impl Progress {
@@ -251,7 +253,13 @@ impl Progress {
             tokens: 0,
             label: label.to_string(),
             unit: unit.to_string(),
+            note: String::new(),
         }
+    }
+
+    /// Text shown before the rate from the next update on (e.g. `loss 1.0921`).
+    pub fn set_note(&mut self, note: String) {
+        self.note = if note.is_empty() { note } else { note + ", " };
     }
 
     pub fn advance(&mut self, rows: u64, tokens: u64) {
@@ -259,7 +267,7 @@ impl Progress {
         self.tokens += tokens;
         let rate = self.tokens as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
         if let Some(bar) = &self.bar {
-            bar.set_message(format!("{rate:.0} tokens/s"));
+            bar.set_message(format!("{}{rate:.0} tokens/s", self.note));
             bar.set_position(self.done);
         } else if self.last_log.elapsed() >= self.log_every || self.done == self.total {
             self.last_log = Instant::now();
@@ -267,11 +275,12 @@ impl Progress {
             let left = self.total.saturating_sub(self.done);
             let per_row = elapsed / (self.done as f64).max(1.0);
             eprintln!(
-                "{}: {}/{} {}, {rate:.0} tokens/s, ETA {:.0} s",
+                "{}: {}/{} {}, {}{rate:.0} tokens/s, ETA {:.0} s",
                 self.label,
                 self.done,
                 self.total,
                 self.unit,
+                self.note,
                 per_row * left as f64
             );
         }
