@@ -68,3 +68,55 @@ fn a_missing_plan_file_is_an_error() {
         "{said}"
     );
 }
+
+#[test]
+fn average_writes_the_folds_mean_and_names_its_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("averaged");
+    let adapter = "tests/fixtures/models/llama/adapter";
+    let out_arg = out.display().to_string();
+    let (ok, said) = arenaflow(&[
+        "average",
+        "--adapter",
+        adapter,
+        "--adapter",
+        adapter,
+        "--adapter",
+        adapter,
+        "--output",
+        &out_arg,
+        "--weights",
+        "group_relative",
+        "--log-loss",
+        "1.0,1.1,1.2",
+        "--tau",
+        "0.1",
+    ]);
+    assert!(ok, "{said}");
+    // exp(1), exp(0), exp(-1), normalised.
+    assert!(
+        said.contains("0.665241") && said.contains("0.244728") && said.contains("0.090031"),
+        "{said}"
+    );
+    assert!(out.join("adapter_model.safetensors").is_file());
+    let other = tmp.path().join("other").display().to_string();
+    let (ok, said) = arenaflow(&[
+        "average",
+        "--adapter",
+        adapter,
+        "--adapter",
+        adapter,
+        "--output",
+        &other,
+        "--weights",
+        "group_relative",
+        "--log-loss",
+        "1.0",
+    ]);
+    assert!(
+        !ok && said.contains("1 held-out log losses for 2 adapters"),
+        "{said}"
+    );
+    let (ok, said) = arenaflow(&["average", "--adapter", adapter, "--output", &other]);
+    assert!(!ok && said.contains("at least 2 adapters"), "{said}");
+}

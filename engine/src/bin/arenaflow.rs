@@ -91,6 +91,26 @@ enum Command {
     /// plans run it. Writes a PEFT folder with `metrics.parquet`; after kill -9 the same
     /// command continues from its last checkpoint.
     Train(TrainArgs),
+    /// Average the LoRA adapters of several folds into one PEFT adapter (mode `mean`: the
+    /// weighted mean of every lora_A, lora_B and score-head tensor). The adapters must
+    /// have identical configs and tensors; the output is written whole or not at all.
+    Average {
+        /// A fold's PEFT adapter folder (repeat, one per fold, at least 2).
+        #[arg(long = "adapter", required = true, num_args = 1)]
+        adapters: Vec<std::path::PathBuf>,
+        /// The averaged adapter folder to write (must not exist).
+        #[arg(long)]
+        output: std::path::PathBuf,
+        /// Fold weights: uniform, or group_relative (w ∝ exp((mean NLL - NLL_f) / tau)).
+        #[arg(long, default_value = "uniform")]
+        weights: String,
+        /// group_relative: each fold's held-out log loss, in the order of --adapter.
+        #[arg(long = "log-loss", value_delimiter = ',')]
+        log_losses: Vec<f64>,
+        /// group_relative: the temperature tau of the weights.
+        #[arg(long, default_value_t = 0.05)]
+        tau: f64,
+    },
 }
 
 /// `arenaflow train`'s arguments: the model, the rows, the output, and every knob of
@@ -225,6 +245,32 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     println!(
         "wrote {} (adapter_config.json, adapter_model.safetensors, metrics.parquet: {rows} rows)",
         options.output.display()
+    );
+    Ok(())
+}
+
+fn average(
+    adapters: &[std::path::PathBuf],
+    output: &std::path::Path,
+    weights: &str,
+    log_losses: Vec<f64>,
+    tau: f64,
+) -> anyhow::Result<()> {
+    use arenaflow_models::average::{average_adapters, FoldWeights};
+    let weights = match weights {
+        "uniform" if log_losses.is_empty() => FoldWeights::Uniform,
+        "uniform" => bail!("--log-loss is for --weights group_relative"),
+        "group_relative" => FoldWeights::GroupRelative { log_losses, tau },
+        other => bail!("--weights {other}: expected uniform or group_relative"),
+    };
+    let used = average_adapters(adapters, &weights, output)?;
+    for (adapter, w) in adapters.iter().zip(&used) {
+        println!("{:.6}  {}", w, adapter.display());
+    }
+    println!(
+        "wrote {} (mean of {} adapters)",
+        output.display(),
+        adapters.len()
     );
     Ok(())
 }
@@ -422,6 +468,13 @@ fn main() -> ExitCode {
             profile,
         }),
         Command::Train(args) => train(args),
+        Command::Average {
+            adapters,
+            output,
+            weights,
+            log_losses,
+            tau,
+        } => average(&adapters, &output, &weights, log_losses, tau),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

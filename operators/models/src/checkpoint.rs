@@ -144,7 +144,7 @@ pub fn load_classifier(
 
 /// Writes a folder whole or not at all: into a sibling `.partial` folder, renamed into place.
 /// An existing folder is never overwritten.
-fn write_folder(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+pub(crate) fn write_folder(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     if dir.exists() {
         return Err(ModelError::file(
             dir,
@@ -173,7 +173,7 @@ fn write_folder(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<(
     }
 }
 
-fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+pub(crate) fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     let text =
         serde_json::to_string_pretty(value).map_err(|e| ModelError::file(path, e.to_string()))?;
     std::fs::write(path, text + "\n").map_err(|e| ModelError::io(path, e))

@@ -5,6 +5,7 @@
 //! (`kernels/*.cu`, loaded by `cuda.rs`) and never back up. No DataFusion, Arrow or tokio:
 //! the operators crate adapts these to record batches.
 
+pub mod average;
 pub mod checkpoint;
 #[cfg(feature = "cuda")]
 mod cuda;

@@ -1,0 +1,114 @@
+//! LoRA fold averaging on the fixture adapter: the `mean` of an adapter and its double is
+//! 1.5 times it, tensor by tensor; the result loads as an adapter; different configs or
+//! tensor sets fail naming the difference, and nothing is written.
+
+use std::path::{Path, PathBuf};
+
+use arenaflow_models::average::{average_adapters, FoldWeights};
+use arenaflow_models::checkpoint::{load_classifier, write_safetensors};
+use candle_core::{DType, Device, Tensor};
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/llama")
+}
+
+fn tensors(dir: &Path) -> Vec<(String, Tensor)> {
+    let mut t: Vec<(String, Tensor)> =
+        candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .collect();
+    t.sort_by(|a, b| a.0.cmp(&b.0));
+    t
+}
+
+/// A copy of the fixture adapter with every tensor through `change` and the config
+/// through `config`.
+fn variant(
+    dir: &Path,
+    change: impl Fn(&Tensor) -> Tensor,
+    config: impl Fn(&mut serde_json::Value),
+    keep: impl Fn(&str) -> bool,
+) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let source = fixture().join("adapter");
+    let changed: Vec<(String, Tensor)> = tensors(&source)
+        .into_iter()
+        .filter(|(n, _)| keep(n))
+        .map(|(n, t)| (n, change(&t)))
+        .collect();
+    write_safetensors(&dir.join("adapter_model.safetensors"), &changed).unwrap();
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(source.join("adapter_config.json")).unwrap())
+            .unwrap();
+    config(&mut json);
+    std::fs::write(dir.join("adapter_config.json"), json.to_string()).unwrap();
+    dir.to_path_buf()
+}
+
+#[test]
+fn the_mean_of_an_adapter_and_its_double_is_one_and_a_half_times_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let one = variant(&tmp.path().join("fold0"), |t| t.clone(), |_| {}, |_| true);
+    let two = variant(
+        &tmp.path().join("fold1"),
+        |t| (t * 2.0).unwrap(),
+        |_| {},
+        |_| true,
+    );
+    let out = tmp.path().join("averaged");
+    let w = average_adapters(&[one.clone(), two], &FoldWeights::Uniform, &out).unwrap();
+    assert_eq!(w, vec![0.5, 0.5]);
+    let original = tensors(&one);
+    let averaged = tensors(&out);
+    assert_eq!(original.len(), averaged.len());
+    for ((n, a), (m, b)) in original.iter().zip(&averaged) {
+        assert_eq!(n, m);
+        let want = (a.to_dtype(DType::F64).unwrap() * 1.5).unwrap();
+        let diff = (b.to_dtype(DType::F64).unwrap() - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(diff < 1e-6, "{n}: off by {diff}");
+    }
+    // It is an adapter of the base model like any other.
+    let base = fixture().join("base");
+    load_classifier(base.to_str().unwrap(), Some(&out), DType::F32, &Device::Cpu).unwrap();
+    // An existing output is not overwritten.
+    let again = average_adapters(&[one.clone(), one.clone()], &FoldWeights::Uniform, &out);
+    assert!(again.unwrap_err().to_string().contains("already exists"));
+}
+
+#[test]
+fn adapters_of_different_configs_or_tensors_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let one = variant(&tmp.path().join("fold0"), |t| t.clone(), |_| {}, |_| true);
+    let alpha = variant(
+        &tmp.path().join("alpha"),
+        |t| t.clone(),
+        |c| c["lora_alpha"] = 64.0.into(),
+        |_| true,
+    );
+    let out = tmp.path().join("averaged");
+    let e = average_adapters(&[one.clone(), alpha], &FoldWeights::Uniform, &out)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("different configs (lora_alpha:"), "{e}");
+    assert!(!out.exists());
+    let fewer = variant(
+        &tmp.path().join("fewer"),
+        |t| t.clone(),
+        |_| {},
+        |n| !n.contains("layers.0.self_attn.q_proj"),
+    );
+    let e = average_adapters(&[one.clone(), fewer], &FoldWeights::Uniform, &out)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("hold different tensors"), "{e}");
+    assert!(e.contains("layers.0.self_attn.q_proj"), "{e}");
+    assert!(!out.exists());
+}
