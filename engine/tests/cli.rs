@@ -119,4 +119,33 @@ fn average_writes_the_folds_mean_and_names_its_weights() {
     );
     let (ok, said) = arenaflow(&["average", "--adapter", adapter, "--output", &other]);
     assert!(!ok && said.contains("at least 2 adapters"), "{said}");
+    let (ok, said) = arenaflow(&[
+        "average",
+        "--adapter",
+        adapter,
+        "--adapter",
+        adapter,
+        "--output",
+        &other,
+        "--mode",
+        "delta",
+    ]);
+    assert!(!ok && said.contains("--mode delta needs --model"), "{said}");
+    let merged = tmp.path().join("merged");
+    let merged_arg = merged.display().to_string();
+    let (ok, said) = arenaflow(&[
+        "average",
+        "--adapter",
+        adapter,
+        "--adapter",
+        adapter,
+        "--output",
+        &merged_arg,
+        "--mode",
+        "delta",
+        "--model",
+        "tests/fixtures/models/llama/base",
+    ]);
+    assert!(ok && said.contains("merged model"), "{said}");
+    assert!(merged.join("model.safetensors").is_file() && merged.join("config.json").is_file());
 }

@@ -91,10 +91,21 @@ enum Command {
     /// plans run it. Writes a PEFT folder with `metrics.parquet`; after kill -9 the same
     /// command continues from its last checkpoint.
     Train(TrainArgs),
-    /// Average the LoRA adapters of several folds into one PEFT adapter (mode `mean`: the
-    /// weighted mean of every lora_A, lora_B and score-head tensor). The adapters must
-    /// have identical configs and tensors; the output is written whole or not at all.
+    /// Average the LoRA adapters of several folds: mode `mean` writes one PEFT adapter, the
+    /// weighted mean of every lora_A, lora_B and score-head tensor (the 1st place's); mode
+    /// `delta` writes a merged model folder, base + the weighted mean of the folds' updates
+    /// scale·B·A (exact, which a mean of A and B is not). The adapters must have identical
+    /// configs and tensors; the output is written whole or not at all.
     Average {
+        /// mean or delta.
+        #[arg(long, default_value = "mean")]
+        mode: String,
+        /// delta: the base model (folder, .gguf or hub id) the adapters were trained on.
+        #[arg(long)]
+        model: Option<String>,
+        /// delta: the merged model's dtype (f32, bf16, f16).
+        #[arg(long, default_value = "f32")]
+        dtype: String,
         /// A fold's PEFT adapter folder (repeat, one per fold, at least 2).
         #[arg(long = "adapter", required = true, num_args = 1)]
         adapters: Vec<std::path::PathBuf>,
@@ -250,6 +261,7 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
 }
 
 fn average(
+    (mode, model, dtype): (&str, Option<&str>, &str),
     adapters: &[std::path::PathBuf],
     output: &std::path::Path,
     weights: &str,
@@ -263,12 +275,28 @@ fn average(
         "group_relative" => FoldWeights::GroupRelative { log_losses, tau },
         other => bail!("--weights {other}: expected uniform or group_relative"),
     };
-    let used = average_adapters(adapters, &weights, output)?;
+    let used = match (mode, model) {
+        ("mean", None) => average_adapters(adapters, &weights, output)?,
+        ("mean", Some(_)) => bail!("--model is for --mode delta"),
+        ("delta", Some(model)) => {
+            let dtype = arenaflow_models::checkpoint::parse_dtype(dtype)?;
+            arenaflow_models::average::average_merged(model, adapters, &weights, dtype, output)?
+        }
+        ("delta", None) => {
+            bail!("--mode delta needs --model (the base the adapters were trained on)")
+        }
+        (other, _) => bail!("--mode {other}: expected mean or delta"),
+    };
     for (adapter, w) in adapters.iter().zip(&used) {
         println!("{:.6}  {}", w, adapter.display());
     }
+    let what = if mode == "mean" {
+        "mean adapter"
+    } else {
+        "merged model, mean of the updates"
+    };
     println!(
-        "wrote {} (mean of {} adapters)",
+        "wrote {} ({what} of {} adapters)",
         output.display(),
         adapters.len()
     );
@@ -469,12 +497,22 @@ fn main() -> ExitCode {
         }),
         Command::Train(args) => train(args),
         Command::Average {
+            mode,
+            model,
+            dtype,
             adapters,
             output,
             weights,
             log_losses,
             tau,
-        } => average(&adapters, &output, &weights, log_losses, tau),
+        } => average(
+            (&mode, model.as_deref(), &dtype),
+            &adapters,
+            &output,
+            &weights,
+            log_losses,
+            tau,
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

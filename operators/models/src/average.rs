@@ -1,6 +1,8 @@
 //! LoRA fold averaging (recipe stage 6): N PEFT adapters of one configuration into one.
 //!
-//! Mode `mean` (the 1st place's): every tensor of the adapters (`lora_A`, `lora_B`, the
+//! Mode `delta` ([`average_merged`]): the exact weighted mean of the folds' merged updates
+//! scale·B·A on the base, written as a merged model folder (a mean of A and of B is not a
+//! mean of B·A). Mode `mean` (the 1st place's): every tensor of the adapters (`lora_A`, `lora_B`, the
 //! score head) is the weighted mean of the folds' tensors. The adapters must agree on
 //! every field of `adapter_config.json` and on their tensors' names and shapes; the first
 //! difference is an error naming both folders. Fold weights are `uniform` or
@@ -99,20 +101,14 @@ fn config_difference(a: &serde_json::Value, b: &serde_json::Value) -> Option<Str
     })
 }
 
-/// The weighted mean of `adapters` (mode `mean`), written as a PEFT folder at `output`
-/// (whole or not at all; an existing folder is not overwritten). Returns the weights used.
-pub fn average_adapters(
-    adapters: &[PathBuf],
-    weights: &FoldWeights,
-    output: &Path,
-) -> Result<Vec<f64>> {
+/// Every adapter read whole, checked to share one config and one set of tensor shapes.
+fn read_checked(adapters: &[PathBuf]) -> Result<Vec<FoldAdapter>> {
     if adapters.len() < 2 {
         return Err(ModelError::Input(format!(
             "averaging needs at least 2 adapters, got {}",
             adapters.len()
         )));
     }
-    let w = weights.weights(adapters.len())?;
     let folds: Vec<FoldAdapter> = adapters
         .iter()
         .map(|d| read_adapter(d))
@@ -158,6 +154,48 @@ pub fn average_adapters(
             }
         }
     }
+    Ok(folds)
+}
+
+/// Mode `delta`: the exact weighted mean of the folds' merged models, base + Σ_f w_f ·
+/// scaling · B_f A_f per adapted projection (and the mean score head), written as a
+/// merged Hugging Face `*ForSequenceClassification` folder at `output` in `dtype`.
+pub fn average_merged(
+    base: &str,
+    adapters: &[PathBuf],
+    weights: &FoldWeights,
+    dtype: DType,
+    output: &Path,
+) -> Result<Vec<f64>> {
+    let w = weights.weights(adapters.len())?;
+    let folds = read_checked(adapters)?;
+    let model = crate::checkpoint::load_classifier(base, Some(&adapters[0]), dtype, &Device::Cpu)?;
+    let weighted: Vec<(f64, &BTreeMap<String, Tensor>)> = w
+        .iter()
+        .copied()
+        .zip(folds.iter().map(|f| &f.tensors))
+        .collect();
+    let tensors = model.merged_mean_tensors(&weighted)?;
+    crate::checkpoint::save_merged_tensors(&model, tensors, output)?;
+    Ok(w)
+}
+
+/// The weighted mean of `adapters` (mode `mean`), written as a PEFT folder at `output`
+/// (whole or not at all; an existing folder is not overwritten). Returns the weights used.
+pub fn average_adapters(
+    adapters: &[PathBuf],
+    weights: &FoldWeights,
+    output: &Path,
+) -> Result<Vec<f64>> {
+    if adapters.len() < 2 {
+        return Err(ModelError::Input(format!(
+            "averaging needs at least 2 adapters, got {}",
+            adapters.len()
+        )));
+    }
+    let w = weights.weights(adapters.len())?;
+    let folds = read_checked(adapters)?;
+    let first = &folds[0];
     let mut averaged = Vec::with_capacity(first.tensors.len());
     for (name, t) in &first.tensors {
         let dtype = t.dtype();

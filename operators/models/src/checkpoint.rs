@@ -220,7 +220,17 @@ pub const LABELS: [&str; 3] = ["winner_model_a", "winner_model_b", "winner_tie"]
 /// Saves the model with its adapters folded in as a Hugging Face
 /// `*ForSequenceClassification` folder (`config.json`, `model.safetensors`).
 pub fn save_merged(model: &SequenceClassifier, dir: &Path) -> Result<()> {
-    let tensors: Vec<(String, Tensor)> = model.merged_tensors()?.into_iter().collect();
+    save_merged_tensors(model, model.merged_tensors()?, dir)
+}
+
+/// Saves `tensors` (a merged checkpoint's, e.g. [`SequenceClassifier::merged_mean_tensors`])
+/// with `model`'s config as a Hugging Face `*ForSequenceClassification` folder.
+pub fn save_merged_tensors(
+    model: &SequenceClassifier,
+    tensors: std::collections::BTreeMap<String, Tensor>,
+    dir: &Path,
+) -> Result<()> {
+    let tensors: Vec<(String, Tensor)> = tensors.into_iter().collect();
     let mut config = model.raw_config.clone();
     let arch = match model.config.family {
         crate::models::Family::Llama => "LlamaForSequenceClassification",

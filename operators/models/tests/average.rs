@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use arenaflow_models::average::{average_adapters, FoldWeights};
+use arenaflow_models::average::{average_adapters, average_merged, FoldWeights};
 use arenaflow_models::checkpoint::{load_classifier, write_safetensors};
 use candle_core::{DType, Device, Tensor};
 
@@ -111,4 +111,90 @@ fn adapters_of_different_configs_or_tensors_are_refused() {
     assert!(e.contains("hold different tensors"), "{e}");
     assert!(e.contains("layers.0.self_attn.q_proj"), "{e}");
     assert!(!out.exists());
+}
+
+fn logits(model: &arenaflow_models::models::classifier::SequenceClassifier) -> Vec<Vec<f32>> {
+    let rows: Vec<Vec<u32>> = vec![vec![1, 5, 9, 13, 2], vec![3, 7, 11, 4, 8, 6, 10]];
+    let refs: Vec<&[u32]> = rows.iter().map(|r| r.as_slice()).collect();
+    let batch = arenaflow_models::models::PaddedBatch::pad(
+        &refs,
+        model.pad_token_id().unwrap_or(0),
+        arenaflow_models::models::PaddingSide::Right,
+    )
+    .unwrap();
+    model
+        .forward_t(&batch, false)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap()
+}
+
+/// Mode `delta`: the merged mean of one adapter twice is that adapter merged (same logits
+/// as base + adapter); of an adapter and its double (B·A four times over), the projections
+/// are base + 2.5 scale·B·A, the mean of the two merged models, and the head 1.5 times.
+#[test]
+fn delta_is_the_mean_of_the_merged_models() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = fixture().join("base").display().to_string();
+    let one = variant(&tmp.path().join("fold0"), |t| t.clone(), |_| {}, |_| true);
+    let two = variant(
+        &tmp.path().join("fold1"),
+        |t| (t * 2.0).unwrap(),
+        |_| {},
+        |_| true,
+    );
+
+    let same = tmp.path().join("same");
+    average_merged(
+        &base,
+        &[one.clone(), one.clone()],
+        &FoldWeights::Uniform,
+        DType::F32,
+        &same,
+    )
+    .unwrap();
+    let merged = load_classifier(same.to_str().unwrap(), None, DType::F32, &Device::Cpu).unwrap();
+    let adapted = load_classifier(&base, Some(&one), DType::F32, &Device::Cpu).unwrap();
+    for (a, b) in logits(&merged)
+        .iter()
+        .flatten()
+        .zip(logits(&adapted).iter().flatten())
+    {
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+    }
+
+    let mixed = tmp.path().join("mixed");
+    average_merged(
+        &base,
+        &[one.clone(), two.clone()],
+        &FoldWeights::Uniform,
+        DType::F32,
+        &mixed,
+    )
+    .unwrap();
+    let m0 = load_classifier(&base, Some(&one), DType::F32, &Device::Cpu)
+        .unwrap()
+        .merged_tensors()
+        .unwrap();
+    let m2 = load_classifier(&base, Some(&two), DType::F32, &Device::Cpu)
+        .unwrap()
+        .merged_tensors()
+        .unwrap();
+    let got: std::collections::HashMap<String, Tensor> =
+        candle_core::safetensors::load(mixed.join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut projections = 0;
+    for (name, a) in &m0 {
+        let want = ((a + &m2[name]).unwrap() * 0.5).unwrap();
+        let diff = (&got[name] - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-5, "{name}: off by {diff}");
+        projections += usize::from(name.contains("_proj"));
+    }
+    assert!(projections > 0);
 }

@@ -317,6 +317,59 @@ impl SequenceClassifier {
         Ok(out)
     }
 
+    /// The tensors of a merged checkpoint whose every adapted projection is
+    /// W + Σ_f w_f · scaling · B_f A_f, with fold f's `lora_A`/`lora_B` under PEFT's names in
+    /// `folds`, and whose score head is Σ_f w_f score_f: the exact weighted mean of the
+    /// folds' merged models (weights summing to 1), which a mean of A and of B is not.
+    pub fn merged_mean_tensors(
+        &self,
+        folds: &[(f64, &BTreeMap<String, Tensor>)],
+    ) -> Result<BTreeMap<String, Tensor>> {
+        let get = |tensors: &BTreeMap<String, Tensor>, name: &str| -> Result<Tensor> {
+            tensors
+                .get(name)
+                .map(|t| t.to_dtype(DType::F32))
+                .transpose()?
+                .ok_or_else(|| ModelError::Input(format!("a fold's adapter has no tensor {name}")))
+        };
+        let mut out = self.merged_tensors()?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            for p in Projection::ALL {
+                let linear = layer.projection(p);
+                let Some(lora) = &linear.lora else { continue };
+                let path = format!("{PEFT_PREFIX}.{}", p.path(i));
+                let weight = linear.weight.dense();
+                let mut merged = weight.to_dtype(DType::F32)?;
+                for (w, tensors) in folds {
+                    let a = get(tensors, &format!("{path}.lora_A.weight"))?
+                        .to_device(weight.device())?;
+                    let b = get(tensors, &format!("{path}.lora_B.weight"))?
+                        .to_device(weight.device())?;
+                    merged = (merged + (b.matmul(&a)? * (lora.scaling * w))?)?;
+                }
+                out.insert(
+                    format!("{}.weight", p.path(i)),
+                    merged.to_dtype(weight.dtype())?,
+                );
+            }
+        }
+        let head = format!("{PEFT_PREFIX}.{SCORE}");
+        if folds.iter().all(|(_, t)| t.contains_key(&head)) {
+            let mut score: Option<Tensor> = None;
+            for (w, tensors) in folds {
+                let term = (get(tensors, &head)? * *w)?;
+                score = Some(match score {
+                    None => term,
+                    Some(s) => (s + term)?,
+                });
+            }
+            if let Some(score) = score {
+                out.insert(SCORE.to_string(), score.to_dtype(self.dtype)?);
+            }
+        }
+        Ok(out)
+    }
+
     /// What the layers and the head need of `batch`: rope tables, the padding (as row spans
     /// where the fused attention runs, as masks otherwise) and each row's pooled position.
     pub fn batch_state(&self, batch: &PaddedBatch, train: bool) -> Result<BatchState> {
