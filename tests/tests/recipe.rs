@@ -312,3 +312,77 @@ fn a_teacher_worse_than_chance_gets_no_temperature() {
     assert!(said.contains("the best 1/T is not positive"), "{said}");
     assert!(!run_dir.join("teacher/alpha_temperature/fold1").exists());
 }
+
+fn predict(run_dir: &Path, comparisons: &str) -> std::process::Output {
+    run(
+        "plans/predict.sql",
+        run_dir,
+        &[
+            format!("comparisons={comparisons}"),
+            format!("model={MODEL}"),
+            format!("tokenizer={TOKENIZER}"),
+            "max_length=512".into(),
+            "dtype=f32".into(),
+        ],
+    )
+}
+
+/// Kaggle's test.csv through predict.sql: a submission with Kaggle's header, one row per
+/// id in the input's order, each row's probabilities summing to 1.
+#[test]
+fn predict_writes_a_kaggle_submission_in_the_inputs_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run_dir = tmp.path().join("run");
+    let test_csv = arenaflow_tests::shared("data/lmsys-arena/test.csv");
+    let out = predict(&run_dir, &test_csv.display().to_string());
+    assert!(out.status.success(), "{}", text(&out));
+    let submission =
+        std::fs::read_to_string(run_dir.join("predict/student/submission.csv")).unwrap();
+    let mut lines = submission.lines();
+    assert_eq!(
+        lines.next(),
+        Some("id,winner_model_a,winner_model_b,winner_tie")
+    );
+    let mut reader = csv::Reader::from_path(&test_csv).unwrap();
+    let ids: Vec<String> = reader
+        .records()
+        .map(|r| r.unwrap().get(0).unwrap().to_string())
+        .collect();
+    let rows: Vec<Vec<String>> = lines
+        .map(|l| l.split(',').map(str::to_string).collect())
+        .collect();
+    assert_eq!(
+        rows.iter().map(|r| r[0].clone()).collect::<Vec<_>>(),
+        ids,
+        "{submission}"
+    );
+    for row in &rows {
+        let p: Vec<f64> = row[1..].iter().map(|v| v.parse().unwrap()).collect();
+        assert!(p.iter().all(|v| *v > 0.0 && *v < 1.0), "{row:?}");
+        assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-6, "{row:?}");
+    }
+}
+
+#[test]
+fn predict_refuses_duplicate_ids() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run_dir = tmp.path().join("run");
+    let test_csv = arenaflow_tests::shared("data/lmsys-arena/test.csv");
+    let text_of = std::fs::read_to_string(&test_csv).unwrap();
+    let mut lines: Vec<&str> = text_of.lines().collect();
+    let second = lines[1];
+    lines.push(second);
+    let doubled = tmp.path().join("test.csv");
+    std::fs::write(&doubled, lines.join("\n") + "\n").unwrap();
+    let out = predict(&run_dir, &doubled.display().to_string());
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    let id = second.split(',').next().unwrap();
+    assert!(
+        said.contains(&format!(
+            "row 4 (id {id}), column id: duplicate id: row 1 has it too"
+        )),
+        "{said}"
+    );
+    assert!(!run_dir.join("predict/student/submission.csv").exists());
+}
