@@ -26,7 +26,7 @@ use datafusion::logical_expr::{
     Volatility,
 };
 
-use crate::softmax::softmax3;
+use crate::softmax::{finite_logits, softmax3};
 
 /// The fit stops when the gradient of the mean log loss has at most this norm.
 pub const GRADIENT_TOLERANCE: f64 = 1e-9;
@@ -314,29 +314,13 @@ fn as_float64_lists(array: &ArrayRef) -> Result<datafusion::arrow::array::ListAr
     Ok(cast(array, &float64_list())?.as_list::<i32>().clone())
 }
 
-/// Three finite logits of row `row` of a List<Float64> array, or None for a null row.
+/// Three finite logits of row `row`, or None for a null row.
 fn logits_at(
     lists: &datafusion::arrow::array::ListArray,
     row: usize,
     what: &str,
 ) -> Result<Option<[f64; 3]>> {
-    if lists.is_null(row) {
-        return Ok(None);
-    }
-    let values = lists.value(row);
-    let values = values.as_primitive::<Float64Type>();
-    if values.len() != 3 || values.null_count() > 0 {
-        return exec_err!(
-            "{what}: row {row} of the batch has {} logits ({} null); expected 3",
-            values.len(),
-            values.null_count()
-        );
-    }
-    let z = [values.value(0), values.value(1), values.value(2)];
-    if z.iter().any(|v| !v.is_finite()) {
-        return exec_err!("{what}: row {row} of the batch has a logit that is not finite: {z:?}");
-    }
-    Ok(Some(z))
+    finite_logits(lists, row, what, &format!("row {row} of the batch"))
 }
 
 /// The logits' type as the function takes it: f32 and f64 lists (a teacher's

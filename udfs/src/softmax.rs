@@ -18,6 +18,33 @@ pub fn softmax3(z: [f64; 3]) -> [f64; 3] {
     e.map(|v| v / sum)
 }
 
+/// Row `row` of a List<Float64> array as three finite logits, or None for a null row;
+/// `function` and `whose` ("row 3 of the batch", "id 42") name it in the error.
+pub fn finite_logits(
+    lists: &datafusion::arrow::array::ListArray,
+    row: usize,
+    function: &str,
+    whose: &str,
+) -> Result<Option<[f64; 3]>> {
+    if lists.is_null(row) {
+        return Ok(None);
+    }
+    let values = lists.value(row);
+    let values = values.as_primitive::<Float64Type>();
+    if values.len() != 3 || values.null_count() > 0 {
+        return exec_err!(
+            "{function}: {whose} has {} logits ({} null); expected 3",
+            values.len(),
+            values.null_count()
+        );
+    }
+    let z = [values.value(0), values.value(1), values.value(2)];
+    if z.iter().any(|v| !v.is_finite()) {
+        return exec_err!("{function}: {whose} has a logit that is not finite: {z:?}");
+    }
+    Ok(Some(z))
+}
+
 #[derive(Debug, PartialEq, Eq, Hash)]
 pub struct Softmax3 {
     signature: Signature,

@@ -13,12 +13,12 @@ use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, ArrayRef, AsArray};
 use datafusion::arrow::compute::cast;
-use datafusion::arrow::datatypes::{DataType, Field, FieldRef, Float64Type, UInt64Type};
+use datafusion::arrow::datatypes::{DataType, Field, FieldRef, UInt64Type};
 use datafusion::common::{exec_err, plan_err, Result, ScalarValue};
 use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
 use datafusion::logical_expr::{Accumulator, AggregateUDFImpl, Signature, Volatility};
 
-use crate::softmax::softmax3;
+use crate::softmax::{finite_logits, softmax3};
 
 /// Where the two orders are averaged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,23 +180,7 @@ fn logits_row(
     row: usize,
     id: &str,
 ) -> Result<Option<[f64; 3]>> {
-    if lists.is_null(row) {
-        return Ok(None);
-    }
-    let values = lists.value(row);
-    let values = values.as_primitive::<Float64Type>();
-    if values.len() != 3 || values.null_count() > 0 {
-        return exec_err!(
-            "symmetrize: id {id} has {} logits ({} null); expected 3",
-            values.len(),
-            values.null_count()
-        );
-    }
-    let z = [values.value(0), values.value(1), values.value(2)];
-    if z.iter().any(|v| !v.is_finite()) {
-        return exec_err!("symmetrize: id {id} has a logit that is not finite: {z:?}");
-    }
-    Ok(Some(z))
+    finite_logits(lists, row, "symmetrize", &format!("id {id}"))
 }
 
 impl Accumulator for SymmetrizeAccumulator {

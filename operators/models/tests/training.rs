@@ -71,22 +71,19 @@ fn rows(tokens: &[Vec<u32>], labels: &[u32], weights: Option<&[f64]>) -> Vec<Tra
         .collect()
 }
 
+/// A tensor's values as f64, flattened.
+fn values(t: &Tensor) -> Vec<f64> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
+}
+
 /// max |a - b| / max(max |b|, 1e-3) over the tensor.
 fn relative_error(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a
-        .flatten_all()
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap();
-    let b = b
-        .flatten_all()
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap();
+    let (a, b) = (values(a), values(b));
     assert_eq!(a.len(), b.len());
     let scale = b.iter().fold(1e-3f64, |m, v| m.max(v.abs()));
     a.iter()
@@ -507,20 +504,7 @@ fn concat(tensors: &[Tensor]) -> Tensor {
 /// ||a - b|| / max(||b||, 1e-6): the error of a whole gradient tensor, which bf16's 8-bit
 /// mantissa bounds, unlike the worst element of a tensor whose entries cancel.
 fn norm_relative_error(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a
-        .flatten_all()
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap();
-    let b = b
-        .flatten_all()
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap();
+    let (a, b) = (values(a), values(b));
     let diff: f64 = a
         .iter()
         .zip(&b)
