@@ -149,3 +149,27 @@ fn average_writes_the_folds_mean_and_names_its_weights() {
     assert!(ok && said.contains("merged model"), "{said}");
     assert!(merged.join("model.safetensors").is_file() && merged.join("config.json").is_file());
 }
+
+#[test]
+fn merge_writes_a_classifier_folder_and_refuses_to_overwrite_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("merged").display().to_string();
+    let args = [
+        "merge",
+        "--model",
+        "tests/fixtures/models/llama/base",
+        "--adapter",
+        "tests/fixtures/models/llama/adapter",
+        "--output",
+        &out,
+    ];
+    let (ok, said) = arenaflow(&args);
+    assert!(ok, "{said}");
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join("merged/config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["architectures"][0], "LlamaForSequenceClassification");
+    let (ok, said) = arenaflow(&args);
+    assert!(!ok && said.contains("already exists"), "{said}");
+}

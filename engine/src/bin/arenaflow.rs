@@ -91,6 +91,23 @@ enum Command {
     /// plans run it. Writes a PEFT folder with `metrics.parquet`; after kill -9 the same
     /// command continues from its last checkpoint.
     Train(TrainArgs),
+    /// Merge a PEFT adapter into its base: a Hugging Face `*ForSequenceClassification`
+    /// folder (config.json, model.safetensors) that transformers loads with the same logits
+    /// as base + adapter, written whole or not at all.
+    Merge {
+        /// The base model: folder (config.json + safetensors), .gguf file, or hub id.
+        #[arg(long)]
+        model: String,
+        /// The PEFT adapter folder (with the score head).
+        #[arg(long)]
+        adapter: std::path::PathBuf,
+        /// The merged folder to write (must not exist).
+        #[arg(long)]
+        output: std::path::PathBuf,
+        /// The merged weights' dtype: f32, bf16 or f16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+    },
     /// Average the LoRA adapters of several folds: mode `mean` writes one PEFT adapter, the
     /// weighted mean of every lora_A, lora_B and score-head tensor (the 1st place's); mode
     /// `delta` writes a merged model folder, base + the weighted mean of the folds' updates
@@ -256,6 +273,28 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
     println!(
         "wrote {} (adapter_config.json, adapter_model.safetensors, metrics.parquet: {rows} rows)",
         options.output.display()
+    );
+    Ok(())
+}
+
+fn merge(
+    model: &str,
+    adapter: &std::path::Path,
+    output: &std::path::Path,
+    dtype: &str,
+) -> anyhow::Result<()> {
+    use arenaflow_models::checkpoint::{load_classifier, parse_dtype, save_merged};
+    let classifier = load_classifier(
+        model,
+        Some(adapter),
+        parse_dtype(dtype)?,
+        &candle_core::Device::Cpu,
+    )?;
+    save_merged(&classifier, output)?;
+    println!(
+        "wrote {} (merged {} into {model}, {dtype})",
+        output.display(),
+        adapter.display()
     );
     Ok(())
 }
@@ -496,6 +535,12 @@ fn main() -> ExitCode {
             profile,
         }),
         Command::Train(args) => train(args),
+        Command::Merge {
+            model,
+            adapter,
+            output,
+            dtype,
+        } => merge(&model, &adapter, &output, &dtype),
         Command::Average {
             mode,
             model,
