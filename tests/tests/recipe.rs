@@ -190,6 +190,45 @@ fn calibration_fits_on_the_other_folds_and_applies_to_the_folds_own_logits() {
     }
 }
 
+/// The calibrated logits are a teacher like any other: distill.sql takes them.
+#[test]
+fn distillation_takes_calibrated_logits() {
+    let (_tmp, run_dir) = teacher_logits_of_every_fold();
+    make_the_teacher_informative(&run_dir);
+    let out = calibrate(&run_dir, 0, "temperature");
+    assert!(out.status.success(), "{}", text(&out));
+    let log = run_ok(
+        "plans/distill.sql",
+        &run_dir,
+        &[
+            format!("folds={}/folds/k{K}_seed2025_swaptrue/", run_dir.display()),
+            format!("model={MODEL}"),
+            format!("tokenizer={TOKENIZER}"),
+            "teachers=alpha_temperature".into(),
+            "max_length=64".into(),
+            "dtype=f32".into(),
+            "batch_rows=6".into(),
+            "max_steps=2".into(),
+            "lora_r=4".into(),
+        ],
+    );
+    assert!(log.contains("1 teacher(s)"), "{log}");
+    let mut kl_terms = 0;
+    for file in parquet_files(&run_dir.join("train/student/fold0")) {
+        for batch in parquet_batches(&file) {
+            if let Some(kl) = batch.column_by_name("kl_alpha_temperature") {
+                let kl = kl.as_primitive::<datafusion::arrow::datatypes::Float64Type>();
+                kl_terms += kl
+                    .iter()
+                    .flatten()
+                    .filter(|v| v.is_finite() && *v >= 0.0)
+                    .count();
+            }
+        }
+    }
+    assert_eq!(kl_terms, 2, "{log}");
+}
+
 /// Rewrites one Parquet file of logits, each row's through `change(row, label, logits)`;
 /// returns the first row's id.
 fn rewrite_logits(file: &Path, mut change: impl FnMut(usize, usize, &mut [f32])) -> String {
