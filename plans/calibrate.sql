@@ -8,6 +8,7 @@
 -- distill.sql takes it as a teacher: teachers={teacher}_{method}.
 --
 -- stage calibrate
+-- param folds = ${run_dir}/folds/k5_seed2025_swaptrue/ -- folds.sql's output: every row of every fold must have logits
 -- param teacher = teacher -- teacher_logits.sql's model_name: its logits are teacher/{teacher}/fold{0..k-1}/
 -- param k: int = 5 -- the number of folds (folds.sql's k)
 -- param fold: int = 0 -- the fold to calibrate, with a fit on the other folds' held-out logits
@@ -18,6 +19,28 @@ SELECT ensure(${fold} >= 0 AND ${fold} < ${k}, 'calibrate: fold ${fold} is not o
 
 CREATE VIEW all_logits AS
     SELECT * FROM fold_logits('${run_dir}/teacher/${teacher}/fold{fold}/', ${k});
+
+CREATE EXTERNAL TABLE folds STORED AS PARQUET LOCATION '${folds}';
+
+SELECT ensure(count(DISTINCT fold) = ${k}, 'calibrate: ${folds} has ' || CAST(count(DISTINCT fold) AS VARCHAR) || ' folds, not k = ${k}') AS k_ok
+FROM folds;
+
+-- Coverage: every row of every fold (both orders) has the teacher's logits, so that the
+-- fit sees all the out-of-fold rows and the output holds every distillation target.
+CREATE TABLE missing AS
+    SELECT e.fold, e.id, e."order", e.split
+    FROM (SELECT CAST(f.fold AS INT) AS fold, f.id, o."order", f.split
+          FROM folds f CROSS JOIN (VALUES ('ab'), ('ba')) AS o("order")
+          WHERE f."order" = 'ab') e
+    LEFT ANTI JOIN all_logits l
+      ON e.fold = l.fold AND e.id = l.id AND e."order" = l."order" AND e.split = l.split
+    ORDER BY e.fold, e.id, e."order" LIMIT 1;
+
+SELECT ensure(count(*) = 0,
+              'calibrate: teacher ${teacher} has no logits for id ' || coalesce(max(id), '') || ' (order '
+              || coalesce(max("order"), '') || ', ' || coalesce(max(split), '') || ' side of fold '
+              || coalesce(CAST(max(fold) AS VARCHAR), '') || ')') AS covered
+FROM missing;
 
 -- A logit that is NaN or infinite fails the plan, naming the row (NaN < inf is false).
 CREATE TABLE not_finite AS

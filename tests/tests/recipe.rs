@@ -124,6 +124,7 @@ fn calibrate(run_dir: &Path, fold: usize, method: &str) -> std::process::Output 
         "plans/calibrate.sql",
         run_dir,
         &[
+            format!("folds={}/folds/k{K}_seed2025_swaptrue/", run_dir.display()),
             "teacher=alpha".into(),
             format!("k={K}"),
             format!("fold={fold}"),
@@ -327,6 +328,17 @@ fn calibration_refuses_logits_that_are_not_finite_and_a_missing_fold() {
     });
     let said = text(&calibrate(&run_dir, 0, "temperature"));
     assert!(said.contains("are not finite"), "{said}");
+
+    // Fold 1 loses its held-out rows' logits (a shard that never ran): named, not skipped.
+    for file in &valid {
+        std::fs::remove_file(file).unwrap();
+    }
+    let said = text(&calibrate(&run_dir, 0, "temperature"));
+    assert!(
+        said.contains("calibrate: teacher alpha has no logits for id ")
+            && said.contains("valid side of fold 1)"),
+        "{said}"
+    );
 
     // Fold 2's logits are gone: the fit over "the other folds" would silently shrink.
     std::fs::remove_dir_all(run_dir.join("teacher/alpha/fold2")).unwrap();
