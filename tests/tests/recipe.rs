@@ -437,3 +437,73 @@ fn predict_refuses_duplicate_ids() {
     );
     assert!(!run_dir.join("predict/student/submission.csv").exists());
 }
+
+/// cv.sql scores fold 0's held-out side through predict's path with the fold's adapter:
+/// one prediction per held-out id, probabilities summing to 1, the label carried.
+#[test]
+fn cv_scores_every_held_out_id_through_the_prediction_path() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run_dir = tmp.path().join("run");
+    let train = small_train(tmp.path(), 30);
+    run_ok(
+        "plans/prepare.sql",
+        &run_dir,
+        &[format!("train={}", train.display())],
+    );
+    run_ok("plans/folds.sql", &run_dir, &[format!("k={K}")]);
+    let folds = format!("folds={}/folds/k{K}_seed2025_swaptrue/", run_dir.display());
+    let common = [
+        folds.clone(),
+        format!("model={MODEL}"),
+        format!("tokenizer={TOKENIZER}"),
+        "model_name=student".to_string(),
+        "dtype=f32".to_string(),
+    ];
+    let mut train_sets = common.to_vec();
+    train_sets
+        .extend(["max_length=64", "batch_rows=6", "max_steps=2", "lora_r=4"].map(String::from));
+    run_ok("plans/train_teacher.sql", &run_dir, &train_sets);
+    let mut cv_sets = common.to_vec();
+    cv_sets.push("max_length=256".into());
+    let log = run_ok("plans/cv.sql", &run_dir, &cv_sets);
+    assert!(
+        log.contains("tta_log_loss") && log.contains("ab_log_loss"),
+        "{log}"
+    );
+
+    let mut ids = std::collections::HashSet::new();
+    let mut nll = 0.0;
+    for batch in parquet_batches(&run_dir.join("cv/student/fold0/predictions.parquet")) {
+        let id = datafusion::arrow::compute::cast(
+            batch.column_by_name("id").unwrap(),
+            &datafusion::arrow::datatypes::DataType::Utf8,
+        )
+        .unwrap();
+        let label = batch
+            .column_by_name("label")
+            .unwrap()
+            .as_primitive::<Int8Type>();
+        let p: Vec<_> = ["p_a", "p_b", "p_tie"]
+            .map(|c| {
+                batch
+                    .column_by_name(c)
+                    .unwrap()
+                    .as_primitive::<datafusion::arrow::datatypes::Float64Type>()
+                    .clone()
+            })
+            .to_vec();
+        for r in 0..batch.num_rows() {
+            assert!(ids.insert(id.as_string::<i32>().value(r).to_string()));
+            let sum = p[0].value(r) + p[1].value(r) + p[2].value(r);
+            assert!((sum - 1.0).abs() < 1e-6);
+            nll -= p[label.value(r) as usize].value(r).ln();
+        }
+    }
+    // The held-out side of fold 0: about a third of 30 ids.
+    assert!((5..=15).contains(&ids.len()), "{} ids", ids.len());
+    let mean = nll / ids.len() as f64;
+    assert!(
+        log.contains(&format!("{mean:.6}")[..7]),
+        "log loss {mean} not in\n{log}"
+    );
+}
