@@ -2,6 +2,7 @@
 //! calibration and symmetrization (TTA).
 
 pub mod calibrate;
+pub mod ece;
 pub mod ensure;
 pub mod fold;
 pub mod label;
@@ -26,6 +27,7 @@ pub fn register_all(ctx: &SessionContext) {
     ctx.register_udf(ScalarUDF::from(softmax::Softmax3::default()));
     ctx.register_udf(ScalarUDF::from(ensure::Ensure::default()));
     ctx.register_udaf(AggregateUDF::from(log_loss::LogLoss::default()));
+    ctx.register_udaf(AggregateUDF::from(ece::ExpectedCalibrationError::default()));
     ctx.register_udaf(AggregateUDF::from(calibrate::FitCalibration::default()));
     ctx.register_udf(ScalarUDF::from(calibrate::Calibrate::default()));
     ctx.register_udaf(AggregateUDF::from(symmetrize::Symmetrize::default()));
