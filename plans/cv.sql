@@ -3,7 +3,8 @@
 -- so that cross-validation scores exactly what a submission would be. The model is `model`
 -- with the fold's adapter from train_teacher.sql or distill.sql
 -- (train/{model_name}/fold{fold}/adapter/). Prints the fold's log loss and accuracy in the
--- ab order alone and with TTA; writes each held-out id's probabilities with its label.
+-- ab order alone and with TTA (and TTA's expected calibration error); writes each held-out
+-- id's probabilities, ab alone and with TTA, with its label and source for eval_report.sql.
 --
 -- stage cv
 -- param folds = ${run_dir}/folds/k5_seed2025_swaptrue/ -- folds.sql's output
@@ -23,7 +24,7 @@
 CREATE EXTERNAL TABLE folds STORED AS PARQUET LOCATION '${folds}';
 
 CREATE TABLE held_out AS
-    SELECT id, prompt, response_a, response_b, label
+    SELECT id, source, prompt, response_a, response_b, label
     FROM folds WHERE CAST(fold AS INT) = ${fold} AND split = 'valid' AND "order" = 'ab';
 
 SELECT ensure(count(*) > 0, 'cv: fold ${fold} has no held-out rows in ${folds}') AS has_rows,
@@ -40,21 +41,23 @@ CREATE VIEW tokens AS
 COPY (
     SELECT id, "order", logits
     FROM teacher_forward('tokens', '${model}', '${run_dir}/train/${model_name}/fold${fold}/adapter', '${dtype}', '${device}', ${max_batch_tokens}, 0)
-) TO '${run_dir}/cv/${model_name}/fold${fold}/logits.parquet' STORED AS PARQUET;
+) TO '${run_dir}/cv/${model_name}/logits/fold${fold}.parquet' STORED AS PARQUET;
 
 CREATE EXTERNAL TABLE order_logits STORED AS PARQUET
-LOCATION '${run_dir}/cv/${model_name}/fold${fold}/logits.parquet';
+LOCATION '${run_dir}/cv/${model_name}/logits/fold${fold}.parquet';
 
 COPY (
-    SELECT h.id, h.label, s.p[1] AS p_a, s.p[2] AS p_b, s.p[3] AS p_tie
+    SELECT ${fold} AS fold, h.id, h.source, h.label, s.p[1] AS p_a, s.p[2] AS p_b, s.p[3] AS p_tie,
+           ab.p[1] AS ab_p_a, ab.p[2] AS ab_p_b, ab.p[3] AS ab_p_tie
     FROM held_out h
     JOIN (SELECT id, symmetrize(id, "order", logits, '${space}') AS p FROM order_logits GROUP BY id) s
       ON h.id = s.id
+    JOIN (SELECT id, softmax3(logits) AS p FROM order_logits WHERE "order" = 'ab') ab ON h.id = ab.id
     ORDER BY h.id
-) TO '${run_dir}/cv/${model_name}/fold${fold}/predictions.parquet' STORED AS PARQUET;
+) TO '${run_dir}/cv/${model_name}/predictions/fold${fold}.parquet' STORED AS PARQUET;
 
 CREATE EXTERNAL TABLE predictions STORED AS PARQUET
-LOCATION '${run_dir}/cv/${model_name}/fold${fold}/predictions.parquet';
+LOCATION '${run_dir}/cv/${model_name}/predictions/fold${fold}.parquet';
 
 SELECT ensure((SELECT count(*) FROM predictions) = (SELECT count(*) FROM held_out),
               'cv: held-out ids of fold ${fold} without a prediction') AS covered;

@@ -459,13 +459,18 @@ fn cv_scores_every_held_out_id_through_the_prediction_path() {
         "model_name=student".to_string(),
         "dtype=f32".to_string(),
     ];
-    let mut train_sets = common.to_vec();
-    train_sets
-        .extend(["max_length=64", "batch_rows=6", "max_steps=2", "lora_r=4"].map(String::from));
-    run_ok("plans/train_teacher.sql", &run_dir, &train_sets);
-    let mut cv_sets = common.to_vec();
-    cv_sets.push("max_length=256".into());
-    let log = run_ok("plans/cv.sql", &run_dir, &cv_sets);
+    let mut logs = Vec::new();
+    for fold in 0..K {
+        let mut train_sets = common.to_vec();
+        train_sets
+            .extend(["max_length=64", "batch_rows=6", "max_steps=2", "lora_r=4"].map(String::from));
+        train_sets.push(format!("fold={fold}"));
+        run_ok("plans/train_teacher.sql", &run_dir, &train_sets);
+        let mut cv_sets = common.to_vec();
+        cv_sets.extend(["max_length=256".to_string(), format!("fold={fold}")]);
+        logs.push(run_ok("plans/cv.sql", &run_dir, &cv_sets));
+    }
+    let log = logs[0].clone();
     assert!(
         log.contains("tta_log_loss") && log.contains("ab_log_loss"),
         "{log}"
@@ -473,7 +478,7 @@ fn cv_scores_every_held_out_id_through_the_prediction_path() {
 
     let mut ids = std::collections::HashSet::new();
     let mut nll = 0.0;
-    for batch in parquet_batches(&run_dir.join("cv/student/fold0/predictions.parquet")) {
+    for batch in parquet_batches(&run_dir.join("cv/student/predictions/fold0.parquet")) {
         let id = datafusion::arrow::compute::cast(
             batch.column_by_name("id").unwrap(),
             &datafusion::arrow::datatypes::DataType::Utf8,

@@ -1,0 +1,45 @@
+-- The evaluation report over every fold's cv.sql predictions of one model: per fold and
+-- overall, log loss, accuracy and expected calibration error (10 bins), ab order alone
+-- vs with TTA; the same per source. Every fold 0..k-1 must have been scored. Writes the
+-- table as report/{model_name}/cv.csv.
+--
+-- stage eval_report
+-- param model_name = student -- cv.sql's model_name: reads cv/{model_name}/predictions/
+-- param k: int = 5 -- the number of folds that must be there
+
+CREATE EXTERNAL TABLE predictions STORED AS PARQUET
+LOCATION '${run_dir}/cv/${model_name}/predictions/';
+
+SELECT ensure(count(DISTINCT fold) = ${k} AND min(fold) = 0 AND max(fold) = ${k} - 1,
+              'eval_report: cv predictions of ' || CAST(count(DISTINCT fold) AS VARCHAR) || ' folds in cv/${model_name}/predictions/, expected folds 0 to ' || CAST(${k} - 1 AS VARCHAR)) AS all_folds,
+       ensure(count(*) = count(DISTINCT id), 'eval_report: an id is scored in two folds') AS once
+FROM predictions;
+
+CREATE VIEW scored AS
+    SELECT CAST(fold AS VARCHAR) AS part, * FROM predictions
+    UNION ALL
+    SELECT 'all' AS part, * FROM predictions;
+
+COPY (
+    SELECT part AS fold, count(*) AS rows,
+           log_loss(label, ab_p_a, ab_p_b, ab_p_tie) AS ab_log_loss,
+           log_loss(label, p_a, p_b, p_tie) AS tta_log_loss,
+           avg(CASE WHEN (label = 0 AND ab_p_a >= ab_p_b AND ab_p_a >= ab_p_tie) OR (label = 1 AND ab_p_b > ab_p_a AND ab_p_b >= ab_p_tie)
+                         OR (label = 2 AND ab_p_tie > ab_p_a AND ab_p_tie > ab_p_b) THEN 1.0 ELSE 0.0 END) AS ab_accuracy,
+           avg(CASE WHEN (label = 0 AND p_a >= p_b AND p_a >= p_tie) OR (label = 1 AND p_b > p_a AND p_b >= p_tie)
+                         OR (label = 2 AND p_tie > p_a AND p_tie > p_b) THEN 1.0 ELSE 0.0 END) AS tta_accuracy,
+           expected_calibration_error(label, ab_p_a, ab_p_b, ab_p_tie) AS ab_ece,
+           expected_calibration_error(label, p_a, p_b, p_tie) AS tta_ece
+    FROM scored GROUP BY part ORDER BY part
+) TO '${run_dir}/report/${model_name}/cv.csv' STORED AS CSV OPTIONS ('format.has_header' 'true');
+
+CREATE EXTERNAL TABLE cv_table STORED AS CSV LOCATION '${run_dir}/report/${model_name}/cv.csv'
+OPTIONS ('format.has_header' 'true');
+
+SELECT * FROM cv_table ORDER BY fold;
+
+SELECT source, count(*) AS rows,
+       log_loss(label, ab_p_a, ab_p_b, ab_p_tie) AS ab_log_loss,
+       log_loss(label, p_a, p_b, p_tie) AS tta_log_loss,
+       expected_calibration_error(label, p_a, p_b, p_tie) AS tta_ece
+FROM predictions GROUP BY source ORDER BY source;
