@@ -39,7 +39,7 @@ CREATE VIEW tokens AS
     FROM tokenize('held_out', '${tokenizer}', '${template}', ${max_length}, '${truncation}', 'ba', ${prompt_cap});
 
 COPY (
-    SELECT id, "order", logits
+    SELECT ${fold} AS fold, id, "order", logits
     FROM teacher_forward('tokens', '${model}', '${run_dir}/train/${model_name}/fold${fold}/adapter', '${dtype}', '${device}', ${max_batch_tokens}, 0)
 ) TO '${run_dir}/cv/${model_name}/logits/fold${fold}.parquet' STORED AS PARQUET;
 
