@@ -70,8 +70,6 @@ SELECT ${fold} AS fold, count(*) AS rows,
        (SELECT log_loss(label, p[1], p[2], p[3]) FROM ab_only) AS ab_log_loss,
        log_loss(label, p_a, p_b, p_tie) AS tta_log_loss,
        expected_calibration_error(label, p_a, p_b, p_tie) AS tta_ece,
-       (SELECT avg(CASE WHEN (label = 0 AND p[1] >= p[2] AND p[1] >= p[3]) OR (label = 1 AND p[2] > p[1] AND p[2] >= p[3])
-                             OR (label = 2 AND p[3] > p[1] AND p[3] > p[2]) THEN 1.0 ELSE 0.0 END) FROM ab_only) AS ab_accuracy,
-       avg(CASE WHEN (label = 0 AND p_a >= p_b AND p_a >= p_tie) OR (label = 1 AND p_b > p_a AND p_b >= p_tie)
-                     OR (label = 2 AND p_tie > p_a AND p_tie > p_b) THEN 1.0 ELSE 0.0 END) AS tta_accuracy
+       (SELECT avg(CASE WHEN argmax3(p[1], p[2], p[3]) = label THEN 1.0 ELSE 0.0 END) FROM ab_only) AS ab_accuracy,
+       avg(CASE WHEN argmax3(p_a, p_b, p_tie) = label THEN 1.0 ELSE 0.0 END) AS tta_accuracy
 FROM predictions;

@@ -52,10 +52,8 @@ COPY (
            log_loss(label, ab_p_a, ab_p_b, ab_p_tie) AS ab_log_loss,
            log_loss(label, p_a, p_b, p_tie) AS tta_log_loss,
            log_loss(label, cal_p_a, cal_p_b, cal_p_tie) AS calibrated_tta_log_loss,
-           avg(CASE WHEN (label = 0 AND ab_p_a >= ab_p_b AND ab_p_a >= ab_p_tie) OR (label = 1 AND ab_p_b > ab_p_a AND ab_p_b >= ab_p_tie)
-                         OR (label = 2 AND ab_p_tie > ab_p_a AND ab_p_tie > ab_p_b) THEN 1.0 ELSE 0.0 END) AS ab_accuracy,
-           avg(CASE WHEN (label = 0 AND p_a >= p_b AND p_a >= p_tie) OR (label = 1 AND p_b > p_a AND p_b >= p_tie)
-                         OR (label = 2 AND p_tie > p_a AND p_tie > p_b) THEN 1.0 ELSE 0.0 END) AS tta_accuracy,
+           avg(CASE WHEN argmax3(ab_p_a, ab_p_b, ab_p_tie) = label THEN 1.0 ELSE 0.0 END) AS ab_accuracy,
+           avg(CASE WHEN argmax3(p_a, p_b, p_tie) = label THEN 1.0 ELSE 0.0 END) AS tta_accuracy,
            expected_calibration_error(label, ab_p_a, ab_p_b, ab_p_tie) AS ab_ece,
            expected_calibration_error(label, p_a, p_b, p_tie) AS tta_ece,
            expected_calibration_error(label, cal_p_a, cal_p_b, cal_p_tie) AS calibrated_tta_ece

@@ -34,7 +34,7 @@ impl Bins {
     }
 
     pub fn add(&mut self, label: usize, p: [f64; 3]) {
-        let top = (0..3).fold(0, |b, c| if p[c] > p[b] { c } else { b });
+        let top = crate::softmax::argmax3(p);
         let confidence = p[top];
         let n = self.rows.len();
         let bin = ((confidence * n as f64).floor() as usize).min(n - 1);

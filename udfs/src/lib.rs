@@ -25,6 +25,7 @@ pub fn register_all(ctx: &SessionContext) {
     ctx.register_udf(ScalarUDF::from(label::ArenaLabel::default()));
     ctx.register_udf(ScalarUDF::from(label::SwapLabel::default()));
     ctx.register_udf(ScalarUDF::from(softmax::Softmax3::default()));
+    ctx.register_udf(ScalarUDF::from(softmax::Argmax3::default()));
     ctx.register_udf(ScalarUDF::from(ensure::Ensure::default()));
     ctx.register_udaf(AggregateUDF::from(log_loss::LogLoss::default()));
     ctx.register_udaf(AggregateUDF::from(ece::ExpectedCalibrationError::default()));

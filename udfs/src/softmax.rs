@@ -1,4 +1,5 @@
-//! `softmax3(logits)` or `softmax3(z_a, z_b, z_tie)`: three logits to probabilities.
+//! `softmax3(logits)` or `softmax3(z_a, z_b, z_tie)`: three logits to probabilities;
+//! `argmax3(a, b, tie)`: the predicted class (0, 1 or 2; the first of tied maxima).
 
 use std::sync::Arc;
 
@@ -136,5 +137,60 @@ impl ScalarUDFImpl for Softmax3 {
             }
         }
         Ok(ColumnarValue::Array(Arc::new(builder.finish())))
+    }
+}
+
+/// The class with the largest of three values, the first of tied maxima.
+pub fn argmax3(v: [f64; 3]) -> usize {
+    (0..3).fold(0, |b, c| if v[c] > v[b] { c } else { b })
+}
+
+/// `argmax3(a, b, tie)`: 0, 1 or 2 (Int8, as labels are); null when any value is.
+#[derive(Debug, PartialEq, Eq, Hash)]
+pub struct Argmax3 {
+    signature: Signature,
+}
+
+impl Default for Argmax3 {
+    fn default() -> Self {
+        Self {
+            signature: Signature::user_defined(Volatility::Immutable),
+        }
+    }
+}
+
+impl ScalarUDFImpl for Argmax3 {
+    fn name(&self) -> &str {
+        "argmax3"
+    }
+    fn signature(&self) -> &Signature {
+        &self.signature
+    }
+    fn coerce_types(&self, arg_types: &[DataType]) -> Result<Vec<DataType>> {
+        match arg_types {
+            [a, b, c] if [a, b, c].iter().all(|t| t.is_numeric() || t.is_null()) => {
+                Ok(vec![DataType::Float64; 3])
+            }
+            other => plan_err!("argmax3 takes three numbers, got {other:?}"),
+        }
+    }
+    fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
+        Ok(DataType::Int8)
+    }
+    fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
+        let n = args.number_rows;
+        let columns = args
+            .args
+            .iter()
+            .map(|a| Ok(cast(&a.to_array(n)?, &DataType::Float64)?))
+            .collect::<Result<Vec<ArrayRef>>>()?;
+        let [a, b, c] = [0, 1, 2].map(|i| columns[i].as_primitive::<Float64Type>());
+        let out: datafusion::arrow::array::Int8Array = (0..n)
+            .map(|row| {
+                (!(a.is_null(row) || b.is_null(row) || c.is_null(row)))
+                    .then(|| argmax3([a.value(row), b.value(row), c.value(row)]) as i8)
+            })
+            .collect();
+        Ok(ColumnarValue::Array(Arc::new(out)))
     }
 }
