@@ -19,13 +19,14 @@ use std::sync::Arc;
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, Float64Builder, ListBuilder};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, FieldRef, Float64Type, Int64Type};
-use datafusion::common::{exec_err, plan_err, DataFusionError, Result, ScalarValue};
+use datafusion::common::{exec_datafusion_err, exec_err, plan_err, Result, ScalarValue};
 use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
 use datafusion::logical_expr::{
     Accumulator, AggregateUDFImpl, ColumnarValue, ScalarFunctionArgs, ScalarUDFImpl, Signature,
     Volatility,
 };
 
+use crate::lists::{float64_list, float64_list_scalar, list_of};
 use crate::softmax::{finite_logits, softmax3};
 
 /// The fit stops when the gradient of the mean log loss has at most this norm.
@@ -301,14 +302,6 @@ fn cholesky_solve(m: [[f64; 5]; 5], b: [f64; 5]) -> Option<[f64; 5]> {
     Some(x)
 }
 
-fn float64_list() -> DataType {
-    DataType::List(Arc::new(Field::new_list_field(DataType::Float64, true)))
-}
-
-fn list_of(element: DataType) -> DataType {
-    DataType::List(Arc::new(Field::new_list_field(element, true)))
-}
-
 /// Any list of numbers (List, LargeList, FixedSizeList) as List<Float64>, to read rows from.
 fn as_float64_lists(array: &ArrayRef) -> Result<datafusion::arrow::array::ListArray> {
     Ok(cast(array, &float64_list())?.as_list::<i32>().clone())
@@ -421,17 +414,12 @@ impl FitAccumulator {
             }
             Some(_) => Ok(()),
             None => {
-                Method::parse(method)
-                    .map_err(|e| exec_datafusion_err(format!("fit_calibration: {e}")))?;
+                Method::parse(method).map_err(|e| exec_datafusion_err!("fit_calibration: {e}"))?;
                 self.method = Some(method.to_string());
                 Ok(())
             }
         }
     }
-}
-
-fn exec_datafusion_err(message: String) -> DataFusionError {
-    DataFusionError::Execution(message)
 }
 
 impl Accumulator for FitAccumulator {
@@ -463,20 +451,13 @@ impl Accumulator for FitAccumulator {
     fn evaluate(&mut self) -> Result<ScalarValue> {
         if self.rows.is_empty() {
             // No rows (or only nulls): no fit, as other aggregates give NULL.
-            return ScalarValue::try_from(&float64_list());
+            return float64_list_scalar(None);
         }
         let method = Method::parse(self.method.as_deref().unwrap_or_default())
-            .map_err(|e| exec_datafusion_err(format!("fit_calibration: {e}")))?;
-        let params = fit(method, &self.rows)
-            .map_err(|e| exec_datafusion_err(format!("fit_calibration: {e}")))?;
-        let values: Vec<ScalarValue> = params
-            .into_iter()
-            .map(|v| ScalarValue::Float64(Some(v)))
-            .collect();
-        Ok(ScalarValue::List(ScalarValue::new_list_nullable(
-            &values,
-            &DataType::Float64,
-        )))
+            .map_err(|e| exec_datafusion_err!("fit_calibration: {e}"))?;
+        let params =
+            fit(method, &self.rows).map_err(|e| exec_datafusion_err!("fit_calibration: {e}"))?;
+        float64_list_scalar(Some(&params))
     }
     fn size(&self) -> usize {
         std::mem::size_of_val(self) + self.rows.capacity() * std::mem::size_of::<Row>()
@@ -487,14 +468,10 @@ impl Accumulator for FitAccumulator {
             .iter()
             .map(|(y, _)| ScalarValue::Int64(Some(*y as i64)))
             .collect();
-        let logits: Vec<ScalarValue> = self
-            .rows
-            .iter()
-            .flat_map(|(_, z)| z.map(|v| ScalarValue::Float64(Some(v))))
-            .collect();
+        let logits: Vec<f64> = self.rows.iter().flat_map(|(_, z)| *z).collect();
         Ok(vec![
             ScalarValue::List(ScalarValue::new_list_nullable(&labels, &DataType::Int64)),
-            ScalarValue::List(ScalarValue::new_list_nullable(&logits, &DataType::Float64)),
+            float64_list_scalar(Some(&logits))?,
             ScalarValue::Utf8(self.method.clone()),
         ])
     }
@@ -583,7 +560,7 @@ impl ScalarUDFImpl for Calibrate {
                 .map(|v| v.unwrap_or(f64::NAN))
                 .collect();
             out.push(Some(apply(&p, z).map_err(|e| {
-                exec_datafusion_err(format!("calibrate: row {row} of the batch: {e}"))
+                exec_datafusion_err!("calibrate: row {row} of the batch: {e}")
             })?));
         }
         // Back in the input's type (a teacher's FixedSizeList(3 x f32) stays one).

@@ -14,6 +14,8 @@ use datafusion::common::{exec_err, plan_err, Result, ScalarValue};
 use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
 use datafusion::logical_expr::{Accumulator, AggregateUDFImpl, Signature, Volatility};
 
+use crate::lists::{float64_list, float64_list_scalar};
+
 pub const DEFAULT_BINS: usize = 10;
 
 /// Per bin: rows, accurate rows, summed confidence.
@@ -105,7 +107,7 @@ impl AggregateUDFImpl for ExpectedCalibrationError {
         Ok(Box::<EceAccumulator>::default())
     }
     fn state_fields(&self, args: StateFieldsArgs) -> Result<Vec<FieldRef>> {
-        let list = DataType::List(Arc::new(Field::new_list_field(DataType::Float64, true)));
+        let list = float64_list();
         Ok(["rows", "correct", "confidence"]
             .map(|what| {
                 Arc::new(Field::new(
@@ -182,20 +184,7 @@ impl Accumulator for EceAccumulator {
         std::mem::size_of_val(self) + self.bins.as_ref().map_or(0, |b| 3 * 8 * b.rows.len())
     }
     fn state(&mut self) -> Result<Vec<ScalarValue>> {
-        let list = |v: Option<&Vec<f64>>| match v {
-            Some(v) => {
-                let values: Vec<ScalarValue> =
-                    v.iter().map(|x| ScalarValue::Float64(Some(*x))).collect();
-                Ok(ScalarValue::List(ScalarValue::new_list_nullable(
-                    &values,
-                    &DataType::Float64,
-                )))
-            }
-            None => ScalarValue::try_from(&DataType::List(Arc::new(Field::new_list_field(
-                DataType::Float64,
-                true,
-            )))),
-        };
+        let list = |v: Option<&Vec<f64>>| float64_list_scalar(v.map(|v| v.as_slice()));
         let b = self.bins.as_ref();
         Ok(vec![
             list(b.map(|b| &b.rows))?,

@@ -6,6 +6,7 @@ pub mod ece;
 pub mod ensure;
 pub mod fold;
 pub mod label;
+pub mod lists;
 pub mod log_loss;
 pub mod shard;
 pub mod softmax;

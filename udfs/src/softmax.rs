@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, Float64Builder, ListBuilder};
 use datafusion::arrow::compute::cast;
-use datafusion::arrow::datatypes::{DataType, Field, Float64Type};
+use datafusion::arrow::datatypes::{DataType, Float64Type};
+
+use crate::lists::float64_list;
 use datafusion::common::{exec_err, plan_err, Result};
 use datafusion::logical_expr::{
     ColumnarValue, ScalarFunctionArgs, ScalarUDFImpl, Signature, Volatility,
@@ -59,10 +61,6 @@ impl Default for Softmax3 {
     }
 }
 
-fn float_list() -> DataType {
-    DataType::List(Arc::new(Field::new_list_field(DataType::Float64, true)))
-}
-
 impl ScalarUDFImpl for Softmax3 {
     fn name(&self) -> &str {
         "softmax3"
@@ -75,7 +73,7 @@ impl ScalarUDFImpl for Softmax3 {
             [DataType::List(f) | DataType::LargeList(f) | DataType::FixedSizeList(f, 3)]
                 if f.data_type().is_numeric() =>
             {
-                Ok(vec![float_list()])
+                Ok(vec![float64_list()])
             }
             [a, b, c] if [a, b, c].iter().all(|t| t.is_numeric() || t.is_null()) => {
                 Ok(vec![DataType::Float64; 3])
@@ -86,7 +84,7 @@ impl ScalarUDFImpl for Softmax3 {
         }
     }
     fn return_type(&self, _arg_types: &[DataType]) -> Result<DataType> {
-        Ok(float_list())
+        Ok(float64_list())
     }
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> Result<ColumnarValue> {
         let n = args.number_rows;

@@ -18,6 +18,7 @@ use datafusion::common::{exec_err, plan_err, Result, ScalarValue};
 use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
 use datafusion::logical_expr::{Accumulator, AggregateUDFImpl, Signature, Volatility};
 
+use crate::lists::{float64_list, float64_list_scalar};
 use crate::softmax::{finite_logits, softmax3};
 
 /// Where the two orders are averaged.
@@ -52,10 +53,6 @@ pub fn symmetrize(ab: [f64; 3], ba: [f64; 3], space: Space) -> [f64; 3] {
         }
         Space::Logit => softmax3(std::array::from_fn(|c| 0.5 * (ab[c] + ba[c]))),
     }
-}
-
-fn float64_list() -> DataType {
-    DataType::List(Arc::new(Field::new_list_field(DataType::Float64, true)))
 }
 
 #[derive(Debug, PartialEq, Eq, Hash)]
@@ -233,12 +230,7 @@ impl Accumulator for SymmetrizeAccumulator {
             // A null prediction in either order: no symmetrized one.
             return ScalarValue::try_from(&float64_list());
         };
-        let p = symmetrize(ab, ba, space);
-        let values: Vec<ScalarValue> = p.iter().map(|v| ScalarValue::Float64(Some(*v))).collect();
-        Ok(ScalarValue::List(ScalarValue::new_list_nullable(
-            &values,
-            &DataType::Float64,
-        )))
+        float64_list_scalar(Some(&symmetrize(ab, ba, space)))
     }
 
     fn size(&self) -> usize {
@@ -246,17 +238,7 @@ impl Accumulator for SymmetrizeAccumulator {
     }
 
     fn state(&mut self) -> Result<Vec<ScalarValue>> {
-        let list = |z: Option<[f64; 3]>| match z {
-            Some(z) => {
-                let values: Vec<ScalarValue> =
-                    z.iter().map(|v| ScalarValue::Float64(Some(*v))).collect();
-                Ok(ScalarValue::List(ScalarValue::new_list_nullable(
-                    &values,
-                    &DataType::Float64,
-                )))
-            }
-            None => ScalarValue::try_from(&float64_list()),
-        };
+        let list = |z: Option<[f64; 3]>| float64_list_scalar(z.as_ref().map(|z| z.as_slice()));
         Ok(vec![
             ScalarValue::Utf8(self.id.clone()),
             list(self.ab)?,

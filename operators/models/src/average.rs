@@ -167,8 +167,8 @@ pub fn average_merged(
     dtype: DType,
     output: &Path,
 ) -> Result<Vec<f64>> {
-    let w = weights.weights(adapters.len())?;
     let folds = read_checked(adapters)?;
+    let w = weights.weights(adapters.len())?;
     let model = crate::checkpoint::load_classifier(base, Some(&adapters[0]), dtype, &Device::Cpu)?;
     let weighted: Vec<(f64, &BTreeMap<String, Tensor>)> = w
         .iter()
@@ -187,14 +187,8 @@ pub fn average_adapters(
     weights: &FoldWeights,
     output: &Path,
 ) -> Result<Vec<f64>> {
-    if adapters.len() < 2 {
-        return Err(ModelError::Input(format!(
-            "averaging needs at least 2 adapters, got {}",
-            adapters.len()
-        )));
-    }
-    let w = weights.weights(adapters.len())?;
     let folds = read_checked(adapters)?;
+    let w = weights.weights(adapters.len())?;
     let first = &folds[0];
     let mut averaged = Vec::with_capacity(first.tensors.len());
     for (name, t) in &first.tensors {

@@ -22,6 +22,19 @@ fn tensors(dir: &Path) -> Vec<(String, Tensor)> {
     t
 }
 
+/// max |a - b| over two tensors of one shape, in f64.
+fn max_difference(a: &Tensor, b: &Tensor) -> f64 {
+    let f64 = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+    (f64(a) - f64(b))
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
 /// A copy of the fixture adapter with every tensor through `change` and the config
 /// through `config`.
 fn variant(
@@ -64,15 +77,7 @@ fn the_mean_of_an_adapter_and_its_double_is_one_and_a_half_times_it() {
     assert_eq!(original.len(), averaged.len());
     for ((n, a), (m, b)) in original.iter().zip(&averaged) {
         assert_eq!(n, m);
-        let want = (a.to_dtype(DType::F64).unwrap() * 1.5).unwrap();
-        let diff = (b.to_dtype(DType::F64).unwrap() - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap();
+        let diff = max_difference(b, &(a * 1.5).unwrap());
         assert!(diff < 1e-6, "{n}: off by {diff}");
     }
     // It is an adapter of the base model like any other.
@@ -184,15 +189,7 @@ fn delta_is_the_mean_of_the_merged_models() {
         candle_core::safetensors::load(mixed.join("model.safetensors"), &Device::Cpu).unwrap();
     let mut projections = 0;
     for (name, a) in &m0 {
-        let want = ((a + &m2[name]).unwrap() * 0.5).unwrap();
-        let diff = (&got[name] - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_difference(&got[name], &((a + &m2[name]).unwrap() * 0.5).unwrap());
         assert!(diff < 1e-5, "{name}: off by {diff}");
         projections += usize::from(name.contains("_proj"));
     }

@@ -289,6 +289,15 @@ impl SequenceClassifier {
     /// Every weight by its Hugging Face name, with the adapters folded in: the tensors of a
     /// merged `*ForSequenceClassification` checkpoint.
     pub fn merged_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
+        self.checkpoint_tensors(&|_, linear| Ok(linear.merged_weight()?))
+    }
+
+    /// A merged checkpoint's tensors, each projection's weight given by `projection`
+    /// (its PEFT path and the layer).
+    fn checkpoint_tensors(
+        &self,
+        projection: &dyn Fn(&str, &crate::layers::linear::Linear) -> Result<Tensor>,
+    ) -> Result<BTreeMap<String, Tensor>> {
         let mut out = BTreeMap::new();
         out.insert(
             "model.embed_tokens.weight".to_string(),
@@ -297,7 +306,8 @@ impl SequenceClassifier {
         for (i, layer) in self.layers.iter().enumerate() {
             for p in Projection::ALL {
                 let linear = layer.projection(p);
-                out.insert(format!("{}.weight", p.path(i)), linear.merged_weight()?);
+                let path = format!("{PEFT_PREFIX}.{}", p.path(i));
+                out.insert(format!("{}.weight", p.path(i)), projection(&path, linear)?);
                 if let Some(bias) = &linear.bias {
                     out.insert(format!("{}.bias", p.path(i)), bias.clone());
                 }
@@ -332,27 +342,21 @@ impl SequenceClassifier {
                 .transpose()?
                 .ok_or_else(|| ModelError::Input(format!("a fold's adapter has no tensor {name}")))
         };
-        let mut out = self.merged_tensors()?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            for p in Projection::ALL {
-                let linear = layer.projection(p);
-                let Some(lora) = &linear.lora else { continue };
-                let path = format!("{PEFT_PREFIX}.{}", p.path(i));
-                let weight = linear.weight.dense();
-                let mut merged = weight.to_dtype(DType::F32)?;
-                for (w, tensors) in folds {
-                    let a = get(tensors, &format!("{path}.lora_A.weight"))?
-                        .to_device(weight.device())?;
-                    let b = get(tensors, &format!("{path}.lora_B.weight"))?
-                        .to_device(weight.device())?;
-                    merged = (merged + (b.matmul(&a)? * (lora.scaling * w))?)?;
-                }
-                out.insert(
-                    format!("{}.weight", p.path(i)),
-                    merged.to_dtype(weight.dtype())?,
-                );
+        let mut out = self.checkpoint_tensors(&|path, linear| {
+            let weight = linear.weight.dense();
+            let Some(lora) = &linear.lora else {
+                return Ok(weight.clone());
+            };
+            let mut merged = weight.to_dtype(DType::F32)?;
+            for (w, tensors) in folds {
+                let a =
+                    get(tensors, &format!("{path}.lora_A.weight"))?.to_device(weight.device())?;
+                let b =
+                    get(tensors, &format!("{path}.lora_B.weight"))?.to_device(weight.device())?;
+                merged = (merged + (b.matmul(&a)? * (lora.scaling * w))?)?;
             }
-        }
+            Ok(merged.to_dtype(weight.dtype())?)
+        })?;
         let head = format!("{PEFT_PREFIX}.{SCORE}");
         if folds.iter().all(|(_, t)| t.contains_key(&head)) {
             let mut score: Option<Tensor> = None;
