@@ -71,12 +71,17 @@ struct FoldLogits {
     folders: Vec<String>,
 }
 
-/// One fold's folder, with its `shard=`/`split=` subfolders as columns.
-async fn fold_table(state: &dyn Session, fold: usize, folder: &str) -> Result<ListingTable> {
+/// A folder of Parquet files as a table, its `key=value` subfolders (`shard=`, `split=`) as
+/// text columns, checked to have `columns`; errors begin with `function` and name the
+/// folder's contents `what` ("fold 2's logits").
+pub(crate) async fn parquet_folder(
+    state: &dyn Session,
+    folder: &str,
+    columns: &[&str],
+    (function, what): (&str, &str),
+) -> Result<ListingTable> {
     let unreadable = |e: DataFusionError| {
-        DataFusionError::Plan(format!(
-            "fold_logits: cannot read fold {fold}'s logits in {folder}: {e}"
-        ))
+        DataFusionError::Plan(format!("{function}: cannot read {what} in {folder}: {e}"))
     };
     let url = ListingTableUrl::parse(folder)?;
     let options =
@@ -95,22 +100,14 @@ async fn fold_table(state: &dyn Session, fold: usize, folder: &str) -> Result<Li
         .infer_schema(state, &url)
         .await
         .map_err(unreadable)?;
-    let has_split = options
-        .table_partition_cols
-        .iter()
-        .any(|(n, _)| n == "split")
-        || file_schema.field_with_name("split").is_ok();
-    for column in ["id", "order", "logits", "label"] {
-        if file_schema.field_with_name(column).is_err() {
-            return plan_err!(
-                "fold_logits: fold {fold}'s logits in {folder} have no column {column}"
-            );
+    for column in columns {
+        let partition = options
+            .table_partition_cols
+            .iter()
+            .any(|(n, _)| n == column);
+        if file_schema.field_with_name(column).is_err() && !partition {
+            return plan_err!("{function}: {what} in {folder} have no column {column}");
         }
-    }
-    if !has_split {
-        return plan_err!(
-            "fold_logits: fold {fold}'s logits in {folder} have no split (train/valid) column or split= folders"
-        );
     }
     let config = ListingTableConfig::new(url)
         .with_listing_options(options)
@@ -138,7 +135,13 @@ impl TableProvider for FoldLogits {
         let schema = schema();
         let mut plan: Option<LogicalPlanBuilder> = None;
         for (fold, folder) in self.folders.iter().enumerate() {
-            let table = fold_table(state, fold, folder).await?;
+            let table = parquet_folder(
+                state,
+                folder,
+                &["id", "order", "logits", "label", "split"],
+                ("fold_logits", &format!("fold {fold}'s logits")),
+            )
+            .await?;
             let has_source = table.schema().field_with_name("source").is_ok();
             let alias = format!("fold{fold}");
             let column = |name: &str| Expr::Column(Column::new(Some(alias.as_str()), name));

@@ -13,10 +13,6 @@ use async_trait::async_trait;
 use datafusion::arrow::datatypes::{Field, Schema, SchemaRef};
 use datafusion::catalog::{Session, TableFunctionArgs, TableFunctionImpl, TableProvider};
 use datafusion::common::{plan_err, Column, JoinType, Result};
-use datafusion::datasource::file_format::parquet::ParquetFormat;
-use datafusion::datasource::listing::{
-    ListingOptions, ListingTable, ListingTableConfig, ListingTableUrl,
-};
 use datafusion::datasource::{provider_as_source, TableType};
 use datafusion::logical_expr::{cast, Expr, LogicalPlanBuilder};
 use datafusion::physical_plan::ExecutionPlan;
@@ -88,29 +84,6 @@ struct WithTeacherLogits {
     schema: SchemaRef,
 }
 
-impl WithTeacherLogits {
-    /// One teacher's folder as a table of (id, order, logits); its error names the folder.
-    async fn logits_table(&self, state: &dyn Session, folder: &str) -> Result<ListingTable> {
-        let url = ListingTableUrl::parse(folder)?;
-        let options =
-            ListingOptions::new(Arc::new(ParquetFormat::default())).with_file_extension(".parquet");
-        let schema = options.infer_schema(state, &url).await.map_err(|e| {
-            datafusion::error::DataFusionError::Plan(format!(
-                "with_teacher_logits: cannot read the logits in {folder}: {e}"
-            ))
-        })?;
-        for column in [ID, ORDER, LOGITS] {
-            if schema.field_with_name(column).is_err() {
-                return plan_err!("with_teacher_logits: {folder} has no column {column}");
-            }
-        }
-        let config = ListingTableConfig::new(url)
-            .with_listing_options(options)
-            .with_schema(schema);
-        ListingTable::try_new(config)
-    }
-}
-
 #[async_trait]
 impl TableProvider for WithTeacherLogits {
     fn schema(&self) -> SchemaRef {
@@ -139,7 +112,13 @@ impl TableProvider for WithTeacherLogits {
             .collect();
         for (k, (name, folder)) in self.teachers.iter().enumerate() {
             let alias = format!("teacher{k}");
-            let table = self.logits_table(state, folder).await?;
+            let table = crate::fold_logits::parquet_folder(
+                state,
+                folder,
+                &[ID, ORDER, LOGITS],
+                ("with_teacher_logits", "the logits"),
+            )
+            .await?;
             let logits =
                 LogicalPlanBuilder::scan(&alias, provider_as_source(Arc::new(table)), None)?
                     .build()?;
