@@ -12,6 +12,7 @@
 -- param ultrafeedback = -- UltraFeedback in Kaggle format, for post-pretraining (never in the folds); empty leaves it out
 -- param on_error = fail -- fail: the first bad row stops the run; skip: bad rows are left out and counted in the manifest
 -- param max_skipped: float = 0.01 -- with on_error = skip: the share of a file's rows that may be left out before the run fails
+-- param max_rows: int = 0 -- at most this many rows per source (a reproducible choice: the ids first by MD5); 0 keeps every row
 
 CREATE TABLE train_rows AS SELECT * FROM arena_csv('${train}', '${train_source}', '${on_error}', ${max_skipped});
 
@@ -21,11 +22,14 @@ CREATE TABLE extra_rows AS
     UNION ALL SELECT * FROM hh_rlhf('${hh_rlhf}', ${hh_rlhf_seed}, '${on_error}', ${max_skipped});
 
 COPY (
-    SELECT * FROM train_rows
-    UNION ALL
-    SELECT e.* FROM extra_rows e LEFT ANTI JOIN train_rows t ON e.prompt = t.prompt
-    UNION ALL
-    SELECT * FROM arena_csv('${ultrafeedback}', 'ultrafeedback', '${on_error}', ${max_skipped})
+    SELECT * EXCLUDE (id_rank) FROM (
+        SELECT *, row_number() OVER (PARTITION BY source ORDER BY md5(id), id) AS id_rank FROM (
+            SELECT * FROM train_rows
+            UNION ALL
+            SELECT e.* FROM extra_rows e LEFT ANTI JOIN train_rows t ON e.prompt = t.prompt
+            UNION ALL
+            SELECT * FROM arena_csv('${ultrafeedback}', 'ultrafeedback', '${on_error}', ${max_skipped})))
+    WHERE ${max_rows} = 0 OR id_rank <= ${max_rows}
 ) TO '${run_dir}/prepare/comparisons.parquet' STORED AS PARQUET;
 
 CREATE EXTERNAL TABLE comparisons STORED AS PARQUET LOCATION '${run_dir}/prepare/comparisons.parquet';

@@ -455,6 +455,12 @@ impl Accumulator for FitAccumulator {
         }
         let method = Method::parse(self.method.as_deref().unwrap_or_default())
             .map_err(|e| exec_datafusion_err!("fit_calibration: {e}"))?;
+        // The rows in one order whatever order the partitions merged in: the fit's sums,
+        // and so its parameters, are the same bits every run.
+        self.rows.sort_by(|(ya, za), (yb, zb)| {
+            ya.cmp(yb)
+                .then_with(|| za.map(f64::to_bits).cmp(&zb.map(f64::to_bits)))
+        });
         let params =
             fit(method, &self.rows).map_err(|e| exec_datafusion_err!("fit_calibration: {e}"))?;
         float64_list_scalar(Some(&params))

@@ -14,16 +14,18 @@ use datafusion::common::{exec_err, plan_err, Result, ScalarValue};
 use datafusion::logical_expr::function::{AccumulatorArgs, StateFieldsArgs};
 use datafusion::logical_expr::{Accumulator, AggregateUDFImpl, Signature, Volatility};
 
+use crate::exact_sum::ExactSum;
 use crate::lists::{float64_list, float64_list_scalar};
 
 pub const DEFAULT_BINS: usize = 10;
 
-/// Per bin: rows, accurate rows, summed confidence.
+/// Per bin: rows, accurate rows, summed confidence (order-independent: the same bits
+/// however partitions merge).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Bins {
     pub rows: Vec<f64>,
     pub correct: Vec<f64>,
-    pub confidence: Vec<f64>,
+    pub confidence: Vec<ExactSum>,
 }
 
 impl Bins {
@@ -31,18 +33,18 @@ impl Bins {
         Self {
             rows: vec![0.0; n],
             correct: vec![0.0; n],
-            confidence: vec![0.0; n],
+            confidence: vec![ExactSum::default(); n],
         }
     }
 
-    pub fn add(&mut self, label: usize, p: [f64; 3]) {
+    pub fn add(&mut self, label: usize, p: [f64; 3]) -> Result<()> {
         let top = crate::softmax::argmax3(p);
         let confidence = p[top];
         let n = self.rows.len();
         let bin = ((confidence * n as f64).floor() as usize).min(n - 1);
         self.rows[bin] += 1.0;
         self.correct[bin] += f64::from(u8::from(top == label));
-        self.confidence[bin] += confidence;
+        self.confidence[bin].add(confidence)
     }
 
     pub fn ece(&self) -> Option<f64> {
@@ -50,7 +52,7 @@ impl Bins {
         (total > 0.0).then(|| {
             (0..self.rows.len())
                 .filter(|&b| self.rows[b] > 0.0)
-                .map(|b| (self.correct[b] - self.confidence[b]).abs() / total)
+                .map(|b| (self.correct[b] - self.confidence[b].value()).abs() / total)
                 .sum()
         })
     }
@@ -107,16 +109,18 @@ impl AggregateUDFImpl for ExpectedCalibrationError {
         Ok(Box::<EceAccumulator>::default())
     }
     fn state_fields(&self, args: StateFieldsArgs) -> Result<Vec<FieldRef>> {
-        let list = float64_list();
-        Ok(["rows", "correct", "confidence"]
-            .map(|what| {
-                Arc::new(Field::new(
-                    format!("{}[{what}]", args.name),
-                    list.clone(),
-                    true,
-                ))
-            })
-            .to_vec())
+        let field = |what: &str, data_type: DataType| {
+            Arc::new(Field::new(
+                format!("{}[{what}]", args.name),
+                data_type,
+                true,
+            ))
+        };
+        Ok(vec![
+            field("rows", float64_list()),
+            field("correct", float64_list()),
+            field("confidence", DataType::Binary),
+        ])
     }
 }
 
@@ -173,7 +177,7 @@ impl Accumulator for EceAccumulator {
             self.bins(n)?.add(
                 class as usize,
                 [pa.value(row), pb.value(row), pt.value(row)],
-            );
+            )?;
         }
         Ok(())
     }
@@ -189,11 +193,12 @@ impl Accumulator for EceAccumulator {
         Ok(vec![
             list(b.map(|b| &b.rows))?,
             list(b.map(|b| &b.correct))?,
-            list(b.map(|b| &b.confidence))?,
+            ScalarValue::Binary(b.map(|b| ExactSum::to_bytes(&b.confidence))),
         ])
     }
     fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
-        let [rows, correct, confidence] = [0, 1, 2].map(|i| states[i].as_list::<i32>());
+        let [rows, correct] = [0, 1].map(|i| states[i].as_list::<i32>());
+        let confidence = states[2].as_binary::<i32>();
         for r in 0..rows.len() {
             if rows.is_null(r) {
                 continue;
@@ -201,12 +206,20 @@ impl Accumulator for EceAccumulator {
             let values = |l: &datafusion::arrow::array::ListArray| {
                 l.value(r).as_primitive::<Float64Type>().values().to_vec()
             };
-            let (n, c, f) = (values(rows), values(correct), values(confidence));
+            let (n, c) = (values(rows), values(correct));
+            let f = ExactSum::from_bytes(confidence.value(r))?;
             let bins = self.bins(n.len())?;
+            if f.len() != n.len() {
+                return exec_err!(
+                    "expected_calibration_error: a state of {} and {} bins",
+                    n.len(),
+                    f.len()
+                );
+            }
             for b in 0..n.len() {
                 bins.rows[b] += n[b];
                 bins.correct[b] += c[b];
-                bins.confidence[b] += f[b];
+                bins.confidence[b].merge(f[b]);
             }
         }
         Ok(())

@@ -1,13 +1,15 @@
 //! SQL functions of arenaflow: turns parsing, strict labels, folds, softmax, log loss,
-//! calibration and symmetrization (TTA).
+//! calibration and symmetrization (TTA), Markdown table rows for reports.
 
 pub mod calibrate;
 pub mod ece;
 pub mod ensure;
+pub mod exact_sum;
 pub mod fold;
 pub mod label;
 pub mod lists;
 pub mod log_loss;
+pub mod markdown;
 pub mod shard;
 pub mod softmax;
 pub mod symmetrize;
@@ -28,6 +30,7 @@ pub fn register_all(ctx: &SessionContext) {
     ctx.register_udf(ScalarUDF::from(softmax::Softmax3::default()));
     ctx.register_udf(ScalarUDF::from(softmax::Argmax3::default()));
     ctx.register_udf(ScalarUDF::from(ensure::Ensure::default()));
+    ctx.register_udf(ScalarUDF::from(markdown::MarkdownRow::default()));
     ctx.register_udaf(AggregateUDF::from(log_loss::LogLoss::default()));
     ctx.register_udaf(AggregateUDF::from(ece::ExpectedCalibrationError::default()));
     ctx.register_udaf(AggregateUDF::from(calibrate::FitCalibration::default()));

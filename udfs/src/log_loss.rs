@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use crate::exact_sum::ExactSum;
 use datafusion::arrow::array::{Array, ArrayRef, AsArray};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, Field, FieldRef, Float64Type, Int64Type, UInt64Type};
@@ -66,7 +67,7 @@ impl AggregateUDFImpl for LogLoss {
         Ok(vec![
             Arc::new(Field::new(
                 format!("{}[sum]", args.name),
-                DataType::Float64,
+                DataType::Binary,
                 true,
             )),
             Arc::new(Field::new(
@@ -80,7 +81,8 @@ impl AggregateUDFImpl for LogLoss {
 
 #[derive(Debug, Default)]
 struct LogLossAccumulator {
-    sum: f64,
+    /// Order-independent: the same bits however partitions merge.
+    sum: ExactSum,
     count: u64,
 }
 
@@ -101,17 +103,17 @@ impl Accumulator for LogLossAccumulator {
             if !(0..=2).contains(&class) {
                 return exec_err!("log_loss: label {class} is not 0 (A), 1 (B) or 2 (tie)");
             }
-            self.sum += row_log_loss(
+            self.sum.add(row_log_loss(
                 class as usize,
                 [pa.value(row), pb.value(row), pt.value(row)],
-            );
+            ))?;
             self.count += 1;
         }
         Ok(())
     }
     fn evaluate(&mut self) -> Result<ScalarValue> {
         Ok(ScalarValue::Float64(
-            (self.count > 0).then(|| self.sum / self.count as f64),
+            (self.count > 0).then(|| self.sum.value() / self.count as f64),
         ))
     }
     fn size(&self) -> usize {
@@ -119,16 +121,18 @@ impl Accumulator for LogLossAccumulator {
     }
     fn state(&mut self) -> Result<Vec<ScalarValue>> {
         Ok(vec![
-            ScalarValue::Float64(Some(self.sum)),
+            ScalarValue::Binary(Some(ExactSum::to_bytes(&[self.sum]))),
             ScalarValue::UInt64(Some(self.count)),
         ])
     }
     fn merge_batch(&mut self, states: &[ArrayRef]) -> Result<()> {
-        let sums = states[0].as_primitive::<Float64Type>();
+        let sums = states[0].as_binary::<i32>();
         let counts = states[1].as_primitive::<UInt64Type>();
         for row in 0..sums.len() {
             if !sums.is_null(row) {
-                self.sum += sums.value(row);
+                for sum in ExactSum::from_bytes(sums.value(row))? {
+                    self.sum.merge(sum);
+                }
                 self.count += counts.value(row);
             }
         }

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use arenaflow_engine::logits::{run_logits, LogitsOptions};
 use arenaflow_engine::plan::{RUN_DIR_PARAM, SHARD_COUNT_PARAM, SHARD_INDEX_PARAM};
+use arenaflow_engine::recipe::{fold_text, Recipe};
 use arenaflow_engine::runner::Shard;
 use arenaflow_engine::train::{run_train, TrainOptions};
 use arenaflow_engine::{run_plan, ArenaSession, PlanFile, RunOptions};
@@ -27,9 +28,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run plan files in order, in one run directory.
+    /// Run plan files in order, in one run directory; or a recipe (RECIPE.toml: the
+    /// stages of the whole pipeline with one set of parameters).
     Run {
-        /// Plan files (SQL with `-- param` declarations).
+        /// Plan files (SQL with `-- param` declarations), or one recipe file (.toml).
         #[arg(required = true)]
         plans: Vec<String>,
         /// Set a declared parameter (repeatable): --set fold=2
@@ -46,7 +48,8 @@ enum Command {
         #[arg(long, value_name = "I/N")]
         shard: Option<String>,
     },
-    /// List a plan's parameters (with defaults) and its outputs.
+    /// List a plan's parameters (with defaults) and its outputs; or a recipe's parameters
+    /// and every stage's knobs with the values they get.
     Describe { plan: String },
     /// A model's 3 logits for rows of token ids: reads `id`, `input_ids` (list<int32>,
     /// unpadded) from Parquet and writes `id`, `logits` (3 x f32).
@@ -366,6 +369,12 @@ async fn run(
     force: bool,
     shard: Shard,
 ) -> anyhow::Result<()> {
+    if plans.iter().any(|p| Recipe::is_recipe(p)) {
+        if plans.len() > 1 {
+            bail!("a recipe runs alone: arenaflow run RECIPE.toml [--set ...]");
+        }
+        return run_recipe(&plans[0], &sets, run_dir, force, shard).await;
+    }
     let plans = plans
         .iter()
         .map(|p| PlanFile::load(p))
@@ -411,7 +420,127 @@ async fn run(
     Ok(())
 }
 
+/// Runs every stage of a recipe in order (each plan run in its own session, as `run` does).
+async fn run_recipe(
+    path: &str,
+    sets: &[(String, String)],
+    run_dir: String,
+    force: bool,
+    shard: Shard,
+) -> anyhow::Result<()> {
+    if shard.count > 1 {
+        bail!("a recipe runs whole; run the plan of its sharded stage with --shard");
+    }
+    let recipe = Recipe::load(path)?;
+    let runs = recipe.runs(sets)?;
+    let mut stdout = std::io::stdout().lock();
+    if let Some(description) = &recipe.description {
+        writeln!(stdout, "{}", description.trim_end())?;
+    }
+    let started = std::time::Instant::now();
+    let (mut written, mut up_to_date) = (0, 0);
+    for (i, stage_run) in runs.iter().enumerate() {
+        let stage = &recipe.stages[stage_run.stage];
+        writeln!(
+            stdout,
+            "== [{}/{}] {}{} (stage {})",
+            i + 1,
+            runs.len(),
+            stage.plan.file,
+            fold_text(stage_run.fold),
+            stage.plan.stage
+        )?;
+        let options = RunOptions {
+            run_dir: run_dir.clone(),
+            sets: stage_run.sets.clone(),
+            force,
+            shard,
+        };
+        let session = ArenaSession::new();
+        let began = std::time::Instant::now();
+        let summary = run_plan(&session, &stage.plan, &options, &mut stdout).await?;
+        written += summary.written.len();
+        up_to_date += summary.up_to_date.len();
+        writeln!(
+            stdout,
+            "   {} written, {} up to date, {:.1} s",
+            summary.written.len(),
+            summary.up_to_date.len(),
+            began.elapsed().as_secs_f64()
+        )?;
+    }
+    writeln!(
+        stdout,
+        "recipe {}: {} plan runs, {written} outputs written, {up_to_date} up to date, {:.1} s",
+        recipe.file,
+        runs.len(),
+        started.elapsed().as_secs_f64()
+    )?;
+    Ok(())
+}
+
+/// A recipe's parameters and, per stage, every knob of its plan with the value it gets
+/// and where the value comes from.
+fn describe_recipe(path: &str) -> anyhow::Result<()> {
+    let recipe = Recipe::load(path)?;
+    println!("recipe {}", recipe.file);
+    if let Some(description) = &recipe.description {
+        println!("{}", description.trim_end());
+    }
+    println!(
+        "parameters (--set NAME=VALUE; a plan parameter no stage sets itself can be --set too):"
+    );
+    for (name, value) in &recipe.params {
+        let doc = recipe
+            .stages
+            .iter()
+            .flat_map(|s| s.plan.params.iter())
+            .find(|p| &p.name == name)
+            .and_then(|p| p.doc.clone())
+            .unwrap_or_default();
+        println!("  {name:<24} {:<40} {doc}", format!("{value:?}"));
+    }
+    println!("stages:");
+    for (i, stage) in recipe.stages.iter().enumerate() {
+        println!(
+            "  {}. {} (stage {}){}",
+            i + 1,
+            stage.plan.file,
+            stage.plan.stage,
+            if stage.per_fold {
+                ", once per fold 0..k-1"
+            } else {
+                ""
+            }
+        );
+        for p in &stage.plan.params {
+            let (value, from) = if let Some(v) = stage.sets.get(&p.name) {
+                (format!("{v:?}"), "stage")
+            } else if stage.per_fold && p.name == "fold" {
+                ("0..k-1".to_string(), "per fold")
+            } else if let Some(v) = recipe.params.get(&p.name) {
+                (format!("{v:?}"), "recipe")
+            } else if let Some(d) = &p.default {
+                (format!("{d:?}"), "default")
+            } else {
+                ("(required)".to_string(), "unset")
+            };
+            println!(
+                "       {:<22} {:<40} {:<8} {}",
+                p.name,
+                value,
+                from,
+                p.doc.as_deref().unwrap_or("")
+            );
+        }
+    }
+    Ok(())
+}
+
 fn describe(path: &str) -> anyhow::Result<()> {
+    if Recipe::is_recipe(path) {
+        return describe_recipe(path);
+    }
     let plan = PlanFile::load(path)?;
     println!("plan {} (stage {})", plan.file, plan.stage);
     println!("parameters:");

@@ -112,7 +112,7 @@ impl TableProvider for WithTeacherLogits {
             .collect();
         for (k, (name, folder)) in self.teachers.iter().enumerate() {
             let alias = format!("teacher{k}");
-            let table = crate::fold_logits::parquet_folder(
+            let table = crate::fold_tables::parquet_folder(
                 state,
                 folder,
                 &[ID, ORDER, LOGITS],
