@@ -256,7 +256,9 @@ fn bad_input_to_the_last_stages(whole: &Path, tmp: &Path) {
     let log = text(&out);
     assert!(!out.status.success(), "{log}");
     assert!(
-        log.contains("fold0/adapter") && log.contains("fold1/adapter") && log.contains("r"),
+        log.contains("fold0/adapter")
+            && log.contains("fold1/adapter")
+            && log.contains("different configs (r:"),
         "{log}"
     );
     let m = manifest(&bad);

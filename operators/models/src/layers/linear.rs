@@ -68,11 +68,14 @@ impl Linear {
             x = super::dropout::dropout(&x, lora.dropout)
                 .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         }
-        let update = linear(
-            &linear(&x, lora.a.as_tensor(), None)?,
-            lora.b.as_tensor(),
-            None,
-        )?;
+        // Outside training the update is a constant: detached, its result records no
+        // backward graph (which would keep every activation of the pass alive).
+        let (a, b) = if train {
+            (lora.a.as_tensor().clone(), lora.b.as_tensor().clone())
+        } else {
+            (lora.a.as_tensor().detach(), lora.b.as_tensor().detach())
+        };
+        let update = linear(&linear(&x, &a, None)?, &b, None)?;
         let update = (update * lora.scaling)?.to_dtype(base.dtype())?;
         base + update
     }
