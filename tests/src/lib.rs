@@ -130,7 +130,17 @@ impl S3Server {
     /// A raw S3 PUT (create a bucket with `key` empty, or upload an object).
     pub fn put(&self, bucket: &str, key: &str, body: &[u8]) {
         let host = self.endpoint.trim_start_matches("http://");
-        let mut stream = TcpStream::connect(host).expect("connect to the S3 server");
+        // A server under load may refuse a connection for a moment after it first listened.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut stream = loop {
+            match TcpStream::connect(host) {
+                Ok(stream) => break stream,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => panic!("connect to the S3 server at {host}: {e}"),
+            }
+        };
         let path = if key.is_empty() {
             format!("/{bucket}")
         } else {
@@ -151,7 +161,17 @@ impl S3Server {
     /// holds and 404 for one it does not).
     pub fn exists(&self, bucket: &str, key: &str) -> bool {
         let host = self.endpoint.trim_start_matches("http://");
-        let mut stream = TcpStream::connect(host).expect("connect to the S3 server");
+        // A server under load may refuse a connection for a moment after it first listened.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut stream = loop {
+            match TcpStream::connect(host) {
+                Ok(stream) => break stream,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => panic!("connect to the S3 server at {host}: {e}"),
+            }
+        };
         write!(
             stream,
             "HEAD /{bucket}/{key} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
