@@ -2,7 +2,8 @@
 -- depend on row order). For each fold: the held-out side ("valid") is that fold's train
 -- rows only; the training side is the other folds' train rows plus every extra row, and
 -- with swap on, an A/B-swapped copy of each ("order" = 'ba', label swapped).
--- UltraFeedback rows (post-pretraining data) stay out of the folds.
+-- The sources in `pretrain_only` (UltraFeedback by default: post-pretraining data) stay out
+-- of the folds.
 --
 -- stage folds
 -- param k: int = 5 -- number of folds
@@ -10,6 +11,7 @@
 -- param swap: bool = true -- add the A/B-swapped copy of every training row
 -- param comparisons = ${run_dir}/prepare/comparisons.parquet -- the canonical table from prepare.sql
 -- param train_source = kaggle -- source whose rows are split into folds; other sources only train
+-- param pretrain_only = ultrafeedback -- sources for post_pretrain.sql alone, never on a fold's training side (comma-separated)
 
 CREATE EXTERNAL TABLE comparisons STORED AS PARQUET LOCATION '${comparisons}';
 
@@ -31,7 +33,8 @@ CREATE VIEW sides AS
     SELECT f.fold, 'train' AS split,
            c.id, c.source, c.prompt, c.response_a, c.response_b, c.model_a, c.model_b, c.label
     FROM comparisons c CROSS JOIN fold_numbers f
-    WHERE c.source NOT IN ('${train_source}', 'ultrafeedback');
+    WHERE c.source <> '${train_source}'
+      AND NOT array_has(string_to_array('${pretrain_only}', ','), c.source);
 
 COPY (
     SELECT fold, split, 'ab' AS "order", id, source, prompt, response_a, response_b, model_a, model_b, label FROM sides

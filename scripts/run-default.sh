@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The main job: the whole recipe (recipes/smollm2-cpu.toml) on the embedded default data,
-# the real Kaggle sample (../shared/data/lmsys-arena/train_sample.csv) with PandaLM for
-# post-pretraining, SmolLM2-135M-Instruct (fetched from PyPI) as teacher and
-# student, cut down to finish in about 10 minutes on 2 CPU cores: prepare, folds,
+# the real Kaggle sample (../shared/data/lmsys-arena/train_sample.csv) with PandaLM and
+# HH-RLHF for post-pretraining, SmolLM2-135M-Instruct (fetched from PyPI) as teacher and
+# student, cut down to finish in about 12 minutes on 2 CPU cores: prepare, folds,
 # post-pretrain, a teacher per fold, teacher logits, calibration, distillation per fold,
 # CV with TTA, fold averaging, predict (submission.csv) and the eval report (report.md,
 # reliability and loss-curve PNGs). Outputs and manifest.json go to runs/default; run it
