@@ -280,6 +280,17 @@ impl Recipe {
                 *value = expand(value, &snapshot, None);
             }
         }
+        for (name, value) in &params {
+            if let Some(cycle) = references(value)
+                .into_iter()
+                .find(|r| params.contains_key(*r))
+            {
+                return Err(recipe_error(
+                    &self.file,
+                    format!("[params] {name} = {value:?}: ${{{cycle}}} names itself through other parameters"),
+                ));
+            }
+        }
         let folds = if self.stages.iter().any(|s| s.per_fold) {
             let Some(k) = params.get(FOLDS_PARAM) else {
                 return Err(recipe_error(
@@ -475,5 +486,9 @@ mod tests {
         assert!(error.to_string().contains("stage 1 (fold 0)"), "{error}");
         let error = ok.runs(&[("k".into(), "1".into())]).unwrap_err();
         assert!(error.to_string().contains("at least 2"), "{error}");
+
+        let cycle = recipe(&format!("[params]\nk = 3\nsteps = \"${{rows}}\"\nrows = \"${{steps}}\"\n{stage_b}\n[[stages]]\nplan = \"a.sql\"\n")).unwrap();
+        let error = cycle.runs(&[]).unwrap_err();
+        assert!(error.to_string().contains("names itself"), "{error}");
     }
 }
