@@ -2,7 +2,8 @@
 # The GPU profile of the recipe (recipes/smollm2-gpu.toml) on the lent GPU machine, which
 # has no network and no ../shared: the CUDA binary, the SmolLM2 GGUF (two parts: one call
 # carries at most 64 MiB) and the data files travel in git-ignored folders under device/,
-# in two consecutive calls (what a call leaves in /tmp stays while the machine is warm).
+# in two consecutive calls (what a call leaves in the temporary folder stays while the
+# machine is warm).
 #
 # Here:         scripts/build-cuda.sh; scripts/fetch-smollm2.sh; benches/gpu_recipe.sh pack
 # GPU, call 1:  carry device/arenaflow.xz device/gpu/part1     benches/gpu_recipe.sh stage
@@ -12,7 +13,9 @@
 # carried in again it resumes: the recipe skips what is up to date.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-stash=/tmp/arenaflow-gpu
+# The system's temporary folder on the GPU machine: it outlives one call while the machine
+# stays warm.
+stash=$(dirname "$(mktemp -u)")/arenaflow-gpu
 case "${1:-}" in
   pack)
     rm -rf device/gpu

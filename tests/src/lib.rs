@@ -127,20 +127,26 @@ impl S3Server {
         ]
     }
 
-    /// A raw S3 PUT (create a bucket with `key` empty, or upload an object).
-    pub fn put(&self, bucket: &str, key: &str, body: &[u8]) {
+    /// A connection to the server. A server under load may refuse one for a moment after
+    /// it first listened: refusals are retried for 10 s.
+    fn connect(&self) -> TcpStream {
         let host = self.endpoint.trim_start_matches("http://");
-        // A server under load may refuse a connection for a moment after it first listened.
         let deadline = Instant::now() + Duration::from_secs(10);
-        let mut stream = loop {
+        loop {
             match TcpStream::connect(host) {
-                Ok(stream) => break stream,
+                Ok(stream) => return stream,
                 Err(_) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(100));
                 }
                 Err(e) => panic!("connect to the S3 server at {host}: {e}"),
             }
-        };
+        }
+    }
+
+    /// A raw S3 PUT (create a bucket with `key` empty, or upload an object).
+    pub fn put(&self, bucket: &str, key: &str, body: &[u8]) {
+        let host = self.endpoint.trim_start_matches("http://");
+        let mut stream = self.connect();
         let path = if key.is_empty() {
             format!("/{bucket}")
         } else {
@@ -161,17 +167,7 @@ impl S3Server {
     /// holds and 404 for one it does not).
     pub fn exists(&self, bucket: &str, key: &str) -> bool {
         let host = self.endpoint.trim_start_matches("http://");
-        // A server under load may refuse a connection for a moment after it first listened.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut stream = loop {
-            match TcpStream::connect(host) {
-                Ok(stream) => break stream,
-                Err(_) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                Err(e) => panic!("connect to the S3 server at {host}: {e}"),
-            }
-        };
+        let mut stream = self.connect();
         write!(
             stream,
             "HEAD /{bucket}/{key} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
