@@ -84,7 +84,7 @@ CREATE TABLE source_figures AS
 
 COPY (
     SELECT part AS fold, variant, rows, log_loss, accuracy, ece FROM figures
-    ORDER BY part = 'all', part, rank
+    ORDER BY part = 'all', CASE WHEN part = 'all' THEN NULL ELSE CAST(part AS BIGINT) END, rank
 ) TO '${run_dir}/report/${model_name}/cv.csv' STORED AS CSV OPTIONS ('format.has_header' 'true');
 
 COPY (
@@ -111,10 +111,12 @@ COPY (
     SELECT series, x, y FROM (
         SELECT fold, 0 AS kind_rank, 'fold ' || CAST(fold AS VARCHAR) || ' train loss' AS series,
                CAST(step AS DOUBLE) AS x, loss AS y
-        FROM fold_metrics('${run_dir}/train/${model_name}/fold{fold}/', ${k}) WHERE kind = 'step'
+        FROM fold_metrics('${run_dir}/train/${model_name}/fold{fold}/', ${k})
+        WHERE kind = 'step' AND abs(loss) < 'Infinity'::double
         UNION ALL
         SELECT fold, 1, 'fold ' || CAST(fold AS VARCHAR) || ' dev log loss', CAST(step AS DOUBLE), dev_log_loss
-        FROM fold_metrics('${run_dir}/train/${model_name}/fold{fold}/', ${k}) WHERE kind = 'eval')
+        FROM fold_metrics('${run_dir}/train/${model_name}/fold{fold}/', ${k})
+        WHERE kind = 'eval' AND abs(dev_log_loss) < 'Infinity'::double)
     ORDER BY fold, kind_rank, x
 ) TO '${run_dir}/report/${model_name}/loss_curves.png' STORED AS PNG
 OPTIONS ('title' 'training of ${model_name}: loss per step, dev log loss per evaluation',
@@ -135,7 +137,7 @@ COPY (
     SELECT line FROM (
         SELECT 0 AS section, 0 AS n, '# Evaluation report: ${model_name}' AS line
         UNION ALL SELECT 0, 1, ''
-        UNION ALL SELECT 0, 2, 'Out-of-fold predictions of ' || CAST(count(*) AS VARCHAR) || ' held-out rows over ${k} folds (`cv.sql`), each scored by the model trained without its fold. Variants: each A/B order alone (ab, ba), each order calibrated by a `${method}` fit on the other folds'' held-out logits, the two orders averaged per id in ${space} space (TTA: what `predict.sql` submits), and calibrated + TTA. Figures: `cv.csv`, `sources.csv`.' FROM predictions
+        UNION ALL SELECT 0, 2, 'Out-of-fold predictions of ' || CAST(count(*) AS VARCHAR) || ' held-out rows over ${k} folds (`cv.sql`), each scored by the model trained without its fold. Variants: each A/B order alone (ab, ba), each order calibrated by a `${method}` fit on the other folds'' held-out logits, the two orders averaged per id (TTA: cv.sql''s predictions, what `predict.sql` submits), and calibrated + TTA (averaged in ${space} space). Figures: `cv.csv`, `sources.csv`.' FROM predictions
         UNION ALL SELECT 1, 0, ''
         UNION ALL SELECT 1, 1, '## Log loss per fold'
         UNION ALL SELECT 1, 2, ''
@@ -175,7 +177,8 @@ COPY (
 SELECT part AS fold, rows, round(ab, 4) AS ab, round(ba, 4) AS ba,
        round(ab_calibrated, 4) AS ab_calibrated, round(ba_calibrated, 4) AS ba_calibrated,
        round(tta, 4) AS tta, round(calibrated_tta, 4) AS calibrated_tta
-FROM log_loss_table ORDER BY part = 'all', part;
+FROM log_loss_table
+ORDER BY part = 'all', CASE WHEN part = 'all' THEN NULL ELSE CAST(part AS BIGINT) END;
 
 SELECT variant, rows, round(log_loss, 4) AS log_loss, round(accuracy, 4) AS accuracy,
        round(ece, 4) AS ece

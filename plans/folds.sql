@@ -34,7 +34,7 @@ CREATE VIEW sides AS
            c.id, c.source, c.prompt, c.response_a, c.response_b, c.model_a, c.model_b, c.label
     FROM comparisons c CROSS JOIN fold_numbers f
     WHERE c.source <> '${train_source}'
-      AND NOT array_has(string_to_array('${pretrain_only}', ','), c.source);
+      AND NOT array_has(string_to_array(replace('${pretrain_only}', ' ', ''), ','), c.source);
 
 COPY (
     SELECT fold, split, 'ab' AS "order", id, source, prompt, response_a, response_b, model_a, model_b, label FROM sides

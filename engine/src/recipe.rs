@@ -19,6 +19,10 @@
 //! set = { model_name = "teacher", max_steps = "${teacher_steps}" }
 //! ```
 //!
+//! Plan paths are relative to the recipe file; paths in parameter values (data, models)
+//! are used as they are, relative to the directory `arenaflow` runs in, as on the command
+//! line.
+//!
 //! A stage's plan gets, for each parameter it declares: the stage's own `set` value (where
 //! `${name}` names a recipe parameter, or `fold` in a per-fold stage; `${run_dir}` is left
 //! for the plan), else the recipe parameter of that name, else a `--set` of a plan
@@ -225,13 +229,56 @@ impl Recipe {
         Ok(recipe)
     }
 
-    /// Whether recipe parameter `name` reaches a stage.
+    /// Whether recipe parameter `name` reaches a stage, directly or through a recipe
+    /// parameter that does.
     fn uses(&self, name: &str) -> bool {
-        (name == FOLDS_PARAM && self.stages.iter().any(|s| s.per_fold))
-            || self.stages.iter().any(|s| {
-                (s.plan.declares(name) && !s.sets.contains_key(name))
-                    || s.sets.values().any(|v| references(v).contains(&name))
-            })
+        let direct = |name: &str| {
+            (name == FOLDS_PARAM && self.stages.iter().any(|s| s.per_fold))
+                || self.stages.iter().any(|s| {
+                    (s.plan.declares(name) && !s.sets.contains_key(name))
+                        || s.sets.values().any(|v| references(v).contains(&name))
+                })
+        };
+        let mut seen = vec![name.to_string()];
+        let mut next = 0;
+        while next < seen.len() {
+            let current = seen[next].clone();
+            next += 1;
+            if direct(&current) {
+                return true;
+            }
+            for (other, value) in &self.params {
+                if references(value).contains(&current.as_str()) && !seen.contains(other) {
+                    seen.push(other.clone());
+                }
+            }
+        }
+        false
+    }
+
+    /// A recipe parameter that names itself through others (`a = "${b}"`, `b = "${a}"`).
+    fn cycle(params: &BTreeMap<String, String>) -> Option<String> {
+        fn visit<'a>(
+            name: &'a str,
+            params: &'a BTreeMap<String, String>,
+            path: &mut Vec<&'a str>,
+        ) -> Option<String> {
+            if path.contains(&name) {
+                return Some(name.to_string());
+            }
+            let value = params.get(name)?;
+            path.push(name);
+            for reference in references(value) {
+                if let Some(found) = visit(reference, params, path) {
+                    return Some(found);
+                }
+            }
+            path.pop();
+            None
+        }
+        params
+            .keys()
+            .find_map(|name| visit(name, params, &mut Vec::new()))
     }
 
     /// Every plan run, in order, with its values: the recipe's parameters with `overrides`
@@ -240,6 +287,12 @@ impl Recipe {
         let mut params = self.params.clone();
         let mut plan_sets: BTreeMap<String, String> = BTreeMap::new();
         for (name, value) in overrides {
+            if name == FOLD_PARAM && self.stages.iter().any(|s| s.per_fold) {
+                return Err(recipe_error(
+                    &self.file,
+                    format!("--set {FOLD_PARAM}={value}: per-fold stages run every fold 0..k-1; run one fold with the stage's plan instead"),
+                ));
+            }
             if params.contains_key(name) {
                 params.insert(name.clone(), value.clone());
                 continue;
@@ -274,21 +327,19 @@ impl Recipe {
             plan_sets.insert(name.clone(), value.clone());
         }
         // A recipe parameter may name others (`folds = "${run_dir}/folds/k${k}/"`).
+        if let Some(name) = Self::cycle(&params) {
+            return Err(recipe_error(
+                &self.file,
+                format!(
+                    "[params] {name} = {:?} names itself through other parameters",
+                    params[&name]
+                ),
+            ));
+        }
         for _ in 0..params.len() {
             let snapshot = params.clone();
             for value in params.values_mut() {
                 *value = expand(value, &snapshot, None);
-            }
-        }
-        for (name, value) in &params {
-            if let Some(cycle) = references(value)
-                .into_iter()
-                .find(|r| params.contains_key(*r))
-            {
-                return Err(recipe_error(
-                    &self.file,
-                    format!("[params] {name} = {value:?}: ${{{cycle}}} names itself through other parameters"),
-                ));
             }
         }
         let folds = if self.stages.iter().any(|s| s.per_fold) {
@@ -486,6 +537,16 @@ mod tests {
         assert!(error.to_string().contains("stage 1 (fold 0)"), "{error}");
         let error = ok.runs(&[("k".into(), "1".into())]).unwrap_err();
         assert!(error.to_string().contains("at least 2"), "{error}");
+        let error = ok.runs(&[("fold".into(), "1".into())]).unwrap_err();
+        assert!(
+            error.to_string().contains("per-fold stages run every fold"),
+            "{error}"
+        );
+        // A parameter that reaches a stage only through another one is used.
+        recipe(&format!(
+            "[params]\nk = 3\nbase = \"7\"\nsteps = \"${{base}}\"\n{stage_b}"
+        ))
+        .unwrap();
 
         let cycle = recipe(&format!("[params]\nk = 3\nsteps = \"${{rows}}\"\nrows = \"${{steps}}\"\n{stage_b}\n[[stages]]\nplan = \"a.sql\"\n")).unwrap();
         let error = cycle.runs(&[]).unwrap_err();

@@ -174,10 +174,13 @@ impl Accumulator for EceAccumulator {
                 }
                 _ => DEFAULT_BINS,
             };
-            self.bins(n)?.add(
-                class as usize,
-                [pa.value(row), pb.value(row), pt.value(row)],
-            )?;
+            let p = [pa.value(row), pb.value(row), pt.value(row)];
+            if p.iter().any(|v| !v.is_finite()) {
+                return exec_err!(
+                    "expected_calibration_error: row {row} of the batch has probabilities {p:?}; expected finite numbers"
+                );
+            }
+            self.bins(n)?.add(class as usize, p)?;
         }
         Ok(())
     }

@@ -103,10 +103,13 @@ impl Accumulator for LogLossAccumulator {
             if !(0..=2).contains(&class) {
                 return exec_err!("log_loss: label {class} is not 0 (A), 1 (B) or 2 (tie)");
             }
-            self.sum.add(row_log_loss(
-                class as usize,
-                [pa.value(row), pb.value(row), pt.value(row)],
-            ))?;
+            let p = [pa.value(row), pb.value(row), pt.value(row)];
+            if p.iter().any(|v| !v.is_finite()) {
+                return exec_err!(
+                    "log_loss: row {row} of the batch has probabilities {p:?}; expected finite numbers"
+                );
+            }
+            self.sum.add(row_log_loss(class as usize, p))?;
             self.count += 1;
         }
         Ok(())

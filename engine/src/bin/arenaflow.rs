@@ -429,7 +429,11 @@ async fn run_recipe(
     shard: Shard,
 ) -> anyhow::Result<()> {
     if shard.count > 1 {
-        bail!("a recipe runs whole; run the plan of its sharded stage with --shard");
+        bail!(
+            "a recipe runs whole, not as shard {}/{} (--shard, or SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT): run the plan of its sharded stage as the array job",
+            shard.index,
+            shard.count
+        );
     }
     let recipe = Recipe::load(path)?;
     let runs = recipe.runs(sets)?;
