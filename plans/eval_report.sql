@@ -108,7 +108,7 @@ OPTIONS ('chart' 'reliability', 'bins' '10',
          'title' 'reliability of ${model_name} (TTA, out of fold)');
 
 COPY (
-    SELECT series, x, y FROM (
+    SELECT series, x, y, 'fold ' || CAST(fold AS VARCHAR) AS colour FROM (
         SELECT fold, 0 AS kind_rank, 'fold ' || CAST(fold AS VARCHAR) || ' train loss' AS series,
                CAST(step AS DOUBLE) AS x, loss AS y
         FROM fold_metrics('${run_dir}/train/${model_name}/fold{fold}/', ${k})

@@ -79,6 +79,9 @@ fn draw_png(
 pub struct Series {
     pub name: String,
     pub points: Vec<(f64, f64)>,
+    /// Series of one colour key share a colour (a fold's training and dev curves); None:
+    /// a colour of its own.
+    pub colour: Option<String>,
 }
 
 /// The range of `values` (finite ones) with 5% of room on each side.
@@ -120,8 +123,14 @@ pub fn line_chart(labels: Labels<'_>, series: &[Series]) -> Result<Vec<u8>> {
             .label_style(("sans-serif", 14))
             .draw()
             .map_err(chart_error)?;
+        let mut keys: Vec<String> = Vec::new();
         for (i, s) in series.iter().enumerate() {
-            let c = colour(i);
+            let key = s.colour.clone().unwrap_or_else(|| format!("series {i}"));
+            let index = keys.iter().position(|k| *k == key).unwrap_or_else(|| {
+                keys.push(key);
+                keys.len() - 1
+            });
+            let c = colour(index);
             let marked = s.points.len() <= MARKED_POINTS;
             let stroke = if marked { 2 } else { 1 };
             chart
@@ -295,10 +304,12 @@ mod tests {
                 points: (0..200)
                     .map(|i| (i as f64, 1.0 / (1.0 + i as f64)))
                     .collect(),
+                colour: None,
             },
             Series {
                 name: "dev".into(),
                 points: vec![(0.0, 1.1), (100.0, 0.9), (199.0, 0.8)],
+                colour: None,
             },
         ];
         let labels = Labels {
@@ -310,6 +321,18 @@ mod tests {
         assert_eq!((w, h), (WIDTH, HEIGHT));
         assert!(has_colour(&pixels, colour(0)) && has_colour(&pixels, colour(1)));
         assert!(!has_colour(&pixels, colour(2)));
+
+        // One colour key: both curves in the first colour.
+        let shared: Vec<Series> = series
+            .iter()
+            .cloned()
+            .map(|s| Series {
+                colour: Some("fold 0".into()),
+                ..s
+            })
+            .collect();
+        let (_, _, pixels) = decoded(&line_chart(labels, &shared).unwrap());
+        assert!(has_colour(&pixels, colour(0)) && !has_colour(&pixels, colour(1)));
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! - `STORED AS PNG` (or a `.png` target) draws the query's rows as a chart, `OPTIONS
 //!   ('chart' 'line' | 'reliability', 'title' '...', 'x_label' '...', 'y_label' '...',
 //!   'bins' '10')`. `line`: columns `series`, `x`, `y`, one curve per series in the order
-//!   series first appear, points in row order. `reliability`: columns `series` (the class),
+//!   series first appear, points in row order; with a column `colour`, series of one
+//!   value share a colour. `reliability`: columns `series` (the class),
 //!   `bin` (0-based), `x` (mean predicted probability in the bin), `y` (observed frequency),
 //!   `rows` (the bin's row count), drawn as [`charts::reliability_diagram`].
 //! - `STORED AS MD` (or a `.md` target) writes one text column, each row a line.
@@ -361,7 +362,7 @@ fn chart(target: &str, spec: &ChartSpec, batches: &[RecordBatch]) -> Result<Vec<
     let mut rows = ChartRows { target, row: 0 };
     let f64 = DataType::Float64;
     let reliability = spec.chart == "reliability";
-    let mut lines: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    let mut lines: Vec<(String, (Vec<(f64, f64)>, Option<String>))> = Vec::new();
     let mut curves: Vec<(String, Vec<ReliabilityBin>)> = Vec::new();
     for batch in batches {
         let series = column(target, batch, "series", &DataType::Utf8)?;
@@ -376,6 +377,10 @@ fn chart(target: &str, spec: &ChartSpec, batches: &[RecordBatch]) -> Result<Vec<
         } else {
             None
         };
+        let colours = match batch.schema().index_of("colour") {
+            Ok(_) if !reliability => Some(column(target, batch, "colour", &DataType::Utf8)?),
+            _ => None,
+        };
         for i in 0..batch.num_rows() {
             let name = if series.is_null(i) {
                 ""
@@ -384,7 +389,18 @@ fn chart(target: &str, spec: &ChartSpec, batches: &[RecordBatch]) -> Result<Vec<
             };
             let point = (rows.value("x", &x, i)?, rows.value("y", &y, i)?);
             match &extra {
-                None => push_point(&mut lines, name, |s| s.push(point)),
+                None => {
+                    let key = colours.as_ref().and_then(|c| {
+                        let c = c.as_string::<i32>();
+                        (!c.is_null(i)).then(|| c.value(i).to_string())
+                    });
+                    push_point(&mut lines, name, |(points, colour)| {
+                        points.push(point);
+                        if colour.is_none() {
+                            *colour = key;
+                        }
+                    })
+                }
                 Some((bin, count)) => {
                     let (bin, count) = (
                         bin.as_primitive::<UInt64Type>(),
@@ -425,7 +441,11 @@ fn chart(target: &str, spec: &ChartSpec, batches: &[RecordBatch]) -> Result<Vec<
     } else {
         let series: Vec<Series> = lines
             .into_iter()
-            .map(|(name, points)| Series { name, points })
+            .map(|(name, (points, colour))| Series {
+                name,
+                points,
+                colour,
+            })
             .collect();
         charts::line_chart(labels, &series)
     };

@@ -12,10 +12,12 @@ pub fn write_loss_curve(events: &[Event], path: &Path) -> Result<()> {
     let mut train = Series {
         name: "train loss (per step)".into(),
         points: Vec::new(),
+        colour: None,
     };
     let mut dev = Series {
         name: "dev log loss".into(),
         points: Vec::new(),
+        colour: None,
     };
     for event in events {
         match event {
