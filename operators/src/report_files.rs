@@ -362,7 +362,7 @@ fn chart(target: &str, spec: &ChartSpec, batches: &[RecordBatch]) -> Result<Vec<
     let mut rows = ChartRows { target, row: 0 };
     let f64 = DataType::Float64;
     let reliability = spec.chart == "reliability";
-    let mut lines: Vec<(String, (Vec<(f64, f64)>, Option<String>))> = Vec::new();
+    let mut lines: Vec<(String, Series)> = Vec::new();
     let mut curves: Vec<(String, Vec<ReliabilityBin>)> = Vec::new();
     for batch in batches {
         let series = column(target, batch, "series", &DataType::Utf8)?;
@@ -394,10 +394,10 @@ fn chart(target: &str, spec: &ChartSpec, batches: &[RecordBatch]) -> Result<Vec<
                         let c = c.as_string::<i32>();
                         (!c.is_null(i)).then(|| c.value(i).to_string())
                     });
-                    push_point(&mut lines, name, |(points, colour)| {
-                        points.push(point);
-                        if colour.is_none() {
-                            *colour = key;
+                    push_point(&mut lines, name, |s: &mut Series| {
+                        s.points.push(point);
+                        if s.colour.is_none() {
+                            s.colour = key;
                         }
                     })
                 }
@@ -441,11 +441,7 @@ fn chart(target: &str, spec: &ChartSpec, batches: &[RecordBatch]) -> Result<Vec<
     } else {
         let series: Vec<Series> = lines
             .into_iter()
-            .map(|(name, (points, colour))| Series {
-                name,
-                points,
-                colour,
-            })
+            .map(|(name, s)| Series { name, ..s })
             .collect();
         charts::line_chart(labels, &series)
     };
