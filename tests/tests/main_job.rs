@@ -295,9 +295,21 @@ fn relabel_first_row(file: &PathBuf, label: i8) {
 
 #[test]
 fn describe_lists_every_knob_of_the_recipe() {
+    // The GPU profile is checked as `run` checks it (every stage's values against its plan).
+    let gpu = arenaflow(&["describe", "recipes/smollm2-gpu.toml"]);
+    assert!(gpu.status.success(), "{}", text(&gpu));
+    assert!(
+        text(&gpu).contains("recipes/smollm2-gpu.toml (31 plan runs)"),
+        "{}",
+        text(&gpu)
+    );
     let out = arenaflow(&["describe", RECIPE]);
     let log = text(&out);
     assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains("recipes/smollm2-cpu.toml (21 plan runs)"),
+        "{log}"
+    );
     for line in [
         "teacher_steps",
         "11. plans/eval_report.sql (stage eval_report)",

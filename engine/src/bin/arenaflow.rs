@@ -487,7 +487,9 @@ async fn run_recipe(
 /// and where the value comes from.
 fn describe_recipe(path: &str) -> anyhow::Result<()> {
     let recipe = Recipe::load(path)?;
-    println!("recipe {}", recipe.file);
+    // Every stage's values checked against its plan, as `run` does before the first stage.
+    let runs = recipe.runs(&[])?;
+    println!("recipe {} ({} plan runs)", recipe.file, runs.len());
     if let Some(description) = &recipe.description {
         println!("{}", description.trim_end());
     }
