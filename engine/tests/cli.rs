@@ -100,52 +100,36 @@ fn average_writes_the_folds_mean_and_names_its_weights() {
     );
     assert!(out.join("adapter_model.safetensors").is_file());
     let other = tmp.path().join("other").display().to_string();
-    let (ok, said) = arenaflow(&[
-        "average",
-        "--adapter",
-        adapter,
-        "--adapter",
-        adapter,
-        "--output",
+    // Two adapters into `output`, with more flags.
+    let average_two = |output: &str, flags: &[&str]| {
+        let mut args = vec!["average", "--adapter", adapter, "--adapter", adapter];
+        args.extend(["--output", output]);
+        args.extend(flags);
+        arenaflow(&args)
+    };
+    let (ok, said) = average_two(
         &other,
-        "--weights",
-        "group_relative",
-        "--log-loss",
-        "1.0",
-    ]);
+        &["--weights", "group_relative", "--log-loss", "1.0"],
+    );
     assert!(
         !ok && said.contains("1 held-out log losses for 2 adapters"),
         "{said}"
     );
     let (ok, said) = arenaflow(&["average", "--adapter", adapter, "--output", &other]);
     assert!(!ok && said.contains("at least 2 adapters"), "{said}");
-    let (ok, said) = arenaflow(&[
-        "average",
-        "--adapter",
-        adapter,
-        "--adapter",
-        adapter,
-        "--output",
-        &other,
-        "--mode",
-        "delta",
-    ]);
+    let (ok, said) = average_two(&other, &["--mode", "delta"]);
     assert!(!ok && said.contains("--mode delta needs --model"), "{said}");
     let merged = tmp.path().join("merged");
     let merged_arg = merged.display().to_string();
-    let (ok, said) = arenaflow(&[
-        "average",
-        "--adapter",
-        adapter,
-        "--adapter",
-        adapter,
-        "--output",
+    let (ok, said) = average_two(
         &merged_arg,
-        "--mode",
-        "delta",
-        "--model",
-        "tests/fixtures/models/llama/base",
-    ]);
+        &[
+            "--mode",
+            "delta",
+            "--model",
+            "tests/fixtures/models/llama/base",
+        ],
+    );
     assert!(ok && said.contains("merged model"), "{said}");
     assert!(merged.join("model.safetensors").is_file() && merged.join("config.json").is_file());
 }

@@ -224,6 +224,20 @@ pub fn parquet_batches(path: &Path) -> Vec<datafusion::arrow::record_batch::Reco
     .collect()
 }
 
+/// Writes `batches` (at least one, one schema) as the Parquet file `path`.
+pub fn write_parquet(path: &Path, batches: &[datafusion::arrow::record_batch::RecordBatch]) {
+    let mut writer = datafusion::parquet::arrow::ArrowWriter::try_new(
+        std::fs::File::create(path).unwrap(),
+        batches[0].schema(),
+        None,
+    )
+    .unwrap();
+    for batch in batches {
+        writer.write(batch).unwrap();
+    }
+    writer.close().unwrap();
+}
+
 /// The `id` and `logits` (3 x f32) of every row of a Parquet file, in file order.
 pub fn read_logits(path: &Path) -> Vec<(String, Vec<f32>)> {
     let mut out = Vec::new();

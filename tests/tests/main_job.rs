@@ -5,17 +5,17 @@
 //! with the same files as the uninterrupted one; `describe` lists every knob; and bad
 //! input to the last stages fails naming it, with nothing recorded complete.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use datafusion::arrow::array::{Int8Array, RecordBatch};
-use datafusion::parquet::arrow::ArrowWriter;
 use serde_json::Value;
 
 use arenaflow_tests::{
     arenaflow, arenaflow_bin, parquet_batches, parquet_files, repo_root, small_train, text,
+    write_parquet,
 };
 
 const RECIPE: &str = "recipes/smollm2-cpu.toml";
@@ -265,7 +265,7 @@ fn bad_input_to_the_last_stages(whole: &Path, tmp: &Path) {
 }
 
 /// Rewrites a Parquet file of logits with the first row's label set to `label`.
-fn relabel_first_row(file: &PathBuf, label: i8) {
+fn relabel_first_row(file: &Path, label: i8) {
     let batches = parquet_batches(file);
     let schema = batches[0].schema();
     let column = schema.index_of("label").unwrap();
@@ -285,12 +285,7 @@ fn relabel_first_row(file: &PathBuf, label: i8) {
         columns[column] = Arc::new(Int8Array::from(labels));
         rewritten.push(RecordBatch::try_new(schema.clone(), columns).unwrap());
     }
-    let mut writer =
-        ArrowWriter::try_new(std::fs::File::create(file).unwrap(), schema, None).unwrap();
-    for batch in &rewritten {
-        writer.write(batch).unwrap();
-    }
-    writer.close().unwrap();
+    write_parquet(file, &rewritten);
 }
 
 #[test]

@@ -5,9 +5,8 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use arenaflow_tests::{arenaflow, read_logits, repo_root, text};
+use arenaflow_tests::{arenaflow, read_logits, repo_root, text, write_parquet};
 use datafusion::arrow::array::{Array, Int32Builder, ListBuilder, RecordBatch, StringArray};
-use datafusion::parquet::arrow::ArrowWriter;
 
 fn write_tokens(path: &Path, rows: &[(String, Vec<i32>)]) {
     let ids = StringArray::from(rows.iter().map(|r| r.0.clone()).collect::<Vec<_>>());
@@ -21,10 +20,7 @@ fn write_tokens(path: &Path, rows: &[(String, Vec<i32>)]) {
         ("input_ids", Arc::new(tokens.finish()) as Arc<dyn Array>),
     ])
     .unwrap();
-    let mut writer =
-        ArrowWriter::try_new(std::fs::File::create(path).unwrap(), batch.schema(), None).unwrap();
-    writer.write(&batch).unwrap();
-    writer.close().unwrap();
+    write_parquet(path, &[batch]);
 }
 
 #[test]

@@ -9,9 +9,10 @@ use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, AsArray, FixedSizeListArray, Float32Array, RecordBatch};
 use datafusion::arrow::datatypes::{Float32Type, Int8Type};
-use datafusion::parquet::arrow::ArrowWriter;
 
-use arenaflow_tests::{arenaflow, parquet_batches, parquet_files, small_train, text};
+use arenaflow_tests::{
+    arenaflow, parquet_batches, parquet_files, small_train, text, write_parquet,
+};
 use arenaflow_udfs::calibrate::{apply, fit, Method};
 
 const MODEL: &str = "tests/fixtures/teacher/model";
@@ -278,12 +279,7 @@ fn rewrite_logits(file: &Path, mut change: impl FnMut(usize, usize, &mut [f32]))
         columns[column] = Arc::new(changed);
         rewritten.push(RecordBatch::try_new(schema.clone(), columns).unwrap());
     }
-    let mut writer =
-        ArrowWriter::try_new(std::fs::File::create(file).unwrap(), schema, None).unwrap();
-    for batch in &rewritten {
-        writer.write(batch).unwrap();
-    }
-    writer.close().unwrap();
+    write_parquet(file, &rewritten);
     first_id.unwrap()
 }
 

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use arenaflow_tests::{
     arenaflow, arenaflow_with_env, kill_at_pause, parquet_batches, parquet_files, read_logits,
-    repo_root, small_train, text,
+    repo_root, small_train, text, write_parquet,
 };
 use datafusion::arrow::array::AsArray;
 use datafusion::arrow::datatypes::Float32Type;
@@ -413,14 +413,7 @@ fn reverse_rows(from: &Path, to: &Path) {
     let indices =
         datafusion::arrow::array::UInt32Array::from_iter_values((0..all.num_rows() as u32).rev());
     let reversed = take_record_batch(&all, &indices).unwrap();
-    let mut writer = datafusion::parquet::arrow::ArrowWriter::try_new(
-        std::fs::File::create(to).unwrap(),
-        reversed.schema(),
-        None,
-    )
-    .unwrap();
-    writer.write(&reversed).unwrap();
-    writer.close().unwrap();
+    write_parquet(to, &[reversed]);
 }
 
 /// Changes one byte (`at` into the tensor data) of a safetensors file; it still loads.

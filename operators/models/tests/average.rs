@@ -59,16 +59,17 @@ fn variant(
     dir.to_path_buf()
 }
 
+/// The fixture adapter (`dir/fold0`) and the same with every tensor doubled (`dir/fold1`).
+fn an_adapter_and_its_double(dir: &Path) -> (PathBuf, PathBuf) {
+    let one = variant(&dir.join("fold0"), |t| t.clone(), |_| {}, |_| true);
+    let two = variant(&dir.join("fold1"), |t| (t * 2.0).unwrap(), |_| {}, |_| true);
+    (one, two)
+}
+
 #[test]
 fn the_mean_of_an_adapter_and_its_double_is_one_and_a_half_times_it() {
     let tmp = tempfile::tempdir().unwrap();
-    let one = variant(&tmp.path().join("fold0"), |t| t.clone(), |_| {}, |_| true);
-    let two = variant(
-        &tmp.path().join("fold1"),
-        |t| (t * 2.0).unwrap(),
-        |_| {},
-        |_| true,
-    );
+    let (one, two) = an_adapter_and_its_double(tmp.path());
     let out = tmp.path().join("averaged");
     let w = average_adapters(&[one.clone(), two], &FoldWeights::Uniform, &out).unwrap();
     assert_eq!(w, vec![0.5, 0.5]);
@@ -141,13 +142,7 @@ fn logits(model: &arenaflow_models::models::classifier::SequenceClassifier) -> V
 fn delta_is_the_mean_of_the_merged_models() {
     let tmp = tempfile::tempdir().unwrap();
     let base = fixture().join("base").display().to_string();
-    let one = variant(&tmp.path().join("fold0"), |t| t.clone(), |_| {}, |_| true);
-    let two = variant(
-        &tmp.path().join("fold1"),
-        |t| (t * 2.0).unwrap(),
-        |_| {},
-        |_| true,
-    );
+    let (one, two) = an_adapter_and_its_double(tmp.path());
 
     let same = tmp.path().join("same");
     average_merged(
