@@ -3,7 +3,15 @@
 //! (scripts/cuda-toolchain.sh provides one on machines without a GPU).
 
 /// The kernel sources, one per op; `src/cuda.rs` loads each as a module of that name.
-const KERNELS: [&str; 3] = ["attention", "rms_norm", "gated"];
+const KERNELS: [&str; 7] = [
+    "attention",
+    "dropout",
+    "attention_backward",
+    "rope",
+    "rms_norm",
+    "gated",
+    "optim",
+];
 
 fn main() {
     println!("cargo:rerun-if-changed=kernels");

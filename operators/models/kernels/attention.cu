@@ -4,7 +4,9 @@
 // Layouts: q (b, s, nh, d), k and v (b, s, nkv, d), out (b, s, nh, d), all contiguous, so
 // that no transposes are needed around attention. bounds (b, 2) u32: the first and
 // one-past-last real position of each row (padding is on the left or on the right, so the
-// real tokens are contiguous). Launched by src/ops/attention.rs.
+// real tokens are contiguous). lse (b, nh, s) f32: each real query's log-sum-exp of its
+// scores, which the backward pass (attention_backward.cu) recomputes the softmax from.
+// Launched by src/ops/attention.rs.
 
 #include "common.cuh"
 
@@ -26,8 +28,9 @@ __device__ __forceinline__ bool key_visible(int q, int k, int start, int end, in
 template <typename T>
 __device__ void attention_simple(const T* __restrict__ q, const T* __restrict__ k,
                                  const T* __restrict__ v, const uint32_t* __restrict__ bounds,
-                                 T* __restrict__ out, int b, int s, int nh, int nkv, int d,
-                                 float scale, float softcap, int window) {
+                                 T* __restrict__ out, float* __restrict__ lse, int b, int s,
+                                 int nh, int nkv, int d, float scale, float softcap,
+                                 int window) {
     const int lane = threadIdx.x % 32;
     const int warp = threadIdx.x / 32;
     const int query = blockIdx.x * (blockDim.x / 32) + warp;
@@ -80,13 +83,15 @@ __device__ void attention_simple(const T* __restrict__ q, const T* __restrict__ 
         int c = lane + 32 * i;
         if (c < d) op[c] = from_float<T>(acc[i] * inv);
     }
+    if (lane == 0 && l > 0.f) lse[((size_t)row * nh + head) * s + query] = m + logf(l);
 }
 
 #define SIMPLE(NAME, T)                                                                        \
     extern "C" __global__ void NAME(const T* q, const T* k, const T* v, const uint32_t* bounds, \
-                                    T* out, int b, int s, int nh, int nkv, int d, float scale,  \
-                                    float softcap, int window) {                               \
-        attention_simple<T>(q, k, v, bounds, out, b, s, nh, nkv, d, scale, softcap, window);  \
+                                    T* out, float* lse, int b, int s, int nh, int nkv, int d,   \
+                                    float scale, float softcap, int window) {                  \
+        attention_simple<T>(q, k, v, bounds, out, lse, b, s, nh, nkv, d, scale, softcap,       \
+                            window);                                                           \
     }
 SIMPLE(attention_simple_f32, float)
 SIMPLE(attention_simple_bf16, __nv_bfloat16)
@@ -135,8 +140,9 @@ template <typename T, int D, int BN>
 __device__ __forceinline__ void attention_mma(const T* __restrict__ q, const T* __restrict__ k,
                                               const T* __restrict__ v,
                                               const uint32_t* __restrict__ bounds,
-                                              T* __restrict__ out, int b, int s, int nh, int nkv,
-                                              float scale, float softcap, int window) {
+                                              T* __restrict__ out, float* __restrict__ lse,
+                                              int b, int s, int nh, int nkv, float scale,
+                                              float softcap, int window) {
     constexpr int BM = 64;
     constexpr int PAD = 8;            // row padding (16 bytes): conflict-free fragment loads
     constexpr int KSTEPS = D / 16;    // k-steps of Q K^T
@@ -301,13 +307,20 @@ __device__ __forceinline__ void attention_mma(const T* __restrict__ q, const T* 
         if (real0) *reinterpret_cast<uint32_t*>(o0 + c) = Mma<T>::pack(o[j][0] * inv0, o[j][1] * inv0);
         if (real1) *reinterpret_cast<uint32_t*>(o1 + c) = Mma<T>::pack(o[j][2] * inv1, o[j][3] * inv1);
     }
+    // The log-sum-exp of each query's scores, for the backward pass.
+    if (lane % 4 == 0) {
+        float* lse_head = lse + ((size_t)row * nh + head) * s;
+        if (real0 && l_run[0] > 0.f) lse_head[qrow0] = m_run[0] + logf(l_run[0]);
+        if (real1 && l_run[1] > 0.f) lse_head[qrow1] = m_run[1] + logf(l_run[1]);
+    }
 }
 
 #define MMA_KERNEL(NAME, T, D, BN)                                                              \
     extern "C" __global__ void __launch_bounds__(128) NAME(                                      \
-        const T* q, const T* k, const T* v, const uint32_t* bounds, T* out, int b, int s, int nh, \
-        int nkv, float scale, float softcap, int window) {                                       \
-        attention_mma<T, D, BN>(q, k, v, bounds, out, b, s, nh, nkv, scale, softcap, window);    \
+        const T* q, const T* k, const T* v, const uint32_t* bounds, T* out, float* lse, int b,   \
+        int s, int nh, int nkv, float scale, float softcap, int window) {                        \
+        attention_mma<T, D, BN>(q, k, v, bounds, out, lse, b, s, nh, nkv, scale, softcap,       \
+                                window);                                                         \
     }
 MMA_KERNEL(attention_mma_bf16_d16, __nv_bfloat16, 16, 64)
 MMA_KERNEL(attention_mma_bf16_d32, __nv_bfloat16, 32, 64)

@@ -1,10 +1,27 @@
-// RMSNorm with transformers' rounding. Launched by src/ops/rms_norm.rs.
+// RMSNorm with transformers' rounding, and its backward pass for the input (the weight is
+// frozen in LoRA training). Launched by src/ops/rms_norm.rs.
 
 #include "common.cuh"
 
 // RMSNorm over the last axis, one block per row, statistics in f32, weight in f32.
 // Llama (gemma = 0): T(T(x * r) * w), the rounding of transformers' `w * x.to(dtype)`.
 // Gemma (gemma = 1): T(x * r * w) with w = 1 + weight, all in f32.
+// The sum over the block's threads of one value per thread (every thread gets it).
+__device__ __forceinline__ float block_sum(float v, float* partial) {
+    for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffff, v, off);
+    __syncthreads();  // partial may still be read from a previous call
+    if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = v;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        int warps = blockDim.x / 32;
+        float u = threadIdx.x < warps ? partial[threadIdx.x] : 0.f;
+        for (int off = 16; off > 0; off /= 2) u += __shfl_xor_sync(0xffffffff, u, off);
+        if (threadIdx.x == 0) partial[0] = u;
+    }
+    __syncthreads();
+    return partial[0];
+}
+
 template <typename T>
 __device__ void rms_norm(const T* __restrict__ x, const float* __restrict__ w, T* __restrict__ out,
                          int cols, float eps, int gemma) {
@@ -38,6 +55,38 @@ __device__ void rms_norm(const T* __restrict__ x, const float* __restrict__ w, T
                                     int gemma) {                                              \
         rms_norm<T>(x, w, out, cols, eps, gemma);                                             \
     }
+// dx of y = x * r * w, r = (mean(x^2) + eps)^-1/2, per row:
+// dx = r * (w dy) - x * r^3 * sum(w dy x) / cols, in f32.
+template <typename T>
+__device__ void rms_norm_backward(const T* __restrict__ x, const T* __restrict__ dy,
+                                  const float* __restrict__ w, T* __restrict__ dx, int cols,
+                                  float eps) {
+    __shared__ float partial[32];
+    const size_t at = (size_t)blockIdx.x * cols;
+    float squares = 0.f, dot = 0.f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        float v = to_float(x[at + c]);
+        squares += v * v;
+        dot += w[c] * to_float(dy[at + c]) * v;
+    }
+    squares = block_sum(squares, partial);
+    dot = block_sum(dot, partial);
+    float r = rsqrtf(squares / cols + eps);
+    float k = r * r * r * dot / cols;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        dx[at + c] = from_float<T>(r * w[c] * to_float(dy[at + c]) - to_float(x[at + c]) * k);
+    }
+}
+
+#define RMS_BACKWARD(NAME, T)                                                                 \
+    extern "C" __global__ void NAME(const T* x, const T* dy, const float* w, T* dx, int cols, \
+                                    float eps) {                                              \
+        rms_norm_backward<T>(x, dy, w, dx, cols, eps);                                        \
+    }
+RMS_BACKWARD(rms_norm_backward_f32, float)
+RMS_BACKWARD(rms_norm_backward_bf16, __nv_bfloat16)
+RMS_BACKWARD(rms_norm_backward_f16, __half)
+
 RMS(rms_norm_f32, float)
 RMS(rms_norm_bf16, __nv_bfloat16)
 RMS(rms_norm_f16, __half)

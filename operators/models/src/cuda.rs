@@ -15,6 +15,22 @@ pub(crate) const ATTENTION: Module = Module {
     name: "arenaflow_attention",
     ptx: include_str!(concat!(env!("OUT_DIR"), "/attention.ptx")),
 };
+pub(crate) const ATTENTION_BACKWARD: Module = Module {
+    name: "arenaflow_attention_backward",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/attention_backward.ptx")),
+};
+pub(crate) const ROPE: Module = Module {
+    name: "arenaflow_rope",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/rope.ptx")),
+};
+pub(crate) const DROPOUT: Module = Module {
+    name: "arenaflow_dropout",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/dropout.ptx")),
+};
+pub(crate) const OPTIM: Module = Module {
+    name: "arenaflow_optim",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/optim.ptx")),
+};
 pub(crate) const RMS_NORM: Module = Module {
     name: "arenaflow_rms_norm",
     ptx: include_str!(concat!(env!("OUT_DIR"), "/rms_norm.ptx")),

@@ -46,3 +46,29 @@ pub fn take() -> BTreeMap<String, (f64, u64)> {
         .map(|(k, (d, n))| (k.to_string(), (d.as_secs_f64(), n)))
         .collect()
 }
+
+/// Turns profiling on when `ARENAFLOW_PROFILE` is `1`, `on` or `true` (training reads it:
+/// its sections then synchronise the device, so the run is a little slower); returns
+/// whether it is on.
+pub fn enable_from_env() -> bool {
+    let on = matches!(
+        std::env::var("ARENAFLOW_PROFILE").as_deref(),
+        Ok("1") | Ok("on") | Ok("true")
+    );
+    if on {
+        take();
+        enable(true);
+    }
+    on
+}
+
+/// The sections so far as one line, largest first: `attention 1.23 s (4800), ...`.
+pub fn report() -> String {
+    let mut sections: Vec<(String, (f64, u64))> = take().into_iter().collect();
+    sections.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
+    sections
+        .iter()
+        .map(|(name, (s, n))| format!("{name} {s:.2} s ({n})"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}

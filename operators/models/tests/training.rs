@@ -558,3 +558,255 @@ fn cuda_bf16_gradients_track_the_cpu_f32_ones() {
         );
     }
 }
+
+/// The fused attention's backward pass against autograd through candle's composed ops (in
+/// f64 on the CPU), on shapes of the three families and real sizes: GQA, left and right
+/// padding, soft-cap, sliding window, head sizes 64, 128 and 256. The loss is Σ out ⊙ u with
+/// u zero on padding queries (whose output the model never reads). f32 on the device within
+/// 1e-4 of f64 (whole-tensor relative error), bf16 within 3e-2.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_attention_backward_matches_composed_autograd() {
+    use arenaflow_models::ops::attention::{attention_train, Attention};
+    use arenaflow_models::weights::SplitMix64;
+    use candle_core::Var;
+    let device = Device::new_cuda(0).expect("a CUDA GPU");
+    /// rows, seq, heads, kv heads, head size, soft-cap, window, each row's real span.
+    type Case = (
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        f32,
+        usize,
+        Vec<(u32, u32)>,
+    );
+    let cases: Vec<Case> = vec![
+        (2, 150, 9, 3, 64, 0.0, 0, vec![(0, 150), (0, 97)]),
+        (2, 133, 4, 2, 64, 0.0, 0, vec![(40, 133), (0, 133)]),
+        (2, 120, 8, 2, 128, 0.0, 0, vec![(0, 120), (17, 120)]),
+        (2, 100, 4, 2, 256, 50.0, 37, vec![(0, 100), (9, 100)]),
+        (1, 512, 9, 3, 64, 0.0, 0, vec![(0, 431)]),
+    ];
+    let mut rng = SplitMix64::new(11);
+    for (b, s, nh, nkv, d, softcap, window, spans) in cases {
+        let mut values = |n: usize| -> Vec<f64> { (0..n).map(|_| rng.next_normal()).collect() };
+        let (q, k, v) = (
+            values(b * s * nh * d),
+            values(b * s * nkv * d),
+            values(b * s * nkv * d),
+        );
+        let mut u = values(b * s * nh * d);
+        for (row, &(lo, hi)) in spans.iter().enumerate() {
+            for i in 0..s {
+                if i < lo as usize || i >= hi as usize {
+                    u[(row * s + i) * nh * d..(row * s + i + 1) * nh * d].fill(0.0);
+                }
+            }
+        }
+        let scale = 1.0 / (d as f64).sqrt();
+        // The reference: f64 on the CPU, composed ops, additive mask.
+        let t = |x: &[f64], h: usize, dev: &Device, dtype: DType| {
+            Var::from_tensor(
+                &Tensor::from_slice(x, (b, s, h, d), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+                    .to_device(dev)
+                    .unwrap(),
+            )
+            .unwrap()
+        };
+        let mut mask = vec![-1e30f64; b * s * s];
+        for (row, &(lo, hi)) in spans.iter().enumerate() {
+            for i in 0..s {
+                for j in 0..s {
+                    let seen = j <= i
+                        && j >= lo as usize
+                        && j < hi as usize
+                        && (window == 0 || i - j < window);
+                    if seen {
+                        mask[(row * s + i) * s + j] = 0.0;
+                    }
+                }
+            }
+        }
+        let mask = Tensor::from_vec(mask, (b, 1, s, s), &Device::Cpu).unwrap();
+        let (qr, kr, vr) = (
+            t(&q, nh, &Device::Cpu, DType::F64),
+            t(&k, nkv, &Device::Cpu, DType::F64),
+            t(&v, nkv, &Device::Cpu, DType::F64),
+        );
+        let heads = |x: &Tensor| x.transpose(1, 2).unwrap().contiguous().unwrap();
+        let repeat = |x: &Tensor| {
+            let x = heads(x);
+            let parts: Vec<Tensor> = (0..nh)
+                .map(|h| x.narrow(1, h / (nh / nkv), 1).unwrap())
+                .collect();
+            Tensor::cat(&parts, 1).unwrap()
+        };
+        let mut scores = (heads(qr.as_tensor())
+            .matmul(&repeat(kr.as_tensor()).t().unwrap())
+            .unwrap()
+            * scale)
+            .unwrap();
+        if softcap > 0.0 {
+            scores = ((scores / softcap as f64).unwrap().tanh().unwrap() * softcap as f64).unwrap();
+        }
+        let probs = candle_nn::ops::softmax(
+            &scores.broadcast_add(&mask).unwrap(),
+            candle_core::D::Minus1,
+        )
+        .unwrap();
+        let out = probs
+            .matmul(&repeat(vr.as_tensor()))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap();
+        let uref = Tensor::from_slice(&u, (b, s, nh, d), &Device::Cpu).unwrap();
+        let store = (&out * &uref)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let want: Vec<Tensor> = [&qr, &kr, &vr]
+            .iter()
+            .map(|x| store.get(x.as_tensor()).unwrap().clone())
+            .collect();
+        for (dtype, bound) in [(DType::F32, 1e-4), (DType::BF16, 3e-2)] {
+            let (qg, kg, vg) = (
+                t(&q, nh, &device, dtype),
+                t(&k, nkv, &device, dtype),
+                t(&v, nkv, &device, dtype),
+            );
+            let bounds: Vec<u32> = spans.iter().flat_map(|&(a, z)| [a, z]).collect();
+            let op = Attention {
+                scale: scale as f32,
+                softcap,
+                window: window as i32,
+                bounds: Tensor::from_vec(bounds, (b, 2), &device).unwrap(),
+            };
+            let out = attention_train(qg.as_tensor(), kg.as_tensor(), vg.as_tensor(), op).unwrap();
+            let ug = uref.to_dtype(dtype).unwrap().to_device(&device).unwrap();
+            let store = (out * ug).unwrap().sum_all().unwrap().backward().unwrap();
+            for (name, (var, want)) in ["dq", "dk", "dv"]
+                .iter()
+                .zip([&qg, &kg, &vg].iter().zip(&want))
+            {
+                let got = store
+                    .get(var.as_tensor())
+                    .unwrap()
+                    .to_device(&Device::Cpu)
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap();
+                let error = norm_relative_error(&got, want);
+                eprintln!(
+                    "attention backward b{b} s{s} heads {nh}/{nkv} d{d} softcap {softcap} window {window} {dtype:?}: {name} off by {error:.2e}"
+                );
+                assert!(error < bound, "{name}: {error:.2e} over {bound:.0e}");
+            }
+        }
+    }
+}
+
+/// On a GPU AdamW and the gradient norm run as arenaflow's kernels (three in-place passes
+/// per tensor, one sum of squares per tensor) and dropout as a hashed mask: three clipped
+/// AdamW steps land where the CPU's composed ops do (f32, within 1e-6 relative), and the
+/// dropout op keeps about 1 - p of the elements, scaled, with its backward the same mask.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_adamw_clipping_and_dropout_match_the_cpu() {
+    use arenaflow_models::train::optim::clip_grad_norm;
+    use arenaflow_models::train::AdamW;
+    use arenaflow_models::weights::SplitMix64;
+    use candle_core::Var;
+    let gpu = Device::new_cuda(0).expect("a CUDA GPU");
+    let mut rng = SplitMix64::new(5);
+    let shapes = [(16usize, 576usize), (576, 16), (3, 576)];
+    let mut draw = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.next_normal() as f32).collect() };
+    let params: Vec<Vec<f32>> = shapes.iter().map(|&(a, b)| draw(a * b)).collect();
+    let grads: Vec<Vec<Vec<f32>>> = (0..3)
+        .map(|_| shapes.iter().map(|&(a, b)| draw(a * b)).collect())
+        .collect();
+    let run = |device: &Device| -> (Vec<Vec<f32>>, Vec<f64>) {
+        let vars: Vec<Var> = params
+            .iter()
+            .zip(&shapes)
+            .map(|(p, &s)| Var::from_tensor(&Tensor::from_slice(p, s, device).unwrap()).unwrap())
+            .collect();
+        let config = AdamWConfig {
+            beta2: 0.95,
+            weight_decay: 0.01,
+            ..Default::default()
+        };
+        let mut opt = AdamW::new(config, &vars).unwrap();
+        let mut norms = Vec::new();
+        for step in &grads {
+            let mut g: Vec<Tensor> = step
+                .iter()
+                .zip(&shapes)
+                .map(|(g, &s)| Tensor::from_slice(g, s, device).unwrap())
+                .collect();
+            norms.push(clip_grad_norm(&mut g, Some(1.0)).unwrap());
+            opt.step(&vars, &g, 2e-4).unwrap();
+        }
+        let out = vars
+            .iter()
+            .map(|v| {
+                v.as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_device(&Device::Cpu)
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            })
+            .collect();
+        (out, norms)
+    };
+    let (cpu, cpu_norms) = run(&Device::Cpu);
+    let (gpu_params, gpu_norms) = run(&gpu);
+    for (a, b) in cpu_norms.iter().zip(&gpu_norms) {
+        assert!(
+            (a - b).abs() / a < 1e-6,
+            "gradient norm {b} on the GPU, {a} on the CPU"
+        );
+    }
+    let mut worst = 0f64;
+    for (c, g) in cpu.iter().zip(&gpu_params) {
+        for (x, y) in c.iter().zip(g) {
+            worst = worst.max((*x as f64 - *y as f64).abs() / (x.abs() as f64).max(1e-3));
+        }
+    }
+    eprintln!("AdamW after 3 clipped steps: GPU vs CPU worst relative difference {worst:.2e}");
+    assert!(worst < 1e-6);
+
+    // Dropout: the mask's share, its scale, and the backward's mask equal to the forward's.
+    let x = Var::from_tensor(&Tensor::ones((1000, 1000), DType::F32, &gpu).unwrap()).unwrap();
+    let y = arenaflow_models::ops::dropout::dropout(x.as_tensor(), 42, 0.05).unwrap();
+    let grad = y.sum_all().unwrap().backward().unwrap();
+    let (y, g) = (
+        y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        grad.get(x.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap(),
+    );
+    let kept = y.iter().filter(|&&v| v != 0.0).count() as f64 / y.len() as f64;
+    eprintln!("dropout p 0.05: kept {kept:.5}");
+    assert!((kept - 0.95).abs() < 0.002, "{kept}");
+    assert!(y.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.95).abs() < 1e-6));
+    assert_eq!(y, g, "the backward's mask is the forward's");
+    let again = arenaflow_models::ops::dropout::dropout(x.as_tensor(), 42, 0.05)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    assert_eq!(y, again, "one seed, one mask");
+}

@@ -311,6 +311,7 @@ impl Job {
         let every = self.settings.checkpoint_every;
         let resumed_at = trainer.steps_done();
         let mut stopped = false;
+        let profiling = arenaflow_models::profile::enable_from_env();
         let result = trainer.run(&mut |t, event| {
             let batch = self
                 .event_batch(event)
@@ -336,6 +337,13 @@ impl Job {
             Ok(())
         });
         progress.finish();
+        if profiling {
+            arenaflow_models::profile::enable(false);
+            eprintln!(
+                "{NAME}: profile (forward sections, the device synchronised around each): {}",
+                arenaflow_models::profile::report()
+            );
+        }
         result.map_err(|e| external(e.into()))?;
         let computed = trainer.steps_done() - resumed_at;
         if let Some(dir) = &self.checkpoint {

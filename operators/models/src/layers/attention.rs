@@ -1,7 +1,8 @@
 //! Self-attention of a decoder layer: q, k, v projections (with their LoRA), RoPE, causal
 //! attention with the padding of [`BatchState`] and this layer's sliding window and
 //! soft-cap, and the output projection. The fused op runs where the batch state carries
-//! row spans; candle's composed ops, over additive masks, otherwise (training among them).
+//! row spans (inference, and training on a GPU); candle's composed ops, over additive
+//! masks, otherwise.
 
 use candle_core::{Device, Tensor};
 
@@ -59,7 +60,7 @@ impl SelfAttention {
 
     pub fn forward_t(&self, xs: &Tensor, state: &BatchState, train: bool) -> Result<Tensor> {
         match &state.masking {
-            Masking::Spans(spans) => self.fused(xs, state, spans),
+            Masking::Spans(spans) => self.fused(xs, state, spans, train),
             Masking::Masks { full, sliding } => {
                 let mask = match (sliding, self.window) {
                     (Some(m), Some(_)) => m,
@@ -72,34 +73,50 @@ impl SelfAttention {
 
     /// Through the fused op (arenaflow's GPU kernel, or the blocked CPU one): q, k, v stay
     /// (b, s, heads, d), RoPE in that layout, and the output comes back in it, so nothing
-    /// is transposed and no mask is built.
-    fn fused(&self, xs: &Tensor, state: &BatchState, spans: &Tensor) -> Result<Tensor> {
+    /// is transposed and no mask is built. In training (a GPU) RoPE and attention are the
+    /// ops with backward passes.
+    fn fused(
+        &self,
+        xs: &Tensor,
+        state: &BatchState,
+        spans: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
         let (b, s, _) = xs.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let dev = xs.device();
         let (q, k, v) = profile::time(dev, "attention projections", || {
             Ok((
-                self.q.forward_t(xs, false)?.reshape((b, s, nh, hd))?,
-                self.k.forward_t(xs, false)?.reshape((b, s, nkv, hd))?,
-                self.v.forward_t(xs, false)?.reshape((b, s, nkv, hd))?,
+                self.q.forward_t(xs, train)?.reshape((b, s, nh, hd))?,
+                self.k.forward_t(xs, train)?.reshape((b, s, nkv, hd))?,
+                self.v.forward_t(xs, train)?.reshape((b, s, nkv, hd))?,
             ))
         })?;
-        let (q, k) = rope::apply_thd(&q, &k, &state.cos, &state.sin)?;
+        let (q, k) = if train {
+            profile::time(dev, "rope", || {
+                Ok((
+                    crate::ops::rope::rope_thd(&q, &state.cos, &state.sin)?,
+                    crate::ops::rope::rope_thd(&k, &state.cos, &state.sin)?,
+                ))
+            })?
+        } else {
+            rope::apply_thd(&q, &k, &state.cos, &state.sin)?
+        };
         let out = profile::time(dev, "attention", || {
-            Ok(crate::ops::attention::attention(
-                &q,
-                &k,
-                &v,
-                crate::ops::attention::Attention {
-                    scale: self.scale as f32,
-                    softcap: self.softcap.unwrap_or(0.0) as f32,
-                    window: self.window.unwrap_or(0) as i32,
-                    bounds: spans.clone(),
-                },
-            )?)
+            let op = crate::ops::attention::Attention {
+                scale: self.scale as f32,
+                softcap: self.softcap.unwrap_or(0.0) as f32,
+                window: self.window.unwrap_or(0) as i32,
+                bounds: spans.clone(),
+            };
+            Ok(if train {
+                crate::ops::attention::attention_train(&q, &k, &v, op)?
+            } else {
+                crate::ops::attention::attention(&q, &k, &v, op)?
+            })
         })?;
         profile::time(dev, "attention projections", || {
-            Ok(self.o.forward_t(&out.reshape((b, s, nh * hd))?, false)?)
+            Ok(self.o.forward_t(&out.reshape((b, s, nh * hd))?, train)?)
         })
     }
 

@@ -46,12 +46,9 @@ pub fn dropout(xs: &Tensor, p: f64) -> Result<Tensor> {
     let seed = self::key(&[key, call]);
     let keep = 1.0 / (1.0 - p);
     if xs.device().is_cuda() {
-        // On a GPU the mask is drawn there (cuRAND, seeded per call): the same key gives
-        // the same mask on the same device.
-        xs.device().set_seed(seed)?;
-        let uniform = Tensor::rand(0f32, 1f32, xs.shape(), xs.device())?;
-        let mask = (uniform.ge(p)?.to_dtype(xs.dtype())? * keep)?;
-        return Ok((xs * mask)?);
+        // On a GPU the mask is a hash of (seed, element) drawn in the op's kernel, forward
+        // and backward: the same key gives the same mask.
+        return Ok(crate::ops::dropout::dropout(xs, seed, p as f32)?);
     }
     let mut rng = SplitMix64::new(seed);
     let mask: Vec<f32> = (0..xs.elem_count())

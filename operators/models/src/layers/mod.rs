@@ -3,7 +3,8 @@
 //! ([`mlp`]), self-attention ([`attention`]) and RoPE ([`rope`]). [`BatchState`] is what
 //! every layer of one forward pass shares: the rope tables and the padding (as row spans for
 //! the fused attention, as masks for the composed one). Training and inference run the same
-//! layers; `train` switches dropout on and the fused kernels (which have no backward) off.
+//! layers; `train` switches dropout on, and off the fused kernels that have no backward pass
+//! (all but the GPU's attention and RoPE).
 
 pub mod attention;
 pub mod decoder_layer;
@@ -21,8 +22,8 @@ use crate::models::{DecoderConfig, PaddedBatch};
 use crate::ops::kernels_enabled;
 
 /// Which kernels the model runs in inference, decided once at load from the device, the
-/// dtype and `ARENAFLOW_GPU_KERNELS` / `ARENAFLOW_CPU_KERNELS`. Training always runs the
-/// composed ops.
+/// dtype and `ARENAFLOW_GPU_KERNELS` / `ARENAFLOW_CPU_KERNELS`. Training runs the composed
+/// ops but for the GPU's attention (and its RoPE), which has a backward pass.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Kernels {
     /// The fused attention op (GPU, or the blocked CPU one for f32).
@@ -86,7 +87,7 @@ pub struct BatchState {
 
 impl BatchState {
     /// The state of `batch`: pooled positions, rope tables from `rope`, and spans where the fused attention
-    /// runs (inference with `kernels.attention`, every row's real tokens in one span) or
+    /// runs (`kernels.attention` in inference, or in training on a GPU; every row's real tokens in one span) or
     /// masks where the composed ops do. On a GPU, rows that are not one span are an error.
     pub fn new(
         cfg: &DecoderConfig,
@@ -100,7 +101,8 @@ impl BatchState {
         // Pooling is checked first: rows without a pad token fail before any work.
         let pool = pool_positions(batch, cfg.pad_token_id)?;
         let (cos, sin) = rope.tables(batch.seq_len, dtype, device)?;
-        let spans = if kernels.attention && !train {
+        // Training runs the fused attention where it has a backward pass (a GPU).
+        let spans = if kernels.attention && (!train || device.is_cuda()) {
             row_spans(batch, device.is_cuda())?
         } else {
             None

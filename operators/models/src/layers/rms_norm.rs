@@ -44,7 +44,8 @@ impl RmsNorm {
     }
 
     fn normalise(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        if self.fused && !train {
+        // The fused op has a backward pass for the input: training on a GPU runs it too.
+        if self.fused && (!train || xs.device().is_cuda()) {
             return Ok(crate::ops::rms_norm::rms_norm(
                 xs,
                 &self.weight,

@@ -240,6 +240,27 @@ impl CustomOp3 for Attention {
         v: &candle_core::CudaStorage,
         vl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (out, _lse) = self.cuda(q, ql, k, kl, v, vl)?;
+        Ok((out, ql.shape().clone()))
+    }
+}
+
+/// A log-sum-exp buffer on the GPU: (b, nh, s) f32.
+#[cfg(feature = "cuda")]
+type Lse = candle_core::cuda_backend::cudarc::driver::CudaSlice<f32>;
+
+#[cfg(feature = "cuda")]
+impl Attention {
+    /// The output and each query's log-sum-exp.
+    fn cuda(
+        &self,
+        q: &candle_core::CudaStorage,
+        ql: &Layout,
+        k: &candle_core::CudaStorage,
+        kl: &Layout,
+        v: &candle_core::CudaStorage,
+        vl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Lse)> {
         crate::cuda::by_dtype!(
             self,
             "attention",
@@ -250,10 +271,7 @@ impl CustomOp3 for Attention {
             (v, vl)
         )
     }
-}
 
-#[cfg(feature = "cuda")]
-impl Attention {
     /// The tensor-core kernel for bf16/f16 and head sizes 16..256, the simple one otherwise.
     fn launch<T>(
         &self,
@@ -261,7 +279,7 @@ impl Attention {
         (q, ql): (&candle_core::CudaStorage, &Layout),
         (k, kl): (&candle_core::CudaStorage, &Layout),
         (v, vl): (&candle_core::CudaStorage, &Layout),
-    ) -> Result<(candle_core::CudaStorage, Shape)>
+    ) -> Result<(candle_core::CudaStorage, Lse)>
     where
         T: candle_core::cuda_backend::CudaDType
             + candle_core::cuda_backend::cudarc::driver::DeviceRepr,
@@ -278,6 +296,7 @@ impl Attention {
         // SAFETY: every element is written by the kernel (queries outside a row's span
         // as zeros).
         let out = unsafe { dev.alloc::<T>(b * s * nh * d) }?;
+        let lse = dev.alloc_zeros::<f32>(b * nh * s)?;
         let dtype = suffix(q.dtype())?;
         let mma = dtype != "f32" && [16, 32, 64, 128, 256].contains(&d);
         let (bi, si, nhi, nkvi, di) = (b as i32, s as i32, nh as i32, nkv as i32, d as i32);
@@ -287,10 +306,10 @@ impl Attention {
                 block_dim: (128, 1, 1),
                 shared_mem_bytes: 0,
             };
-            // SAFETY: attention_mma_* take (q, k, v, bounds, out, b, s, nh, nkv, scale,
+            // SAFETY: attention_mma_* take (q, k, v, bounds, out, lse, b, s, nh, nkv, scale,
             // softcap, window) over the contiguous layouts checked by Dims::of.
             launch!(dev, ATTENTION, format!("attention_mma_{dtype}_d{d}"), cfg;
-                &qv, &kv, &vv, &bounds, &out, &bi, &si, &nhi, &nkvi,
+                &qv, &kv, &vv, &bounds, &out, &lse, &bi, &si, &nhi, &nkvi,
                 &self.scale, &self.softcap, &self.window);
         } else {
             if d > 256 {
@@ -301,17 +320,261 @@ impl Attention {
                 block_dim: (128, 1, 1),
                 shared_mem_bytes: 0,
             };
-            // SAFETY: attention_simple_* take (q, k, v, bounds, out, b, s, nh, nkv, d,
+            // SAFETY: attention_simple_* take (q, k, v, bounds, out, lse, b, s, nh, nkv, d,
             // scale, softcap, window).
             launch!(dev, ATTENTION, format!("attention_simple_{dtype}"), cfg;
-                &qv, &kv, &vv, &bounds, &out, &bi, &si, &nhi, &nkvi, &di,
+                &qv, &kv, &vv, &bounds, &out, &lse, &bi, &si, &nhi, &nkvi, &di,
                 &self.scale, &self.softcap, &self.window);
         }
         Ok((
             candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone()),
-            Shape::from((b, s, nh, d)),
+            lse,
         ))
     }
+}
+
+/// The fused attention with a backward pass, for training on a GPU: the forward keeps each
+/// query's log-sum-exp, from which the backward (`kernels/attention_backward.cu`) recomputes
+/// the probabilities tile by tile. The CPU trains through candle's composed ops instead.
+pub struct TrainAttention {
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    op: Attention,
+    #[cfg(feature = "cuda")]
+    lse: std::sync::Mutex<Option<std::sync::Arc<Lse>>>,
+}
+
+const CPU_TRAINING: &str = "the fused attention's backward pass runs on a GPU; the CPU trains \
+     through candle's composed attention";
+
+impl CustomOp3 for TrainAttention {
+    fn name(&self) -> &'static str {
+        "arenaflow-attention-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("{CPU_TRAINING}")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        ql: &Layout,
+        k: &candle_core::CudaStorage,
+        kl: &Layout,
+        v: &candle_core::CudaStorage,
+        vl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (out, lse) = self.op.cuda(q, ql, k, kl, v, vl)?;
+        *self.lse.lock().expect("the lse lock") = Some(std::sync::Arc::new(lse));
+        Ok((out, ql.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let lse = self.lse.lock().expect("the lse lock").clone();
+        let Some(lse) = lse else {
+            candle_core::bail!("attention: the backward pass ran before the forward");
+        };
+        let grads = q.apply_op3_no_bwd(
+            k,
+            v,
+            &AttentionBackward {
+                op: Attention {
+                    bounds: self.op.bounds.clone(),
+                    ..self.op
+                },
+                out: out.clone(),
+                dout: grad.contiguous()?,
+                lse,
+            },
+        )?;
+        let (nq, nk) = (q.elem_count(), k.elem_count());
+        Ok((
+            Some(grads.narrow(0, 0, nq)?.reshape(q.shape())?),
+            Some(grads.narrow(0, nq, nk)?.reshape(k.shape())?),
+            Some(grads.narrow(0, nq + nk, nk)?.reshape(v.shape())?),
+        ))
+    }
+}
+
+/// dq, dk and dv of [`TrainAttention`] flattened into one (|q| + 2 |k|) tensor (one op has one
+/// output).
+#[cfg(feature = "cuda")]
+struct AttentionBackward {
+    op: Attention,
+    out: Tensor,
+    dout: Tensor,
+    lse: std::sync::Arc<Lse>,
+}
+
+#[cfg(feature = "cuda")]
+impl CustomOp3 for AttentionBackward {
+    fn name(&self) -> &'static str {
+        "arenaflow-attention-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("{CPU_TRAINING}")
+    }
+
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        ql: &Layout,
+        k: &candle_core::CudaStorage,
+        kl: &Layout,
+        v: &candle_core::CudaStorage,
+        vl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::by_dtype!(
+            self,
+            "attention backward",
+            q.dtype(),
+            &q.device.clone(),
+            (q, ql),
+            (k, kl),
+            (v, vl)
+        )
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl AttentionBackward {
+    fn launch<T>(
+        &self,
+        dev: &candle_core::cuda_backend::CudaDevice,
+        (q, ql): (&candle_core::CudaStorage, &Layout),
+        (k, kl): (&candle_core::CudaStorage, &Layout),
+        (v, vl): (&candle_core::CudaStorage, &Layout),
+    ) -> Result<(candle_core::CudaStorage, Shape)>
+    where
+        T: candle_core::cuda_backend::CudaDType
+            + candle_core::cuda_backend::cudarc::driver::DeviceRepr
+            + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits,
+    {
+        use crate::cuda::{fail, launch, suffix, view, ATTENTION_BACKWARD};
+        use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
+        use candle_core::Storage;
+        let Dims { b, s, nh, nkv, d } = Dims::of(ql, kl, vl)?;
+        if d % 2 != 0 || d > 256 {
+            return Err(fail(format!(
+                "attention backward: head size {d} (even, at most 256)"
+            )));
+        }
+        for (what, t) in [("output", &self.out), ("output gradient", &self.dout)] {
+            if t.shape() != ql.shape() {
+                return Err(fail(format!(
+                    "attention backward: {what} {:?}, q {:?}",
+                    t.shape(),
+                    ql.shape()
+                )));
+            }
+        }
+        let (bounds, bl) = self.op.bounds.storage_and_layout();
+        let (out, ol) = self.out.storage_and_layout();
+        let (dout, dl) = self.dout.storage_and_layout();
+        let (Storage::Cuda(bounds), Storage::Cuda(out), Storage::Cuda(dout)) =
+            (&*bounds, &*out, &*dout)
+        else {
+            return Err(fail(
+                "attention backward: bounds, output and its gradient must be on the GPU".into(),
+            ));
+        };
+        let bounds = view!(bounds, bl, u32);
+        let (out, dout) = (view!(out, ol, T), view!(dout, dl, T));
+        let (qv, kv, vv) = (view!(q, ql, T), view!(k, kl, T), view!(v, vl, T));
+        let dtype = suffix(q.dtype())?;
+        let (si, nhi, nkvi, di) = (s as i32, nh as i32, nkv as i32, d as i32);
+        let (scale, softcap, window) = (self.op.scale, self.op.softcap, self.op.window);
+
+        let delta = dev.alloc_zeros::<f32>(b * nh * s)?;
+        let cfg = LaunchConfig {
+            grid_dim: (s.div_ceil(4) as u32, nh as u32, b as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: attention_bwd_delta_* take (out, dout, bounds, delta, s, nh, d); out and
+        // dout are (b, s, nh, d) as checked above, delta (b, nh, s).
+        launch!(dev, ATTENTION_BACKWARD, format!("attention_bwd_delta_{dtype}"), cfg;
+            &out, &dout, &bounds, &delta, &si, &nhi, &di);
+
+        let (nq, nk) = (b * s * nh * d, b * s * nkv * d);
+        let mut grads = dev.alloc_zeros::<T>(nq + 2 * nk)?;
+        let dm = match d {
+            0..=64 => 64,
+            65..=128 => 128,
+            _ => 256,
+        };
+        // The kernels' tile sizes (attention_backward.cu's GRADS lines).
+        let tile: usize = match (dtype, dm) {
+            ("f32", 64) => 32,
+            ("f32", 128) => 16,
+            ("f32", _) => 8,
+            (_, 256) => 16,
+            _ => 32,
+        };
+        let lse = &*self.lse;
+        {
+            let (mut dq, mut rest) = grads.split_at_mut(nq);
+            let (mut dk, mut dv) = rest.split_at_mut(nk);
+            let cfg = |heads: usize| LaunchConfig {
+                grid_dim: (s.div_ceil(tile) as u32, heads as u32, b as u32),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: attention_bwd_dkdv_* take (q, k, v, dout, lse, delta, bounds, dk, dv, s,
+            // nh, nkv, d, scale, softcap, window) and write dk, dv (b, s, nkv, d) whole.
+            launch!(dev, ATTENTION_BACKWARD, format!("attention_bwd_dkdv_{dtype}_d{dm}"), cfg(nkv);
+                &qv, &kv, &vv, &dout, lse, &delta, &bounds, &mut dk, &mut dv, &si, &nhi, &nkvi,
+                &di, &scale, &softcap, &window);
+            // SAFETY: attention_bwd_dq_* take (q, k, v, dout, lse, delta, bounds, dq, s, nh,
+            // nkv, d, scale, softcap, window) and write dq (b, s, nh, d) whole.
+            launch!(dev, ATTENTION_BACKWARD, format!("attention_bwd_dq_{dtype}_d{dm}"), cfg(nh);
+                &qv, &kv, &vv, &dout, lse, &delta, &bounds, &mut dq, &si, &nhi, &nkvi, &di,
+                &scale, &softcap, &window);
+        }
+        Ok((
+            candle_core::CudaStorage::wrap_cuda_slice(grads, dev.clone()),
+            Shape::from(nq + 2 * nk),
+        ))
+    }
+}
+
+/// Differentiable fused attention (a GPU's kernels; see [`TrainAttention`]).
+pub fn attention_train(q: &Tensor, k: &Tensor, v: &Tensor, op: Attention) -> Result<Tensor> {
+    q.contiguous()?.apply_op3(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        TrainAttention {
+            op,
+            #[cfg(feature = "cuda")]
+            lse: std::sync::Mutex::new(None),
+        },
+    )
 }
 
 /// Attention output (b, s, nh, d) for rope'd q (b, s, nh, d) and k, v (b, s, nkv, d).

@@ -1,10 +1,15 @@
 //! arenaflow's custom candle ops, one per file, each with its CPU and CUDA sides together
-//! (candle-nn's `ops.rs` shape): the fused attention, RMSNorm and the gated activation. The
-//! CUDA sides launch the kernels of `kernels/<op>.cu` through [`crate::cuda`].
+//! (candle-nn's `ops.rs` shape): the fused attention (with its backward pass), RoPE in its
+//! layout, RMSNorm and the gated activation. The CUDA sides launch the kernels of
+//! `kernels/<op>.cu` through [`crate::cuda`].
 
 pub mod attention;
+pub mod dropout;
 pub mod gated;
+#[cfg(feature = "cuda")]
+pub mod optim;
 pub mod rms_norm;
+pub mod rope;
 
 /// Whether the fused kernels of a device kind are on: `ARENAFLOW_GPU_KERNELS` /
 /// `ARENAFLOW_CPU_KERNELS` set to `off`, `0` or `false` switch to candle's composed ops.

@@ -1,7 +1,8 @@
 //! RMSNorm over the last axis with an f32 weight, as one op: statistics in f32, and
 //! transformers' rounding. Llama: `T(T(x * r) * w)` (`w * x.to(dtype)`); Gemma: `T(x * r * w)`
 //! with the stored weight already `1 + w`, all in f32. The CUDA side is
-//! `kernels/rms_norm.cu`; the CPU side computes the same, row by row.
+//! `kernels/rms_norm.cu`; the CPU side computes the same, row by row. The backward pass gives
+//! the input's gradient only: the weight is frozen in LoRA training.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
@@ -45,6 +46,142 @@ impl RmsNorm {
     }
 }
 
+/// dx of [`RmsNorm`] for x and dy (its output's gradient): r (w dy) - x r^3 sum(w dy x) / cols.
+struct RmsNormBackward {
+    eps: f32,
+    weight: Tensor,
+}
+
+impl RmsNormBackward {
+    fn cpu<T: Element>(&self, x: &[T], dy: &[T], w: &[f32], cols: usize) -> Vec<T> {
+        let mut dx = vec![T::from_f32(0.0); x.len()];
+        dx.par_chunks_mut(cols)
+            .zip(x.par_chunks(cols).zip(dy.par_chunks(cols)))
+            .for_each(|(dx, (x, dy))| {
+                let squares: f32 = x.iter().map(|v| v.to_f32() * v.to_f32()).sum();
+                let dot: f32 = x
+                    .iter()
+                    .zip(dy)
+                    .zip(w)
+                    .map(|((v, g), w)| w * g.to_f32() * v.to_f32())
+                    .sum();
+                let r = 1.0 / (squares / cols as f32 + self.eps).sqrt();
+                let k = r * r * r * dot / cols as f32;
+                for (((o, v), g), w) in dx.iter_mut().zip(x).zip(dy).zip(w) {
+                    *o = T::from_f32(r * w * g.to_f32() - v.to_f32() * k);
+                }
+            });
+        dx
+    }
+
+    fn cpu_weight(&self) -> Result<Vec<f32>> {
+        self.weight.flatten_all()?.to_vec1::<f32>()
+    }
+}
+
+impl CustomOp2 for RmsNormBackward {
+    fn name(&self) -> &'static str {
+        "arenaflow-rms-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        dy: &CpuStorage,
+        dl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let cols = *xl.shape().dims().last().unwrap_or(&0);
+        if xl.shape() != dl.shape() || self.weight.elem_count() != cols {
+            candle_core::bail!("rms_norm backward: x {:?}, dy {:?}", xl.shape(), dl.shape());
+        }
+        let w = self.cpu_weight()?;
+        let (xw, dw) = ("rms_norm backward: x", "rms_norm backward: dy");
+        let dx = match (x, dy) {
+            (CpuStorage::F32(x), CpuStorage::F32(d)) => {
+                CpuStorage::F32(self.cpu(contiguous(x, xl, xw)?, contiguous(d, dl, dw)?, &w, cols))
+            }
+            (CpuStorage::BF16(x), CpuStorage::BF16(d)) => {
+                CpuStorage::BF16(self.cpu(contiguous(x, xl, xw)?, contiguous(d, dl, dw)?, &w, cols))
+            }
+            (CpuStorage::F16(x), CpuStorage::F16(d)) => {
+                CpuStorage::F16(self.cpu(contiguous(x, xl, xw)?, contiguous(d, dl, dw)?, &w, cols))
+            }
+            (x, d) => {
+                candle_core::bail!("rms_norm backward: x {:?}, dy {:?}", x.dtype(), d.dtype())
+            }
+        };
+        Ok((dx, xl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        dy: &candle_core::CudaStorage,
+        dl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::by_dtype!(
+            self,
+            "rms_norm backward",
+            x.dtype(),
+            &x.device.clone(),
+            (x, xl),
+            (dy, dl)
+        )
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl RmsNormBackward {
+    fn launch<T>(
+        &self,
+        dev: &candle_core::cuda_backend::CudaDevice,
+        (x, xl): (&candle_core::CudaStorage, &Layout),
+        (dy, dl): (&candle_core::CudaStorage, &Layout),
+    ) -> Result<(candle_core::CudaStorage, Shape)>
+    where
+        T: candle_core::cuda_backend::CudaDType
+            + candle_core::cuda_backend::cudarc::driver::DeviceRepr,
+    {
+        use crate::cuda::{fail, launch, suffix, view, RMS_NORM};
+        use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
+        let cols = *xl.shape().dims().last().unwrap_or(&0);
+        if xl.shape() != dl.shape() || self.weight.elem_count() != cols || cols == 0 {
+            return Err(fail(format!(
+                "rms_norm backward: x {:?}, dy {:?}",
+                xl.shape(),
+                dl.shape()
+            )));
+        }
+        let rows = xl.shape().elem_count() / cols;
+        let (ws, wl) = self.weight.storage_and_layout();
+        let candle_core::Storage::Cuda(ws) = &*ws else {
+            return Err(fail(
+                "rms_norm backward: the weight must be on the GPU".into(),
+            ));
+        };
+        let (xv, dv, wv) = (view!(x, xl, T), view!(dy, dl, T), view!(ws, wl, f32));
+        // SAFETY: one block per row writes every column of its row.
+        let dx = unsafe { dev.alloc::<T>(rows * cols) }?;
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let c = cols as i32;
+        // SAFETY: rms_norm_backward_* take (x, dy, w, dx, cols, eps); x, dy and dx are rows x
+        // cols, w cols.
+        launch!(dev, RMS_NORM, format!("rms_norm_backward_{}", suffix(x.dtype())?), cfg;
+            &xv, &dv, &wv, &dx, &c, &self.eps);
+        Ok((
+            candle_core::CudaStorage::wrap_cuda_slice(dx, dev.clone()),
+            xl.shape().clone(),
+        ))
+    }
+}
+
 impl CustomOp2 for RmsNorm {
     fn name(&self) -> &'static str {
         "arenaflow-rms-norm"
@@ -75,6 +212,24 @@ impl CustomOp2 for RmsNorm {
             other => candle_core::bail!("rms_norm takes f32, bf16 or f16, not {:?}", other.dtype()),
         };
         Ok((out, xl.shape().clone()))
+    }
+
+    /// The input's gradient; none for the (frozen) weight.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = x.apply_op2_no_bwd(
+            &grad.contiguous()?,
+            &RmsNormBackward {
+                eps: self.eps,
+                weight: w.clone(),
+            },
+        )?;
+        Ok((Some(dx), None))
     }
 
     #[cfg(feature = "cuda")]
@@ -131,11 +286,11 @@ impl RmsNorm {
     }
 }
 
-/// RMSNorm of `x` over its last axis with `weight` (taken in f32).
+/// RMSNorm of `x` over its last axis with `weight` (taken in f32); differentiable in `x`.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32, gemma: bool) -> Result<Tensor> {
-    x.contiguous()?.apply_op2_no_bwd(
+    x.contiguous()?.apply_op2(
         &weight.to_dtype(DType::F32)?.contiguous()?,
-        &RmsNorm { eps, gemma },
+        RmsNorm { eps, gemma },
     )
 }
 
@@ -191,5 +346,69 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The backward pass against autograd through the composed f64 definition.
+    #[test]
+    fn backward_matches_autograd() {
+        let (rows, cols, eps) = (4, 80, 1e-6);
+        let mut rng = SplitMix64::new(9);
+        let mut values =
+            |n: usize, s: f64| -> Vec<f64> { (0..n).map(|_| s * rng.next_normal()).collect() };
+        let (x, w, u) = (
+            values(rows * cols, 2.0),
+            values(cols, 0.3),
+            values(rows * cols, 1.0),
+        );
+        let dev = Device::Cpu;
+        let xt =
+            candle_core::Var::from_tensor(&Tensor::from_slice(&x, (rows, cols), &dev).unwrap())
+                .unwrap();
+        let wt = (Tensor::from_slice(&w, cols, &dev).unwrap() + 1.0).unwrap();
+        let ut = Tensor::from_slice(&u, (rows, cols), &dev).unwrap();
+        let composed = {
+            let x = xt.as_tensor();
+            let r = (x.sqr().unwrap().mean_keepdim(1).unwrap() + eps)
+                .unwrap()
+                .sqrt()
+                .unwrap();
+            x.broadcast_div(&r).unwrap().broadcast_mul(&wt).unwrap()
+        };
+        let grad = |y: &Tensor| {
+            let store = (y * &ut).unwrap().sum_all().unwrap().backward().unwrap();
+            store
+                .get(xt.as_tensor())
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+        };
+        let want = grad(&composed);
+        // The op in f32 (its CPU side takes f32, bf16 or f16 inputs).
+        let x32 =
+            candle_core::Var::from_tensor(&xt.as_tensor().to_dtype(DType::F32).unwrap()).unwrap();
+        let y = rms_norm(x32.as_tensor(), &wt, eps as f32, true).unwrap();
+        let store = (y * ut.to_dtype(DType::F32).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let got = store.get(x32.as_tensor()).unwrap();
+        let err = (got - &want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let scale = want
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(err / scale < 1e-5, "max |diff| {err} against {scale}");
     }
 }

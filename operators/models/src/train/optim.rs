@@ -91,7 +91,8 @@ impl AdamW {
 
     /// One step at learning rate `lr`, as `torch.optim.AdamW`'s single-tensor path:
     /// p ← p·(1 − lr·wd); m ← m + (1 − β₁)(g − m); v ← β₂v + (1 − β₂)g²;
-    /// p ← p − lr/(1 − β₁ᵗ) · m / (√v / √(1 − β₂ᵗ) + ε).
+    /// p ← p − lr/(1 − β₁ᵗ) · m / (√v / √(1 − β₂ᵗ) + ε). On a GPU (f32 variables) in place
+    /// through `ops::optim`'s three kernels per tensor.
     pub fn step(&mut self, vars: &[Var], grads: &[Tensor], lr: f64) -> Result<()> {
         if vars.len() != grads.len() || vars.len() != self.exp_avg.len() {
             return Err(ModelError::Input(format!(
@@ -108,6 +109,24 @@ impl AdamW {
         let bias_correction2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
         for (i, (var, grad)) in vars.iter().zip(grads).enumerate() {
             let grad = grad.to_dtype(var.dtype())?;
+            #[cfg(feature = "cuda")]
+            if var.device().is_cuda() && var.dtype() == DType::F32 {
+                crate::ops::optim::adamw_step(
+                    var.as_tensor(),
+                    &self.exp_avg[i],
+                    &self.exp_avg_sq[i],
+                    &grad,
+                    crate::ops::optim::AdamWStep {
+                        beta1: c.beta1 as f32,
+                        beta2: c.beta2 as f32,
+                        decay: (1.0 - lr * c.weight_decay) as f32,
+                        bias_correction2_sqrt: bias_correction2_sqrt as f32,
+                        eps: c.eps as f32,
+                        step_size: step_size as f32,
+                    },
+                )?;
+                continue;
+            }
             let param = (var.as_tensor() * (1.0 - lr * c.weight_decay))?;
             let m = (&self.exp_avg[i] + ((&grad - &self.exp_avg[i])? * (1.0 - c.beta1))?)?;
             let v = ((&self.exp_avg_sq[i] * c.beta2)? + (grad.sqr()? * (1.0 - c.beta2))?)?;
@@ -123,8 +142,15 @@ impl AdamW {
 
 /// torch's `clip_grad_norm_`: the global 2-norm of all gradients (returned, before
 /// clipping); when `max_norm` is set every gradient is multiplied by
-/// min(1, max_norm / (norm + 1e-6)).
+/// min(1, max_norm / (norm + 1e-6)). On a GPU the squares are summed by one kernel per
+/// tensor (`ops::optim::sums_of_squares`).
 pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: Option<f64>) -> Result<f64> {
+    #[cfg(feature = "cuda")]
+    if grads.first().is_some_and(|g| g.device().is_cuda()) {
+        let sums = crate::ops::optim::sums_of_squares(grads)?;
+        let total = sums.iter().map(|&s| s as f64).sum::<f64>().sqrt();
+        return scale_to(grads, total, max_norm);
+    }
     let mut squares = Vec::with_capacity(grads.len());
     for g in grads.iter() {
         let norm = g.to_dtype(DType::F32)?.sqr()?.sum_all()?.sqrt()?;
@@ -139,6 +165,11 @@ pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: Option<f64>) -> Result<f64
             .to_dtype(DType::F64)?
             .to_scalar::<f64>()?
     };
+    scale_to(grads, total, max_norm)
+}
+
+/// Multiplies every gradient by min(1, max_norm / (total + 1e-6)); returns total.
+fn scale_to(grads: &mut [Tensor], total: f64, max_norm: Option<f64>) -> Result<f64> {
     if let Some(max_norm) = max_norm {
         let coef = (max_norm / (total + 1e-6)).min(1.0);
         for g in grads.iter_mut() {
