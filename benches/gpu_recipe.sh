@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # The GPU profile of the recipe (recipes/smollm2-gpu.toml) on the lent GPU machine, which
-# has no network and no ../shared: the CUDA binary, the SmolLM2 GGUF (two parts: one call
-# carries at most 64 MiB) and the data files travel in git-ignored folders under device/,
-# in two consecutive calls (what a call leaves in the temporary folder stays while the
-# machine is warm).
+# has no network and no ../shared: the CUDA binary, the SmolLM2 GGUF (in three parts: one
+# call carries at most 64 MiB) and the data files travel in git-ignored folders under
+# device/gpu/, one part per call, in consecutive calls (what a call leaves in the temporary
+# folder stays while the machine is warm).
 #
-# Here:         scripts/build-cuda.sh; scripts/fetch-smollm2.sh; benches/gpu_recipe.sh pack
-# GPU, call 1:  carry device/arenaflow.xz device/gpu/part1     benches/gpu_recipe.sh stage
-# GPU, call 2:  carry device/gpu/part2 [RUN_DIR]               benches/gpu_recipe.sh run RUN_DIR [--set ...]
+# Here:            scripts/build-cuda.sh [tests]; scripts/fetch-smollm2.sh; benches/gpu_recipe.sh pack
+# GPU, calls 1-2:  carry device/gpu/partN                benches/gpu_recipe.sh stage
+# GPU, call 3:     carry device/gpu/part3 [RUN_DIR]      benches/gpu_recipe.sh stage; benches/gpu_recipe.sh run RUN_DIR [--set ...]
 #
-# `run` writes its log to $OUT/gpu-recipe.txt; a run directory under $OUT comes back, and
-# carried in again it resumes: the recipe skips what is up to date.
+# `run` runs $RECIPE (default recipes/smollm2-gpu.toml) and writes its log to
+# $OUT/gpu-recipe.txt; a run directory in the stash outlives the call while the machine is
+# warm, and the recipe skips what is up to date. `results RUN_DIR NAME` packs its results
+# without the adapters into $OUT/NAME.tar.gz (what comes back from a call is small). `bin
+# NAME` prints the path of an unpacked binary of the stash (arenaflow, or training-test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # The system's temporary folder on the GPU machine: it outlives one call while the machine
@@ -19,34 +22,53 @@ stash=$(dirname "$(mktemp -u)")/arenaflow-gpu
 case "${1:-}" in
   pack)
     rm -rf device/gpu
-    mkdir -p device/gpu/part1/data device/gpu/part2
+    mkdir -p device/gpu/part1/data device/gpu/part2 device/gpu/part3
     cp -r ../shared/data/lmsys-arena ../shared/data/pandalm ../shared/data/hh-rlhf device/gpu/part1/data/
-    split -b 50000000 .models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf device/gpu/gguf.
+    split -n 3 .models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf device/gpu/gguf.
     mv device/gpu/gguf.aa device/gpu/part1/
     mv device/gpu/gguf.ab device/gpu/part2/
-    du -sh device/gpu/part1 device/gpu/part2 device/arenaflow.xz
+    mv device/gpu/gguf.ac device/gpu/part3/
+    cp device/arenaflow.xz device/gpu/part2/
+    if [ -f device/training-test.xz ]; then cp device/training-test.xz device/gpu/part1/; fi
+    du -sh device/gpu/part*
     ;;
   stage)
     mkdir -p "$stash"
-    cp -r device/gpu/part1/* device/arenaflow.xz "$stash/"
+    for part in device/gpu/part*; do
+      [ -d "$part" ] && cp -r "$part"/* "$stash/"
+    done
     ls -l "$stash"
+    ;;
+  bin)
+    . benches/gpu_env.sh
+    unpack "$stash/$2.xz" "$stash/bin/$2" >&2
+    echo "$stash/bin/$2"
     ;;
   run)
     . benches/gpu_env.sh
     unpack "$stash/arenaflow.xz" "$stash/bin/arenaflow"
     mkdir -p .models/smollm2
-    cat "$stash/gguf.aa" device/gpu/part2/gguf.ab > .models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    cat "$stash"/gguf.a? > .models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
     run=$2
     shift 2
+    recipe=${RECIPE:-recipes/smollm2-gpu.toml}
     data=$stash/data
-    "$stash/bin/arenaflow" run recipes/smollm2-gpu.toml --run-dir "$run" \
-      --set train="$data/lmsys-arena/train_sample.csv" --set test_file="$data/lmsys-arena/test.csv" \
-      --set pandalm="$data/pandalm/pandalm_testset-v1.json" \
-      --set hh_rlhf="$data/hh-rlhf/hh-rlhf_harmless-base_test.jsonl.gz" \
-      "$@" 2>&1 | tee "${OUT:-.}/gpu-recipe.txt"
+    sets=(--set train="$data/lmsys-arena/train_sample.csv"
+      --set pandalm="$data/pandalm/pandalm_testset-v1.json"
+      --set hh_rlhf="$data/hh-rlhf/hh-rlhf_harmless-base_test.jsonl.gz")
+    if grep -q '^test_file' "$recipe"; then sets+=(--set test_file="$data/lmsys-arena/test.csv"); fi
+    "$stash/bin/arenaflow" run "$recipe" --run-dir "$run" "${sets[@]}" "$@" 2>&1 \
+      | tee "${OUT:-.}/gpu-recipe.txt"
+    ;;
+  results)
+    # A run directory's results without its adapters and checkpoints (they stay on the
+    # machine): $OUT/NAME.tar.gz, small enough to come back (16 MiB a file).
+    tar -C "$(dirname "$2")" --exclude='*.safetensors' --exclude='.staging' --exclude='.locks' \
+      -czf "${OUT:-.}/${3:-results}.tar.gz" "$(basename "$2")"
+    ls -l "${OUT:-.}/${3:-results}.tar.gz"
     ;;
   *)
-    echo "usage: benches/gpu_recipe.sh pack | stage | run RUN_DIR [--set ...]" >&2
+    echo "usage: benches/gpu_recipe.sh pack | stage | bin NAME | run RUN_DIR [--set ...] | results RUN_DIR [NAME]" >&2
     exit 2
     ;;
 esac
