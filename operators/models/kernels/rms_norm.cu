@@ -33,17 +33,7 @@ __device__ void rms_norm(const T* __restrict__ x, const float* __restrict__ w, T
         float v = to_float(xr[c]);
         sum += v * v;
     }
-    for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffff, sum, off);
-    if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = sum;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        int warps = blockDim.x / 32;
-        float v = threadIdx.x < warps ? partial[threadIdx.x] : 0.f;
-        for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffff, v, off);
-        if (threadIdx.x == 0) partial[0] = v;
-    }
-    __syncthreads();
-    float r = rsqrtf(partial[0] / cols + eps);
+    float r = rsqrtf(block_sum(sum, partial) / cols + eps);
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
         float v = to_float(xr[c]) * r;
         orow[c] = gemma ? from_float<T>(v * w[c]) : from_float<T>(to_float(from_float<T>(v)) * w[c]);

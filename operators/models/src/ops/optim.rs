@@ -22,8 +22,11 @@ pub struct AdamWStep {
 
 const CPU: &str = "the fused AdamW runs on a GPU; the CPU steps through the composed ops";
 
-struct ExpAvg(AdamWStep);
-struct ExpAvgSq(AdamWStep);
+/// The first (`second` false) or second moment, updated in place from the gradient.
+struct Moment {
+    step: AdamWStep,
+    second: bool,
+}
 struct Param(AdamWStep);
 
 fn config(n: usize) -> LaunchConfig {
@@ -72,9 +75,13 @@ fn destination<'a>(
     ))
 }
 
-impl InplaceOp2 for ExpAvg {
+impl InplaceOp2 for Moment {
     fn name(&self) -> &'static str {
-        "arenaflow-adamw-exp-avg"
+        if self.second {
+            "arenaflow-adamw-exp-avg-sq"
+        } else {
+            "arenaflow-adamw-exp-avg"
+        }
     }
 
     fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<()> {
@@ -88,40 +95,19 @@ impl InplaceOp2 for ExpAvg {
         g: &CudaStorage,
         gl: &Layout,
     ) -> Result<()> {
-        let grad = (g, gl);
         let dev = dst.device.clone();
-        let g = source!(grad);
-        let (mut m, n) = destination(dst, dst_l, &[grad.1])?;
-        let c = 1.0 - self.0.beta1;
-        // SAFETY: adamw_exp_avg takes (m, g, n, 1 - beta1) over n elements of each.
-        launch!(dev, OPTIM, "adamw_exp_avg", config(n); &mut m, &g, &n, &c);
-        Ok(())
-    }
-}
-
-impl InplaceOp2 for ExpAvgSq {
-    fn name(&self) -> &'static str {
-        "arenaflow-adamw-exp-avg-sq"
-    }
-
-    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<()> {
-        candle_core::bail!("{CPU}")
-    }
-
-    fn cuda_fwd(
-        &self,
-        dst: &mut CudaStorage,
-        dst_l: &Layout,
-        g: &CudaStorage,
-        gl: &Layout,
-    ) -> Result<()> {
-        let grad = (g, gl);
-        let dev = dst.device.clone();
-        let g = source!(grad);
-        let (mut v, n) = destination(dst, dst_l, &[grad.1])?;
-        let (b2, c) = (self.0.beta2, 1.0 - self.0.beta2);
-        // SAFETY: adamw_exp_avg_sq takes (v, g, n, beta2, 1 - beta2) over n elements.
-        launch!(dev, OPTIM, "adamw_exp_avg_sq", config(n); &mut v, &g, &n, &b2, &c);
+        let g = source!((g, gl));
+        let (mut moment, n) = destination(dst, dst_l, &[gl])?;
+        let s = self.step;
+        if self.second {
+            let c = 1.0 - s.beta2;
+            // SAFETY: adamw_exp_avg_sq takes (v, g, n, beta2, 1 - beta2) over n elements.
+            launch!(dev, OPTIM, "adamw_exp_avg_sq", config(n); &mut moment, &g, &n, &s.beta2, &c);
+        } else {
+            let c = 1.0 - s.beta1;
+            // SAFETY: adamw_exp_avg takes (m, g, n, 1 - beta1) over n elements of each.
+            launch!(dev, OPTIM, "adamw_exp_avg", config(n); &mut moment, &g, &n, &c);
+        }
         Ok(())
     }
 }
@@ -174,8 +160,14 @@ pub fn adamw_step(
     step: AdamWStep,
 ) -> Result<()> {
     let grad = grad.contiguous()?;
-    exp_avg.inplace_op2(&grad, &ExpAvg(step))?;
-    exp_avg_sq.inplace_op2(&grad, &ExpAvgSq(step))?;
+    exp_avg.inplace_op2(
+        &grad,
+        &Moment {
+            step,
+            second: false,
+        },
+    )?;
+    exp_avg_sq.inplace_op2(&grad, &Moment { step, second: true })?;
     param.inplace_op3(exp_avg, exp_avg_sq, &Param(step))
 }
 
