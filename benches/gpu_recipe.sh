@@ -61,10 +61,15 @@ case "${1:-}" in
       | tee "${OUT:-.}/gpu-recipe.txt"
     ;;
   results)
-    # A run directory's results without its adapters and checkpoints (they stay on the
-    # machine): $OUT/NAME.tar.gz, small enough to come back (16 MiB a file).
-    tar -C "$(dirname "$2")" --exclude='*.safetensors' --exclude='.staging' --exclude='.locks' \
-      -czf "${OUT:-.}/${3:-results}.tar.gz" "$(basename "$2")"
+    # A run directory's results without its adapters, checkpoints and the inputs the recipe
+    # rebuilds (prepare/, folds/): teacher logits, CV predictions, reports, training metrics
+    # and the manifest, as $OUT/NAME.tar.gz (what comes back is at most 16 MiB a file).
+    parts=()
+    for part in teacher cv report train manifest.json; do
+      if [ -e "$2/$part" ]; then parts+=("$(basename "$2")/$part"); fi
+    done
+    tar -C "$(dirname "$2")" --exclude='adapter' --exclude='*.safetensors' --exclude='checkpoint*' \
+      -czf "${OUT:-.}/${3:-results}.tar.gz" "${parts[@]}"
     ls -l "${OUT:-.}/${3:-results}.tar.gz"
     ;;
   *)
