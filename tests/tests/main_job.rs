@@ -290,14 +290,21 @@ fn relabel_first_row(file: &Path, label: i8) {
 
 #[test]
 fn describe_lists_every_knob_of_the_recipe() {
-    // The GPU profile is checked as `run` checks it (every stage's values against its plan).
-    let gpu = arenaflow(&["describe", "recipes/smollm2-gpu.toml"]);
-    assert!(gpu.status.success(), "{}", text(&gpu));
-    assert!(
-        text(&gpu).contains("recipes/smollm2-gpu.toml (31 plan runs)"),
-        "{}",
-        text(&gpu)
-    );
+    // The GPU recipes are checked as `run` checks them (every stage's values against its
+    // plan): the profile and issue 14's two ablation parts.
+    for (recipe, runs) in [
+        ("recipes/smollm2-gpu.toml", 31),
+        ("recipes/quality-teachers.toml", 30),
+        ("recipes/quality-students.toml", 51),
+    ] {
+        let gpu = arenaflow(&["describe", recipe]);
+        assert!(gpu.status.success(), "{}", text(&gpu));
+        assert!(
+            text(&gpu).contains(&format!("{recipe} ({runs} plan runs)")),
+            "{}",
+            text(&gpu)
+        );
+    }
     let out = arenaflow(&["describe", RECIPE]);
     let log = text(&out);
     assert!(out.status.success(), "{log}");
