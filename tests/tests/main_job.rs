@@ -295,7 +295,7 @@ fn describe_lists_every_knob_of_the_recipe() {
     for (recipe, runs) in [
         ("recipes/smollm2-gpu.toml", 31),
         ("recipes/quality-teachers.toml", 30),
-        ("recipes/quality-students.toml", 51),
+        ("recipes/quality-students.toml", 61),
     ] {
         let gpu = arenaflow(&["describe", recipe]);
         assert!(gpu.status.success(), "{}", text(&gpu));
