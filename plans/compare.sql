@@ -19,19 +19,25 @@ CREATE EXTERNAL TABLE side_a STORED AS PARQUET LOCATION '${run_dir}/cv/${model_a
 CREATE EXTERNAL TABLE side_b STORED AS PARQUET LOCATION '${run_dir}/cv/${model_b}/predictions/';
 
 -- Each row's log loss on each side (log_loss over the row alone: the same clipping as the
--- report's figures).
+-- report's figures), from the side's chosen columns.
+CREATE VIEW losses_a AS
+    SELECT fold, id, min(label) AS label,
+           log_loss(label, CASE WHEN '${variant_a}' = 'ab' THEN ab_p_a ELSE p_a END,
+                           CASE WHEN '${variant_a}' = 'ab' THEN ab_p_b ELSE p_b END,
+                           CASE WHEN '${variant_a}' = 'ab' THEN ab_p_tie ELSE p_tie END) AS loss
+    FROM side_a GROUP BY fold, id;
+
+CREATE VIEW losses_b AS
+    SELECT fold, id, min(label) AS label,
+           log_loss(label, CASE WHEN '${variant_b}' = 'ab' THEN ab_p_a ELSE p_a END,
+                           CASE WHEN '${variant_b}' = 'ab' THEN ab_p_b ELSE p_b END,
+                           CASE WHEN '${variant_b}' = 'ab' THEN ab_p_tie ELSE p_tie END) AS loss
+    FROM side_b GROUP BY fold, id;
+
 CREATE TABLE row_losses AS
     SELECT a.fold, a.id, a.loss AS loss_a, b.loss AS loss_b, b.loss - a.loss AS diff,
            a.label = b.label AS same_label
-    FROM (SELECT fold, id, min(label) AS label,
-                 CASE WHEN '${variant_a}' = 'ab' THEN log_loss(label, ab_p_a, ab_p_b, ab_p_tie)
-                      ELSE log_loss(label, p_a, p_b, p_tie) END AS loss
-          FROM side_a GROUP BY fold, id) a
-    FULL JOIN (SELECT fold, id, min(label) AS label,
-                      CASE WHEN '${variant_b}' = 'ab' THEN log_loss(label, ab_p_a, ab_p_b, ab_p_tie)
-                           ELSE log_loss(label, p_a, p_b, p_tie) END AS loss
-               FROM side_b GROUP BY fold, id) b
-      ON a.id = b.id;
+    FROM losses_a a FULL JOIN losses_b b ON a.id = b.id;
 
 SELECT ensure(count(*) = count(loss_a) AND count(*) = count(loss_b),
               'compare: cv/${model_a} and cv/${model_b} did not score the same ids (' ||

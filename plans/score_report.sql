@@ -18,15 +18,16 @@ SELECT ensure(count(DISTINCT variant) FILTER (WHERE variant ~ '^fold[0-9]+$') = 
               'score_report: the variants did not score the same rows') AS same_rows
 FROM scores;
 
+-- The fold models, then their mean, then the others (`rank`).
 CREATE TABLE figures AS
-    SELECT variant, count(*) AS rows,
+    SELECT CASE WHEN variant ~ '^fold[0-9]+$' THEN 0 ELSE 2 END AS rank, variant, count(*) AS rows,
            log_loss(label, ab_p_a, ab_p_b, ab_p_tie) AS ab_log_loss,
            avg(CASE WHEN argmax3(ab_p_a, ab_p_b, ab_p_tie) = label THEN 1.0 ELSE 0.0 END) AS ab_accuracy,
            log_loss(label, p_a, p_b, p_tie) AS tta_log_loss,
            avg(CASE WHEN argmax3(p_a, p_b, p_tie) = label THEN 1.0 ELSE 0.0 END) AS tta_accuracy
     FROM scores GROUP BY variant
     UNION ALL
-    SELECT 'fold mean', count(*),
+    SELECT 1, 'fold mean', count(*),
            log_loss(label, ab_p_a, ab_p_b, ab_p_tie),
            avg(CASE WHEN argmax3(ab_p_a, ab_p_b, ab_p_tie) = label THEN 1.0 ELSE 0.0 END),
            log_loss(label, p_a, p_b, p_tie),
@@ -37,10 +38,9 @@ CREATE TABLE figures AS
 
 COPY (
     SELECT variant, rows, ab_log_loss, ab_accuracy, tta_log_loss, tta_accuracy FROM figures
-    ORDER BY CASE WHEN variant ~ '^fold[0-9]+$' THEN 0 WHEN variant = 'fold mean' THEN 1 ELSE 2 END, variant
+    ORDER BY rank, variant
 ) TO '${run_dir}/report/${model_name}/${source}.csv' STORED AS CSV OPTIONS ('format.has_header' 'true');
 
 SELECT variant, rows, round(ab_log_loss, 4) AS ab, round(tta_log_loss, 4) AS tta,
        round(tta_accuracy, 4) AS tta_accuracy
-FROM figures
-ORDER BY CASE WHEN variant ~ '^fold[0-9]+$' THEN 0 WHEN variant = 'fold mean' THEN 1 ELSE 2 END, variant;
+FROM figures ORDER BY rank, variant;

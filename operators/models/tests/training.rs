@@ -591,13 +591,13 @@ fn cuda_attention_backward_matches_composed_autograd() {
     ];
     let mut rng = SplitMix64::new(11);
     for (b, s, nh, nkv, d, softcap, window, spans) in cases {
-        let mut values = |n: usize| -> Vec<f64> { (0..n).map(|_| rng.next_normal()).collect() };
+        let mut draw = |n: usize| -> Vec<f64> { (0..n).map(|_| rng.next_normal()).collect() };
         let (q, k, v) = (
-            values(b * s * nh * d),
-            values(b * s * nkv * d),
-            values(b * s * nkv * d),
+            draw(b * s * nh * d),
+            draw(b * s * nkv * d),
+            draw(b * s * nkv * d),
         );
-        let mut u = values(b * s * nh * d);
+        let mut u = draw(b * s * nh * d);
         for (row, &(lo, hi)) in spans.iter().enumerate() {
             for i in 0..s {
                 if i < lo as usize || i >= hi as usize {

@@ -18,6 +18,7 @@ use super::contiguous;
 /// Fused causal attention over (b, s, heads, d) inputs, with the padding given as each
 /// row's real span (`bounds`, (b, 2) u32: start, end), an optional sliding window and
 /// soft-cap. Queries outside their row's span come out as zeros.
+#[derive(Clone)]
 pub struct Attention {
     pub scale: f32,
     /// 0 for none.
@@ -395,10 +396,7 @@ impl CustomOp3 for TrainAttention {
             k,
             v,
             &AttentionBackward {
-                op: Attention {
-                    bounds: self.op.bounds.clone(),
-                    ..self.op
-                },
+                op: self.op.clone(),
                 out: out.clone(),
                 dout: grad.contiguous()?,
                 lse,
