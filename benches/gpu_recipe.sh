@@ -9,7 +9,8 @@
 # GPU, calls 1-2:  carry device/gpu/partN                benches/gpu_recipe.sh stage
 # GPU, call 3:     carry device/gpu/part3 [RUN_DIR]      benches/gpu_recipe.sh stage; benches/gpu_recipe.sh run RUN_DIR [--set ...]
 #
-# `run` runs $RECIPE (default recipes/smollm2-gpu.toml) and writes its log to
+# `resume CARRIED_RUN_DIR` puts a run directory that came back from an earlier session (see
+# `results`) into the stash, to go on with it. `run` runs $RECIPE (default recipes/smollm2-gpu.toml) and writes its log to
 # $OUT/gpu-recipe.txt; a run directory in the stash outlives the call while the machine is
 # warm, and the recipe skips what is up to date. `results RUN_DIR NAME` packs its results
 # without the adapters into $OUT/NAME.tar.gz (what comes back from a call is small). `bin
@@ -38,6 +39,29 @@ case "${1:-}" in
       [ -d "$part" ] && cp -r "$part"/* "$stash/"
     done
     ls -l "$stash"
+    ;;
+  resume)
+    # A run directory carried back here by `results` (teacher logits, CV, reports, no
+    # adapters), into the stash as $stash/runs/NAME: its manifest forgets every output whose
+    # files did not travel (prepare/, folds/, adapters), so the recipe makes them again
+    # instead of stopping at "recorded complete, but missing".
+    mkdir -p "$stash/runs"
+    dest=$stash/runs/$(basename "$2")
+    rm -rf "$dest"
+    cp -r "$2" "$dest"
+    python3 - "$dest" <<'PY'
+import json, os, sys
+run = sys.argv[1]
+path = os.path.join(run, "manifest.json")
+manifest = json.load(open(path))
+outputs = manifest["outputs"]
+missing = [name for name, entry in outputs.items()
+           if not all(os.path.exists(os.path.join(run, f["path"])) for f in entry.get("files", []))]
+for name in missing:
+    del outputs[name]
+json.dump(manifest, open(path, "w"), indent=2)
+print(f"{run}: {len(outputs)} outputs kept, {len(missing)} to make again: {', '.join(sorted(missing))}")
+PY
     ;;
   bin)
     . benches/gpu_env.sh
@@ -73,7 +97,7 @@ case "${1:-}" in
     ls -l "${OUT:-.}/${3:-results}.tar.gz"
     ;;
   *)
-    echo "usage: benches/gpu_recipe.sh pack | stage | bin NAME | run RUN_DIR [--set ...] | results RUN_DIR [NAME]" >&2
+    echo "usage: benches/gpu_recipe.sh pack | stage | resume RUN_DIR | bin NAME | run RUN_DIR [--set ...] | results RUN_DIR [NAME]" >&2
     exit 2
     ;;
 esac

@@ -291,11 +291,12 @@ fn relabel_first_row(file: &Path, label: i8) {
 #[test]
 fn describe_lists_every_knob_of_the_recipe() {
     // The GPU recipes are checked as `run` checks them (every stage's values against its
-    // plan): the profile and issue 14's two ablation parts.
+    // plan): the profile and issue 14's three ablation parts.
     for (recipe, runs) in [
         ("recipes/smollm2-gpu.toml", 31),
         ("recipes/quality-teachers.toml", 30),
-        ("recipes/quality-students.toml", 61),
+        ("recipes/quality-students.toml", 28),
+        ("recipes/quality-ablation.toml", 40),
     ] {
         let gpu = arenaflow(&["describe", recipe]);
         assert!(gpu.status.success(), "{}", text(&gpu));
