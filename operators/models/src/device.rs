@@ -82,11 +82,21 @@ fn open_cuda(spec: &str, ordinal: usize) -> Result<Device> {
     if ordinal >= count.max(0) as usize {
         return Err(cannot(format!("the driver sees {count} GPU(s)")));
     }
-    Device::new_cuda(ordinal).map_err(|e| {
+    let device = Device::new_cuda(ordinal).map_err(|e| {
         ModelError::Config(format!(
             "device {spec}: cannot open CUDA GPU {ordinal} ({e}); the run does not fall back to the CPU"
         ))
-    })
+    })?;
+    if let Device::Cuda(cuda) = &device {
+        // cudarc creates two CUDA events with every allocation (and destroys them with it)
+        // to order uses across streams, but only waits on them once a context has streams
+        // of its own; candle's device works on the one per-thread default stream, so they
+        // are never used, and every tensor candle makes pays for them.
+        // SAFETY: no arenaflow code makes a second stream on this context; with one stream
+        // the events are never read, so turning them off changes no ordering.
+        unsafe { cuda.disable_event_tracking() };
+    }
+    Ok(device)
 }
 
 /// A CUDA driver error code by number, with its name where it is one a user meets here.

@@ -712,8 +712,8 @@ fn cuda_attention_backward_matches_composed_autograd() {
     }
 }
 
-/// On a GPU AdamW and the gradient norm run as arenaflow's kernels (three in-place passes
-/// per tensor, one sum of squares per tensor) and dropout as a hashed mask: three clipped
+/// On a GPU AdamW and the gradient norm run as arenaflow's kernels (one launch each for all
+/// tensors, the clipping coefficient inside AdamW's) and dropout as a hashed mask: three clipped
 /// AdamW steps land where the CPU's composed ops do (f32, within 1e-6 relative), and the
 /// dropout op keeps about 1 - p of the elements, scaled, with its backward the same mask.
 #[test]
@@ -731,7 +731,9 @@ fn cuda_adamw_clipping_and_dropout_match_the_cpu() {
     let grads: Vec<Vec<Vec<f32>>> = (0..3)
         .map(|_| shapes.iter().map(|&(a, b)| draw(a * b)).collect())
         .collect();
-    let run = |device: &Device| -> (Vec<Vec<f32>>, Vec<f64>) {
+    // `fused`: the trainer's path (the norm, then the clipping coefficient inside the one
+    // AdamW launch); otherwise clip_grad_norm's clipped copies, then AdamW::step.
+    let run = |device: &Device, fused: bool| -> (Vec<Vec<f32>>, Vec<f64>) {
         let vars: Vec<Var> = params
             .iter()
             .zip(&shapes)
@@ -750,8 +752,12 @@ fn cuda_adamw_clipping_and_dropout_match_the_cpu() {
                 .zip(&shapes)
                 .map(|(g, &s)| Tensor::from_slice(g, s, device).unwrap())
                 .collect();
-            norms.push(clip_grad_norm(&mut g, Some(1.0)).unwrap());
-            opt.step(&vars, &g, 2e-4).unwrap();
+            if fused {
+                norms.push(opt.step_clipped(&vars, &mut g, 2e-4, Some(1.0)).unwrap());
+            } else {
+                norms.push(clip_grad_norm(&mut g, Some(1.0)).unwrap());
+                opt.step(&vars, &g, 2e-4).unwrap();
+            }
         }
         let out = vars
             .iter()
@@ -767,22 +773,30 @@ fn cuda_adamw_clipping_and_dropout_match_the_cpu() {
             .collect();
         (out, norms)
     };
-    let (cpu, cpu_norms) = run(&Device::Cpu);
-    let (gpu_params, gpu_norms) = run(&gpu);
-    for (a, b) in cpu_norms.iter().zip(&gpu_norms) {
-        assert!(
-            (a - b).abs() / a < 1e-6,
-            "gradient norm {b} on the GPU, {a} on the CPU"
-        );
-    }
-    let mut worst = 0f64;
-    for (c, g) in cpu.iter().zip(&gpu_params) {
-        for (x, y) in c.iter().zip(g) {
-            worst = worst.max((*x as f64 - *y as f64).abs() / (x.abs() as f64).max(1e-3));
+    let (cpu, cpu_norms) = run(&Device::Cpu, false);
+    assert_eq!(run(&Device::Cpu, true), (cpu.clone(), cpu_norms.clone()));
+    let (gpu_apart, _) = run(&gpu, false);
+    for fused in [false, true] {
+        let (gpu_params, gpu_norms) = run(&gpu, fused);
+        for (a, b) in cpu_norms.iter().zip(&gpu_norms) {
+            assert!(
+                (a - b).abs() / a < 1e-6,
+                "gradient norm {b} on the GPU, {a} on the CPU"
+            );
         }
+        let mut worst = 0f64;
+        for (c, g) in cpu.iter().zip(&gpu_params) {
+            for (x, y) in c.iter().zip(g) {
+                worst = worst.max((*x as f64 - *y as f64).abs() / (x.abs() as f64).max(1e-3));
+            }
+        }
+        eprintln!(
+            "AdamW after 3 clipped steps (fused clipping {fused}): GPU vs CPU worst relative difference {worst:.2e}"
+        );
+        assert!(worst < 1e-6);
+        // Clipping inside the launch is the same arithmetic as clipping first: the same bits.
+        assert_eq!(gpu_params, gpu_apart, "fused clipping {fused}");
     }
-    eprintln!("AdamW after 3 clipped steps: GPU vs CPU worst relative difference {worst:.2e}");
-    assert!(worst < 1e-6);
 
     // Dropout: the mask's share, its scale, and the backward's mask equal to the forward's.
     let x = Var::from_tensor(&Tensor::ones((1000, 1000), DType::F32, &gpu).unwrap()).unwrap();

@@ -91,9 +91,46 @@ impl AdamW {
 
     /// One step at learning rate `lr`, as `torch.optim.AdamW`'s single-tensor path:
     /// p ← p·(1 − lr·wd); m ← m + (1 − β₁)(g − m); v ← β₂v + (1 − β₂)g²;
-    /// p ← p − lr/(1 − β₁ᵗ) · m / (√v / √(1 − β₂ᵗ) + ε). On a GPU (f32 variables) in place
-    /// through `ops::optim`'s three kernels per tensor.
+    /// p ← p − lr/(1 − β₁ᵗ) · m / (√v / √(1 − β₂ᵗ) + ε). On a GPU (f32 variables) every
+    /// tensor in place in one launch (`ops::optim`).
     pub fn step(&mut self, vars: &[Var], grads: &[Tensor], lr: f64) -> Result<()> {
+        self.step_scaled(vars, grads, lr, 1.0)
+    }
+
+    /// torch's `clip_grad_norm_(max_norm)` then [`AdamW::step`]: returns the gradients'
+    /// global 2-norm before clipping. On a GPU the norm is one launch and the clipping
+    /// coefficient goes into the AdamW launch (the gradients are left as they are); on the
+    /// CPU the gradients are clipped first, as torch does.
+    pub fn step_clipped(
+        &mut self,
+        vars: &[Var],
+        grads: &mut [Tensor],
+        lr: f64,
+        max_norm: Option<f64>,
+    ) -> Result<f64> {
+        #[cfg(feature = "cuda")]
+        if vars
+            .first()
+            .is_some_and(|v| v.device().is_cuda() && v.dtype() == DType::F32)
+        {
+            let total = grad_norm_cuda(grads)?;
+            self.step_scaled(vars, grads, lr, clip_coefficient(total, max_norm))?;
+            return Ok(total);
+        }
+        let total = clip_grad_norm(grads, max_norm)?;
+        self.step_scaled(vars, grads, lr, 1.0)?;
+        Ok(total)
+    }
+
+    /// [`AdamW::step`] of the gradients times `grad_scale` (only a GPU takes a scale other
+    /// than 1: the CPU's callers clip the gradients themselves).
+    fn step_scaled(
+        &mut self,
+        vars: &[Var],
+        grads: &[Tensor],
+        lr: f64,
+        grad_scale: f64,
+    ) -> Result<()> {
         if vars.len() != grads.len() || vars.len() != self.exp_avg.len() {
             return Err(ModelError::Input(format!(
                 "AdamW: {} variables, {} gradients, {} moments",
@@ -107,26 +144,36 @@ impl AdamW {
         let t = self.steps as i32;
         let step_size = lr / (1.0 - c.beta1.powi(t));
         let bias_correction2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
+        #[cfg(feature = "cuda")]
+        if vars
+            .first()
+            .is_some_and(|v| v.device().is_cuda() && v.dtype() == DType::F32)
+        {
+            let params: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+            crate::ops::optim::adamw_step_all(
+                &params,
+                &self.exp_avg,
+                &self.exp_avg_sq,
+                grads,
+                crate::ops::optim::AdamWStep {
+                    beta1: c.beta1 as f32,
+                    beta2: c.beta2 as f32,
+                    decay: (1.0 - lr * c.weight_decay) as f32,
+                    bias_correction2_sqrt: bias_correction2_sqrt as f32,
+                    eps: c.eps as f32,
+                    step_size: step_size as f32,
+                    grad_scale: grad_scale as f32,
+                },
+            )?;
+            return Ok(());
+        }
+        if grad_scale != 1.0 {
+            return Err(ModelError::Input(
+                "AdamW: a gradient scale is for the GPU's fused step; clip on the CPU first".into(),
+            ));
+        }
         for (i, (var, grad)) in vars.iter().zip(grads).enumerate() {
             let grad = grad.to_dtype(var.dtype())?;
-            #[cfg(feature = "cuda")]
-            if var.device().is_cuda() && var.dtype() == DType::F32 {
-                crate::ops::optim::adamw_step(
-                    var.as_tensor(),
-                    &self.exp_avg[i],
-                    &self.exp_avg_sq[i],
-                    &grad,
-                    crate::ops::optim::AdamWStep {
-                        beta1: c.beta1 as f32,
-                        beta2: c.beta2 as f32,
-                        decay: (1.0 - lr * c.weight_decay) as f32,
-                        bias_correction2_sqrt: bias_correction2_sqrt as f32,
-                        eps: c.eps as f32,
-                        step_size: step_size as f32,
-                    },
-                )?;
-                continue;
-            }
             let param = (var.as_tensor() * (1.0 - lr * c.weight_decay))?;
             let m = (&self.exp_avg[i] + ((&grad - &self.exp_avg[i])? * (1.0 - c.beta1))?)?;
             let v = ((&self.exp_avg_sq[i] * c.beta2)? + (grad.sqr()? * (1.0 - c.beta2))?)?;
@@ -140,6 +187,18 @@ impl AdamW {
     }
 }
 
+/// The global 2-norm of gradients on a GPU: one launch for every tensor's sum of squares.
+#[cfg(feature = "cuda")]
+fn grad_norm_cuda(grads: &[Tensor]) -> Result<f64> {
+    let sums = crate::ops::optim::sums_of_squares(grads)?;
+    Ok(sums.iter().map(|&s| s as f64).sum::<f64>().sqrt())
+}
+
+/// torch's clipping coefficient: min(1, max_norm / (total + 1e-6)); 1 without a max_norm.
+fn clip_coefficient(total: f64, max_norm: Option<f64>) -> f64 {
+    max_norm.map_or(1.0, |max_norm| (max_norm / (total + 1e-6)).min(1.0))
+}
+
 /// torch's `clip_grad_norm_`: the global 2-norm of all gradients (returned, before
 /// clipping); when `max_norm` is set every gradient is multiplied by
 /// min(1, max_norm / (norm + 1e-6)). On a GPU the squares are summed by one kernel per
@@ -147,8 +206,7 @@ impl AdamW {
 pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: Option<f64>) -> Result<f64> {
     #[cfg(feature = "cuda")]
     if grads.first().is_some_and(|g| g.device().is_cuda()) {
-        let sums = crate::ops::optim::sums_of_squares(grads)?;
-        let total = sums.iter().map(|&s| s as f64).sum::<f64>().sqrt();
+        let total = grad_norm_cuda(grads)?;
         return scale_to(grads, total, max_norm);
     }
     let mut squares = Vec::with_capacity(grads.len());
@@ -172,11 +230,8 @@ pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: Option<f64>) -> Result<f64
 /// coefficient of exactly 1 (the norm within bounds) leaves the gradients as they are:
 /// the same bits as multiplying, without one pass per tensor.
 fn scale_to(grads: &mut [Tensor], total: f64, max_norm: Option<f64>) -> Result<f64> {
-    if let Some(max_norm) = max_norm {
-        let coef = (max_norm / (total + 1e-6)).min(1.0);
-        if coef == 1.0 {
-            return Ok(total);
-        }
+    let coef = clip_coefficient(total, max_norm);
+    if coef != 1.0 {
         for g in grads.iter_mut() {
             *g = (&*g * coef)?;
         }

@@ -9,7 +9,7 @@ use candle_core::{DType, Tensor, Var};
 
 use super::info_gain::InfoGain;
 use super::loss::{distill_loss, LossTerms};
-use super::optim::{clip_grad_norm, AdamW};
+use super::optim::AdamW;
 use super::{EvalMetrics, Event, Keep, StepMetrics, TrainConfig, TrainRow};
 use crate::error::{ModelError, Result};
 use crate::layers::dropout;
@@ -267,13 +267,14 @@ impl Trainer {
         let gradients = self.gradients()?;
         let optimizer_started = Instant::now();
         let mut grads = gradients.grads;
-        let grad_norm = clip_grad_norm(&mut grads, self.config.max_grad_norm)?;
         let lr = self.config.lr
             * self
                 .config
                 .schedule
                 .multiplier(index, self.warmup, self.plan.len());
-        self.optimizer.step(&self.vars, &grads, lr)?;
+        let grad_norm =
+            self.optimizer
+                .step_clipped(&self.vars, &mut grads, lr, self.config.max_grad_norm)?;
         if let Some(ig) = &mut self.info_gain {
             let labels: Vec<u32> = rows.iter().map(|r| r.label).collect();
             ig.update(&labels, &gradients.logits);
