@@ -86,10 +86,10 @@ PY
     ;;
   results)
     # A run directory's results without its adapters, checkpoints and the inputs the recipe
-    # rebuilds (prepare/, folds/): teacher logits, CV predictions, reports, training metrics
-    # and the manifest, as $OUT/NAME.tar.gz (what comes back is at most 16 MiB a file).
+    # rebuilds (prepare/, folds/): teacher logits, CV predictions, scores, reports, training
+    # metrics and the manifest, as $OUT/NAME.tar.gz (what comes back is at most 16 MiB a file).
     parts=()
-    for part in teacher cv report train manifest.json; do
+    for part in teacher cv report train scores manifest.json; do
       if [ -e "$2/$part" ]; then parts+=("$(basename "$2")/$part"); fi
     done
     tar -C "$(dirname "$2")" --exclude='adapter' --exclude='*.safetensors' --exclude='checkpoint*' \
