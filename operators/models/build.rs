@@ -3,7 +3,7 @@
 //! (scripts/cuda-toolchain.sh provides one on machines without a GPU).
 
 /// The kernel sources, one per op; `src/cuda.rs` loads each as a module of that name.
-const KERNELS: [&str; 7] = [
+const KERNELS: [&str; 8] = [
     "attention",
     "dropout",
     "attention_backward",
@@ -11,6 +11,7 @@ const KERNELS: [&str; 7] = [
     "rms_norm",
     "gated",
     "optim",
+    "lora",
 ];
 
 fn main() {

@@ -35,6 +35,10 @@ pub(crate) const RMS_NORM: Module = Module {
     name: "arenaflow_rms_norm",
     ptx: include_str!(concat!(env!("OUT_DIR"), "/rms_norm.ptx")),
 };
+pub(crate) const LORA: Module = Module {
+    name: "arenaflow_lora",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/lora.ptx")),
+};
 pub(crate) const GATED: Module = Module {
     name: "arenaflow_gated",
     ptx: include_str!(concat!(env!("OUT_DIR"), "/gated.ptx")),

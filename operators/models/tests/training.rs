@@ -824,3 +824,62 @@ fn cuda_adamw_clipping_and_dropout_match_the_cpu() {
         .unwrap();
     assert_eq!(y, again, "one seed, one mask");
 }
+
+/// The end of a LoRA projection (`ops::lora::lora_add`, PEFT's one rounding of the f32 sum)
+/// on a GPU gives the CPU's bits in every model dtype, and its gradients too.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_lora_add_matches_the_cpu() {
+    use arenaflow_models::ops::lora::lora_add;
+    use arenaflow_models::weights::SplitMix64;
+    use candle_core::Var;
+    let gpu = Device::new_cuda(0).expect("a CUDA GPU");
+    let mut rng = SplitMix64::new(9);
+    let (rows, cols) = (37, 1536);
+    let mut draw = |scale: f64| -> Vec<f32> {
+        (0..rows * cols)
+            .map(|_| (scale * rng.next_normal()) as f32)
+            .collect()
+    };
+    let (r, u, w) = (draw(3.0), draw(0.01), draw(1.0));
+    let bits = |t: &Tensor| -> Vec<f32> {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_device(&Device::Cpu)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    let run = |device: &Device, dtype: DType| -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let rt = Tensor::from_slice(&r, (rows, cols), device)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let rv = Var::from_tensor(&rt).unwrap();
+        let uv = Var::from_tensor(&Tensor::from_slice(&u, (rows, cols), device).unwrap()).unwrap();
+        let wt = Tensor::from_slice(&w, (rows, cols), device)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let out = lora_add(rv.as_tensor(), uv.as_tensor(), 2.0).unwrap();
+        let grads = (&out * &wt).unwrap().sum_all().unwrap().backward().unwrap();
+        (
+            bits(&out),
+            bits(grads.get(rv.as_tensor()).unwrap()),
+            bits(grads.get(uv.as_tensor()).unwrap()),
+        )
+    };
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let cpu = run(&Device::Cpu, dtype);
+        let cuda = run(&gpu, dtype);
+        assert!(cpu.0 == cuda.0, "{dtype:?}: output");
+        assert!(cpu.1 == cuda.1, "{dtype:?}: the result's gradient");
+        assert!(cpu.2 == cuda.2, "{dtype:?}: the update's gradient");
+        eprintln!(
+            "lora_add {dtype:?}: {} elements, GPU = CPU bit for bit",
+            rows * cols
+        );
+    }
+}

@@ -76,8 +76,8 @@ impl Linear {
             (lora.a.as_tensor().detach(), lora.b.as_tensor().detach())
         };
         let update = linear(&linear(&x, &a, None)?, &b, None)?;
-        let update = (update * lora.scaling)?.to_dtype(base.dtype())?;
-        base + update
+        // PEFT's `result + lora_B(lora_A(x)) * scaling`: the sum in f32, one rounding.
+        crate::ops::lora::lora_add(&base, &update, lora.scaling)
     }
 
     /// The weight with the update folded in: W + scaling * B A.
