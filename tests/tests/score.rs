@@ -152,7 +152,7 @@ fn variants_and_the_fold_mean_match_the_definitions() {
     let mut lines = csv.lines();
     assert_eq!(
         lines.next().unwrap(),
-        "variant,rows,ab_log_loss,ab_accuracy,tta_log_loss,tta_accuracy"
+        "variant,rows,ab_log_loss,ab_accuracy,tta_log_loss,tta_accuracy,tta_vs_fold_mean,tta_vs_fold_mean_se"
     );
     let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
     assert_eq!(
@@ -164,6 +164,42 @@ fn variants_and_the_fold_mean_match_the_definitions() {
             .into_values()
             .collect()
     };
+    // Paired by row against the fold mean: the mean of the per-row differences of TTA log
+    // loss and its standard error (sample standard deviation / sqrt(n)).
+    let paired = |name: &str| -> (f64, f64) {
+        let rows = scores(&dir.join(format!("{name}.parquet")));
+        let diffs: Vec<f64> = rows
+            .values()
+            .zip(&mean)
+            .map(|((l, p), (_, q))| -p[*l].ln() + q[*l].ln())
+            .collect();
+        let n = diffs.len() as f64;
+        let avg = diffs.iter().sum::<f64>() / n;
+        let var = diffs.iter().map(|d| (d - avg).powi(2)).sum::<f64>() / (n - 1.0);
+        (avg, (var / n).sqrt())
+    };
+    for (row, want) in rows.iter().zip([
+        paired("fold0"),
+        paired("fold1"),
+        (0.0, 0.0),
+        paired("merged"),
+    ]) {
+        let (diff, se) = (
+            row[6].parse::<f64>().unwrap(),
+            row[7].parse::<f64>().unwrap(),
+        );
+        assert!(
+            (diff - want.0).abs() < 1e-9,
+            "{}: {diff} vs {}",
+            row[0],
+            want.0
+        );
+        assert!((se - want.1).abs() < 1e-9, "{}: {se} vs {}", row[0], want.1);
+    }
+    assert!(
+        paired("merged").0 != 0.0,
+        "the fixture should tell merged from the fold mean"
+    );
     for (row, want) in rows.iter().zip([
         figures(&values("fold0")),
         figures(&values("fold1")),
