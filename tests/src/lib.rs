@@ -143,19 +143,44 @@ impl S3Server {
         }
     }
 
+    /// One raw HTTP request (`Connection: close`) and the whole response. A server under
+    /// load may reset a connection it has just accepted: the request (a PUT or a HEAD, both
+    /// idempotent) is sent again on an I/O error for 10 s.
+    fn request(&self, head: &str, body: &[u8]) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let attempt = (|| -> std::io::Result<String> {
+                let mut stream = self.connect();
+                stream.write_all(head.as_bytes())?;
+                stream.write_all(body)?;
+                let mut response = String::new();
+                stream.read_to_string(&mut response)?;
+                Ok(response)
+            })();
+            match attempt {
+                Ok(response) if !response.is_empty() => return response,
+                Ok(_) | Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Ok(_) => panic!("the S3 server at {} answered nothing", self.endpoint),
+                Err(e) => panic!("the S3 server at {}: {e}", self.endpoint),
+            }
+        }
+    }
+
     /// A raw S3 PUT (create a bucket with `key` empty, or upload an object).
     pub fn put(&self, bucket: &str, key: &str, body: &[u8]) {
         let host = self.endpoint.trim_start_matches("http://");
-        let mut stream = self.connect();
         let path = if key.is_empty() {
             format!("/{bucket}")
         } else {
             format!("/{bucket}/{key}")
         };
-        write!(stream, "PUT {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len()).unwrap();
-        stream.write_all(body).unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).unwrap();
+        let head = format!(
+            "PUT {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        let response = self.request(&head, body);
         assert!(
             response.starts_with("HTTP/1.1 200"),
             "S3 PUT {path} failed: {}",
@@ -167,14 +192,9 @@ impl S3Server {
     /// holds and 404 for one it does not).
     pub fn exists(&self, bucket: &str, key: &str) -> bool {
         let host = self.endpoint.trim_start_matches("http://");
-        let mut stream = self.connect();
-        write!(
-            stream,
-            "HEAD /{bucket}/{key} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).unwrap();
+        let head =
+            format!("HEAD /{bucket}/{key} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let response = self.request(&head, &[]);
         let status = response.lines().next().unwrap_or_default().to_string();
         match status.split_whitespace().nth(1) {
             Some("404") => false,
