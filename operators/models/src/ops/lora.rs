@@ -162,6 +162,16 @@ mod tests {
         (0..n).map(|_| (scale * rng.next_normal()) as f32).collect()
     }
 
+    /// A tensor's values as f32, flattened.
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    }
+
     /// Against PEFT's arithmetic written out element by element: the sum in f32 of the result
     /// and the scaled update, one rounding to the model's dtype; and the gradients of the
     /// op against candle's autograd of the same expression composed in f32.
@@ -180,21 +190,11 @@ mod tests {
                 .unwrap()
                 .to_dtype(dtype)
                 .unwrap();
-            let (got, want) = (
-                got.to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap(),
-                want.to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap(),
+            assert_eq!(
+                values(&got),
+                values(&want),
+                "{dtype:?}: one rounding of the f32 sum"
             );
-            assert_eq!(got, want, "{dtype:?}: one rounding of the f32 sum");
         }
         // bf16: the old composed order rounded the update first; the two differ on some
         // elements, which is what the op is for.
@@ -224,21 +224,10 @@ mod tests {
             .backward()
             .unwrap();
         for v in [&rv, &uv] {
-            let a = grads
-                .get(v.as_tensor())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            let b = composed
-                .get(v.as_tensor())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            assert_eq!(a, b);
+            assert_eq!(
+                values(grads.get(v.as_tensor()).unwrap()),
+                values(composed.get(v.as_tensor()).unwrap())
+            );
         }
     }
 
