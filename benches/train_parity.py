@@ -83,14 +83,26 @@ def main():
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(
         args.base, torch_dtype=torch.bfloat16, attn_implementation="sdpa").to("cuda")
-    # transformers pools the last token that is not the pad id: a pad id that occurs in the
-    # rows (EOS often does) would pool the wrong token, so the pad is an id no row uses.
-    used = set()
-    for r in table["input_ids"]:
-        used.update(r)
-    pad_id = next(i for i in range(model.config.vocab_size - 1, 0, -1) if i not in used)
-    model.config.pad_token_id = pad_id
+    # arenaflow pads with the model's pad id (SmolLM2's GGUF: 2, which is also its EOS, the
+    # template's last token) and pools the rightmost token that is not the pad id; so does
+    # transformers (>= 4.48): the same id on both sides pools the same token.
+    import transformers
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    assert (major, minor) >= (4, 48), f"transformers {transformers.__version__} pools another token"
+    pad_id = model.config.pad_token_id
+    assert pad_id is not None, "the merged config names no pad id"
     model = PeftModel.from_pretrained(model, args.adapter, is_trainable=True)
+    # arenaflow trains the score head in f32 on the f32 pooled state; PEFT's modules_to_save
+    # copy is the base's bf16 layer (the adapter's f32 head rounded into it): make it f32
+    # again from the adapter's own weight, and feed it f32.
+    from safetensors.torch import load_file
+    saved = load_file(f"{args.adapter}/adapter_model.safetensors")
+    head_key = next(k for k in saved if k.endswith("score.weight"))
+    head = model.base_model.model.score.modules_to_save["default"]
+    head.float()
+    with torch.no_grad():
+        head.weight.copy_(saved[head_key].float())
+    head.register_forward_pre_hook(lambda _m, inputs: tuple(x.float() for x in inputs))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
     warmup = math.ceil(args.warmup_ratio * args.steps)

@@ -3,8 +3,10 @@
 // not four per tensor. The tensors are reached through a table of device pointers (`table`:
 // the parameters, then the first moments, the second moments and the gradients, `count`
 // each) and their lengths. The arithmetic is torch.optim.AdamW's single-tensor path in its
-// order, each operation rounded (the _rn intrinsics are never contracted into fused
-// multiply-adds), so the result is the same bits as three passes per tensor. Launched by
+// order up to the association of two products (torch forms (1-b2)*g*g and -step*m/denom;
+// these form g*g*(1-b2) and m/denom*step, as the CPU path does: last-bit differences), each
+// operation rounded (never contracted into fused multiply-adds): the same bits as the three
+// passes per tensor this replaced. Launched by
 // src/ops/optim.rs.
 
 #include "common.cuh"

@@ -122,7 +122,7 @@ impl LoraAdd {
         // SAFETY: the grid-stride loop writes all n elements.
         let out = unsafe { dev.alloc::<T>(n) }?;
         let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(256).min(132 * 16) as u32, 1, 1),
+            grid_dim: (n.div_ceil(256).clamp(1, 132 * 16) as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
