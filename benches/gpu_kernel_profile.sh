@@ -13,7 +13,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . benches/gpu_env.sh
-stash=$(dirname "$(mktemp -u)")/arenaflow-gpu
 steps=${2:-2}
 if [ -f "$stash/arenaflow.xz" ]; then
   unpack "$stash/arenaflow.xz" "$stash/bin/arenaflow"; bin=$stash/bin/arenaflow
@@ -23,10 +22,8 @@ fi
 work=$(mktemp -d)
 case "${1:-}" in
   smol)
-    gguf=.models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-    mkdir -p .models/smollm2
-    [ -f "$gguf" ] || cat "$stash"/gguf.a? > "$gguf"
-    cmd=("$bin" train --model "$gguf" --input device/parity/rows.parquet --output "$work/adapter"
+    [ -f "$SMOLLM2" ] || smollm2
+    cmd=("$bin" train --model "$SMOLLM2" --input device/parity/rows.parquet --output "$work/adapter"
       --dtype bf16 --device cuda:0 --lora-r 16 --lora-alpha 32 --batch-rows 16
       --no-shuffle --adam-beta2 0.95 --max-steps "$steps" --checkpoint-every 0
       --gradient-checkpointing)

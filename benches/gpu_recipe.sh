@@ -9,6 +9,9 @@
 # GPU, calls 1-2:  carry device/gpu/partN                benches/gpu_recipe.sh stage
 # GPU, call 3:     carry device/gpu/part3 [RUN_DIR]      benches/gpu_recipe.sh stage; benches/gpu_recipe.sh run RUN_DIR [--set ...]
 #
+# Runs may go side by side on the one GPU (`--stages` picks each one's stages of the recipe,
+# LOG=NAME names its log).
+#
 # `resume CARRIED_RUN_DIR` puts a run directory that came back from an earlier session (see
 # `results`) into the stash, to go on with it. `run` runs $RECIPE (default recipes/smollm2-gpu.toml) and writes its log to
 # $OUT/gpu-recipe.txt; a run directory in the stash outlives the call while the machine is
@@ -17,9 +20,7 @@
 # NAME` prints the path of an unpacked binary of the stash (arenaflow, or training-test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# The system's temporary folder on the GPU machine: it outlives one call while the machine
-# stays warm.
-stash=$(dirname "$(mktemp -u)")/arenaflow-gpu
+. benches/gpu_env.sh
 case "${1:-}" in
   pack)
     rm -rf device/gpu
@@ -43,14 +44,15 @@ case "${1:-}" in
   resume)
     # A run directory carried back here by `results` (teacher logits, CV, reports, no
     # adapters), into the stash as $stash/runs/NAME: its manifest forgets every output whose
-    # files did not travel (prepare/, folds/, adapters), so the recipe makes them again
-    # instead of stopping at "recorded complete, but missing".
+    # files did not all travel (prepare/, folds/, adapters), and what travelled of such an
+    # output is removed, so the recipe makes them again instead of stopping at "recorded
+    # complete, but missing" or "exists but the manifest does not record it".
     mkdir -p "$stash/runs"
     dest=$stash/runs/$(basename "$2")
     rm -rf "$dest"
     cp -r "$2" "$dest"
     python3 - "$dest" <<'PY'
-import json, os, sys
+import json, os, shutil, sys
 run = sys.argv[1]
 path = os.path.join(run, "manifest.json")
 manifest = json.load(open(path))
@@ -59,20 +61,24 @@ missing = [name for name, entry in outputs.items()
            if not all(os.path.exists(os.path.join(run, f["path"])) for f in entry.get("files", []))]
 for name in missing:
     del outputs[name]
+    # What did travel of it (e.g. training metrics without the adapter) goes too: the
+    # runner refuses to write over an output the manifest does not record.
+    leftover = os.path.join(run, name)
+    if os.path.isdir(leftover):
+        shutil.rmtree(leftover)
+    elif os.path.exists(leftover):
+        os.remove(leftover)
 json.dump(manifest, open(path, "w"), indent=2)
 print(f"{run}: {len(outputs)} outputs kept, {len(missing)} to make again: {', '.join(sorted(missing))}")
 PY
     ;;
   bin)
-    . benches/gpu_env.sh
     unpack "$stash/$2.xz" "$stash/bin/$2" >&2
     echo "$stash/bin/$2"
     ;;
   run)
-    . benches/gpu_env.sh
     unpack "$stash/arenaflow.xz" "$stash/bin/arenaflow"
-    mkdir -p .models/smollm2
-    cat "$stash"/gguf.a? > .models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    smollm2
     run=$2
     shift 2
     recipe=${RECIPE:-recipes/smollm2-gpu.toml}
@@ -82,7 +88,7 @@ PY
       --set hh_rlhf="$data/hh-rlhf/hh-rlhf_harmless-base_test.jsonl.gz")
     if grep -q '^test_file' "$recipe"; then sets+=(--set test_file="$data/lmsys-arena/test.csv"); fi
     "$stash/bin/arenaflow" run "$recipe" --run-dir "$run" "${sets[@]}" "$@" 2>&1 \
-      | tee "${OUT:-.}/gpu-recipe.txt"
+      | tee "${OUT:-.}/${LOG:-gpu-recipe}.txt"
     ;;
   results)
     # A run directory's results without its adapters, checkpoints and the inputs the recipe

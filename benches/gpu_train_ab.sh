@@ -10,12 +10,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . benches/gpu_env.sh
-stash=$(dirname "$(mktemp -u)")/arenaflow-gpu
 steps=${2:-60}
 unpack "$1" "$stash/bin/arenaflow-a"
 unpack "$stash/arenaflow.xz" "$stash/bin/arenaflow"
-mkdir -p .models/smollm2
-cat "$stash"/gguf.a? > .models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+smollm2
 data=$stash/data
 base=$stash/runs/ab
 rm -rf "$base"
@@ -27,8 +25,8 @@ for round in 1 2; do
     run=$base/$side$round
     "$bin" run plans/train_teacher.sql --run-dir "$run" \
       --set folds="$base/data/folds/k5_seed2025_swaptrue/" \
-      --set model=.models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
-      --set tokenizer=.models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
+      --set model="$SMOLLM2" \
+      --set tokenizer="$SMOLLM2" \
       --set device=cuda:0 --set max_length=512 --set max_steps="$steps" 2>&1 \
       | grep -o 'distill_step: wrote .*' | sed "s#^distill_step: wrote [^;]*;#$side (round $round):#"
   done

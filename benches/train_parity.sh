@@ -26,11 +26,9 @@ case "${1:-}" in
     ;;
   run)
     . benches/gpu_env.sh
-    stash=$(dirname "$(mktemp -u)")/arenaflow-gpu
     steps=${2:-200}
     unpack "$stash/arenaflow.xz" "$stash/bin/arenaflow"
-    mkdir -p .models/smollm2
-    cat "$stash"/gguf.a? > "$gguf"
+    smollm2
     work=$stash/parity
     rm -rf "$work"
     mkdir -p "$work"

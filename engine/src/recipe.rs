@@ -402,6 +402,37 @@ impl Recipe {
     }
 }
 
+impl Recipe {
+    /// The stage numbers (1-based, as `describe` lists them) of a selection such as
+    /// `1-3,7,9-12`: `--stages` runs only those stages of a recipe (their outputs' inputs
+    /// must exist, made by an earlier run of the same run directory or among the stages).
+    pub fn select_stages(&self, text: &str) -> Result<std::collections::BTreeSet<usize>> {
+        let count = self.stages.len();
+        let bad = |part: &str, why: String| {
+            recipe_error(
+                &self.file,
+                format!("--stages {text}: {part:?} {why} (stage numbers 1-{count}, e.g. 1-3,7)"),
+            )
+        };
+        let mut selected = std::collections::BTreeSet::new();
+        for part in text.split(',').map(str::trim) {
+            let (first, last) = part.split_once('-').unwrap_or((part, part));
+            let number = |n: &str| -> Result<usize> {
+                match n.trim().parse::<usize>() {
+                    Ok(n) if (1..=count).contains(&n) => Ok(n),
+                    _ => Err(bad(part, "is not a stage number or range".into())),
+                }
+            };
+            let (first, last) = (number(first)?, number(last)?);
+            if first > last {
+                return Err(bad(part, "runs backwards".into()));
+            }
+            selected.extend(first..=last);
+        }
+        Ok(selected)
+    }
+}
+
 /// `path` without `.` and with `dir/..` removed (`recipes/../plans/a.sql` is
 /// `plans/a.sql`), as the plan's name in output and manifest.
 fn normalize(path: &Path) -> PathBuf {
@@ -463,6 +494,32 @@ mod tests {
             "-- stage b\n-- param fold: int -- the fold\n-- param name = x -- a name\n-- param steps: int = 1 -- steps\nSELECT ${fold}, ${name}, ${steps};\n",
         );
         dir
+    }
+
+    #[test]
+    fn stages_select_by_number_and_range_and_reject_what_is_not_a_stage() {
+        let dir = setup();
+        let file = write(
+            dir.path(),
+            "r.toml",
+            "[params]\nk = 2\n\n[[stages]]\nplan = \"a.sql\"\n\n[[stages]]\nplan = \"b.sql\"\nper_fold = true\n\n[[stages]]\nplan = \"a.sql\"\n",
+        );
+        let recipe = Recipe::load(&file).unwrap();
+        let picked = |text: &str| {
+            recipe
+                .select_stages(text)
+                .map(|s| s.into_iter().collect::<Vec<_>>())
+        };
+        assert_eq!(picked("1-2").unwrap(), vec![1, 2]);
+        assert_eq!(picked("3, 1").unwrap(), vec![1, 3]);
+        assert_eq!(picked("2-2,2").unwrap(), vec![2]);
+        for bad in ["0", "4", "1-4", "3-1", "a", "", "1,,2"] {
+            let error = picked(bad).unwrap_err().to_string();
+            assert!(
+                error.contains("--stages") && error.contains("1-3"),
+                "{bad}: {error}"
+            );
+        }
     }
 
     fn sets(run: &StageRun) -> BTreeMap<&str, &str> {

@@ -339,3 +339,24 @@ fn declared_params(path: &str) -> Vec<String> {
         .map(|l| l.split([':', ' ', '=']).next().unwrap().to_string())
         .collect()
 }
+
+#[test]
+fn stages_runs_only_the_stages_it_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run");
+    let sets = fixture_sets(dir.path());
+    let mut selected = args(RECIPE, &run_dir, &sets);
+    selected.extend(["--stages".to_string(), "1-2".to_string()]);
+    let out = arenaflow(&selected.iter().map(String::as_str).collect::<Vec<_>>());
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("2 plan runs"), "{log}");
+    assert!(recorded_under(&run_dir, "prepare/"), "{log}");
+    assert!(recorded_under(&run_dir, "folds/"), "{log}");
+    assert!(!recorded_under(&run_dir, "teacher/"), "{log}");
+    let mut beyond = args(RECIPE, &run_dir, &sets);
+    beyond.extend(["--stages".to_string(), "3-40".to_string()]);
+    let out = arenaflow(&beyond.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!out.status.success());
+    assert!(text(&out).contains("--stages 3-40"), "{}", text(&out));
+}

@@ -47,6 +47,9 @@ enum Command {
         /// defaults from SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT when set, else 0/1.
         #[arg(long, value_name = "I/N")]
         shard: Option<String>,
+        /// Of a recipe, run only these stages (numbers as `describe` lists them): 1-3,7
+        #[arg(long, value_name = "LIST")]
+        stages: Option<String>,
     },
     /// List a plan's parameters (with defaults) and its outputs; or a recipe's parameters
     /// and every stage's knobs with the values they get.
@@ -368,12 +371,16 @@ async fn run(
     run_dir: String,
     force: bool,
     shard: Shard,
+    stages: Option<String>,
 ) -> anyhow::Result<()> {
     if plans.iter().any(|p| Recipe::is_recipe(p)) {
         if plans.len() > 1 {
             bail!("a recipe runs alone: arenaflow run RECIPE.toml [--set ...]");
         }
-        return run_recipe(&plans[0], &sets, run_dir, force, shard).await;
+        return run_recipe(&plans[0], &sets, run_dir, force, shard, stages.as_deref()).await;
+    }
+    if let Some(stages) = stages {
+        bail!("--stages {stages} selects stages of a recipe; plan files run as listed");
     }
     let plans = plans
         .iter()
@@ -427,6 +434,7 @@ async fn run_recipe(
     run_dir: String,
     force: bool,
     shard: Shard,
+    stages: Option<&str>,
 ) -> anyhow::Result<()> {
     if shard.count > 1 {
         bail!(
@@ -436,7 +444,11 @@ async fn run_recipe(
         );
     }
     let recipe = Recipe::load(path)?;
-    let runs = recipe.runs(sets)?;
+    let mut runs = recipe.runs(sets)?;
+    if let Some(stages) = stages {
+        let selected = recipe.select_stages(stages)?;
+        runs.retain(|run| selected.contains(&(run.stage + 1)));
+    }
     let mut stdout = std::io::stdout().lock();
     if let Some(description) = &recipe.description {
         writeln!(stdout, "{}", description.trim_end())?;
@@ -632,10 +644,11 @@ fn main() -> ExitCode {
             run_dir,
             force,
             shard,
+            stages,
         } => shard_of_run(shard.as_deref()).and_then(|shard| {
             tokio::runtime::Runtime::new()
                 .context("cannot start the async runtime")
-                .and_then(|rt| rt.block_on(run(plans, sets, run_dir, force, shard)))
+                .and_then(|rt| rt.block_on(run(plans, sets, run_dir, force, shard, stages)))
         }),
         Command::Describe { plan } => describe(&plan),
         Command::Logits {
