@@ -883,3 +883,65 @@ fn cuda_lora_add_matches_the_cpu() {
         );
     }
 }
+
+/// The frozen projection (`ops::frozen::frozen_matmul_t`) on a GPU is cuBLAS's `x W^T` as
+/// candle's matmul calls it, bit for bit, with the same input gradient and none for W.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_frozen_projection_is_candles_matmul_without_the_weight_gradient() {
+    use arenaflow_models::ops::frozen::frozen_matmul_t;
+    use arenaflow_models::weights::SplitMix64;
+    use candle_core::Var;
+    let gpu = Device::new_cuda(0).expect("a CUDA GPU");
+    let mut rng = SplitMix64::new(13);
+    let (m, k, n) = (301, 576, 1536);
+    let mut draw =
+        |len: usize| -> Vec<f32> { (0..len).map(|_| rng.next_normal() as f32).collect() };
+    let (x, w, up) = (draw(m * k), draw(n * k), draw(m * n));
+    let bits = |t: &Tensor| -> Vec<f32> {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_device(&Device::Cpu)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    for dtype in [DType::F32, DType::BF16] {
+        let tensor = |v: &[f32], shape: (usize, usize)| {
+            Tensor::from_slice(v, shape, &gpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+        };
+        let xv = Var::from_tensor(&tensor(&x, (m, k))).unwrap();
+        let wv = Var::from_tensor(&tensor(&w, (n, k))).unwrap();
+        let upstream = tensor(&up, (m, n));
+        let ours = frozen_matmul_t(xv.as_tensor(), wv.as_tensor()).unwrap();
+        let theirs = xv.as_tensor().matmul(&wv.as_tensor().t().unwrap()).unwrap();
+        assert!(bits(&ours) == bits(&theirs), "{dtype:?}: output");
+        let g_ours = (&ours * &upstream)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g_theirs = (&theirs * &upstream)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(
+            bits(g_ours.get(xv.as_tensor()).unwrap())
+                == bits(g_theirs.get(xv.as_tensor()).unwrap()),
+            "{dtype:?}: input gradient"
+        );
+        assert!(
+            g_ours.get(wv.as_tensor()).is_none(),
+            "{dtype:?}: W got a gradient"
+        );
+        eprintln!("frozen projection {dtype:?}: ({m} x {k}) (({n} x {k}))^T, GPU = candle's matmul bit for bit");
+    }
+}

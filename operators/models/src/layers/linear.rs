@@ -56,7 +56,9 @@ impl Linear {
 
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let base = match &self.weight {
-            LinearWeight::Dense(w) => linear(xs, w, self.bias.as_ref())?,
+            LinearWeight::Dense(w) => project(xs, self.bias.as_ref(), |flat| {
+                crate::ops::frozen::frozen_matmul_t(flat, w)
+            })?,
         };
         let Some(lora) = &self.lora else {
             return Ok(base);
@@ -96,11 +98,20 @@ impl Linear {
 
 /// `x W^T (+ b)` over the last dimension of a tensor of any rank.
 pub fn linear(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    project(xs, bias, |flat| flat.matmul(&weight.t()?))
+}
+
+/// `matmul(x) (+ b)` over the last dimension of a tensor of any rank, `matmul` taking the
+/// rows flattened to (rows, in).
+fn project(
+    xs: &Tensor,
+    bias: Option<&Tensor>,
+    matmul: impl FnOnce(&Tensor) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
     let dims = xs.dims().to_vec();
     let in_features = dims[dims.len() - 1];
     let rows = xs.elem_count() / in_features.max(1);
-    let flat = xs.reshape((rows, in_features))?;
-    let out = flat.matmul(&weight.t()?)?;
+    let out = matmul(&xs.reshape((rows, in_features))?)?;
     let out = match bias {
         Some(b) => out.broadcast_add(b)?,
         None => out,

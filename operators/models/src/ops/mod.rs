@@ -1,10 +1,12 @@
 //! arenaflow's custom candle ops, one per file, each with its CPU and CUDA sides together
 //! (candle-nn's `ops.rs` shape): the fused attention (with its backward pass), RoPE in its
-//! layout, RMSNorm, the gated activation and the end of a LoRA projection. The CUDA sides launch the kernels of
+//! layout, RMSNorm, the gated activation, the frozen projection (no weight gradient) and the
+//! end of a LoRA projection. The CUDA sides launch the kernels of
 //! `kernels/<op>.cu` through [`crate::cuda`].
 
 pub mod attention;
 pub mod dropout;
+pub mod frozen;
 pub mod gated;
 pub mod lora;
 #[cfg(feature = "cuda")]
