@@ -12,10 +12,15 @@ as arenaflow cuts them: the rows grouped by id in file order (both orders of a c
 one step), up to --batch-rows a step, the file repeated for as many epochs as the steps need.
 
     python3 benches/train_parity.py --base BASE_DIR --adapter INIT_ADAPTER --rows ROWS.parquet \
-        --steps 200 --eval-every 50
+        --steps 200 --eval-every 50 [--autocast]
+
+--autocast runs every forward under torch.autocast(bf16), as transformers' Trainer does with
+bf16=True: the LoRA matmuls (and the score head's) in bf16 (arenaflow's --lora-autocast; its
+score head stays f32).
 """
 
 import argparse
+import contextlib
 import json
 import math
 
@@ -72,6 +77,7 @@ def main():
     p.add_argument("--warmup-ratio", type=float, default=0.1)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-rows", type=int, default=16, help="rows per evaluation batch")
+    p.add_argument("--autocast", action="store_true", help="forward under torch.autocast(bf16)")
     args = p.parse_args()
 
     table = pq.read_table(args.rows).to_pydict()
@@ -112,6 +118,11 @@ def main():
                       "trainable": sum(p.numel() for p in params),
                       "dtypes": sorted({str(p.dtype) for p in params})}), flush=True)
 
+    def precision():
+        if args.autocast:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def evaluate(step):
         model.eval()
         total, hits = 0.0, 0
@@ -119,7 +130,8 @@ def main():
             for s in range(0, len(dev), args.eval_rows):
                 part = dev[s : s + args.eval_rows]
                 x, m = batch([table["input_ids"][i] for i in part], pad_id, "cuda")
-                logits = model(input_ids=x, attention_mask=m).logits.float()
+                with precision():
+                    logits = model(input_ids=x, attention_mask=m).logits.float()
                 labels = torch.tensor([table["label"][i] for i in part], device="cuda")
                 total += F.cross_entropy(logits, labels, reduction="sum").item()
                 hits += (logits.argmax(-1) == labels).sum().item()
@@ -131,7 +143,8 @@ def main():
     for step, rows in enumerate(plan, start=1):
         x, m = batch([table["input_ids"][train[i]] for i in rows], pad_id, "cuda")
         labels = torch.tensor([table["label"][train[i]] for i in rows], device="cuda")
-        logits = model(input_ids=x, attention_mask=m).logits.float()
+        with precision():
+            logits = model(input_ids=x, attention_mask=m).logits.float()
         loss = F.cross_entropy(logits, labels)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(params, 1.0)

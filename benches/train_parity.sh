@@ -10,6 +10,8 @@
 #        scripts/fetch-smollm2.sh; scripts/build-cuda.sh; benches/gpu_recipe.sh pack
 # GPU:   calls 1-3 `benches/gpu_recipe.sh stage` (carry device/gpu/partN, and device/parity
 #        with the third), then: benches/train_parity.sh run [STEPS]   # $OUT/parity-*.{txt,jsonl}
+#        AUTOCAST=1 compares the mixed-precision loops instead: arenaflow --lora-autocast against
+#        torch.autocast(bf16) (the LoRA matmuls in bf16); its files are $OUT/parity-autocast-*.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 gguf=.models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -27,6 +29,8 @@ case "${1:-}" in
   run)
     . benches/gpu_env.sh
     steps=${2:-200}
+    name=parity; ours=(); theirs=()
+    if [ "${AUTOCAST:-0}" = 1 ]; then name=parity-autocast; ours=(--lora-autocast); theirs=(--autocast); fi
     unpack "$stash/arenaflow.xz" "$stash/bin/arenaflow"
     smollm2
     work=$stash/parity
@@ -39,12 +43,12 @@ case "${1:-}" in
     "${af[@]}" --output "$work/init" --lr 0 --max-steps 1 >/dev/null 2>&1
     "$stash/bin/arenaflow" merge --model "$gguf" --adapter "$work/init" --output "$work/base" \
       --dtype bf16 >/dev/null
-    "${af[@]}" --output "$work/arenaflow" --init-adapter "$work/init" --lr 2e-4 \
-      --warmup-ratio 0.1 --max-steps "$steps" --eval-every 50 2>&1 | tee "$OUT/parity-arenaflow.txt" \
+    "${af[@]}" --output "$work/arenaflow" --init-adapter "$work/init" --lr 2e-4 "${ours[@]}" \
+      --warmup-ratio 0.1 --max-steps "$steps" --eval-every 50 2>&1 | tee "$OUT/$name-arenaflow.txt" \
       | grep -v '^|' | tail -3
     python3 benches/train_parity.py --base "$work/base" --adapter "$work/init" \
-      --rows device/parity/rows.parquet --steps "$steps" --eval-every 50 > "$OUT/parity-torch.jsonl"
-    python3 - "$work/arenaflow/metrics.parquet" "$OUT/parity-torch.jsonl" <<'PY' | tee "$OUT/parity.txt"
+      --rows device/parity/rows.parquet --steps "$steps" --eval-every 50 "${theirs[@]}" > "$OUT/$name-torch.jsonl"
+    python3 - "$work/arenaflow/metrics.parquet" "$OUT/$name-torch.jsonl" <<'PY' | tee "$OUT/$name.txt"
 import json, sys
 import pyarrow.parquet as pq
 ours = pq.read_table(sys.argv[1]).to_pylist()

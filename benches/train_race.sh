@@ -3,7 +3,10 @@
 # candle's composed ops and autograd, per-layer checkpointing) vs transformers + PEFT +
 # torch (sdpa, gradient checkpointing), bf16 base with random weights and the real
 # Llama-3.1-8B config, LoRA r = 64, alpha = 128 on all seven projections, dropout 0,
-# AdamW, 8 rows x 1,024 random tokens per step, the same rows on both sides.
+# AdamW, 8 rows x 1,024 random tokens per step, the same rows on both sides. Both sides in
+# mixed precision: torch under torch.autocast(bf16), arenaflow with --lora-autocast (the
+# LoRA matmuls in bf16 from f32 weights; before 2026-12-04's third session arenaflow ran
+# them in f32, PEFT's order without autocast).
 #
 # Here (no GPU):  benches/train_race.sh prepare        # device/train_race/: inputs
 #                 (and scripts/build-cuda.sh for device/arenaflow.xz)
@@ -37,7 +40,7 @@ PY
     device/bin/arenaflow train --model benches/configs/llama-3.1-8b.json --random-weights 0 \
       --input device/train_race/llama3.parquet --output device/scratch/adapter-llama \
       --dtype bf16 --device cuda:0 --lora-r 64 --lora-alpha 128 --lora-dropout 0 \
-      --batch-rows 8 --max-batch-tokens 8192 --max-steps "$STEPS" --gradient-checkpointing \
+      --lora-autocast --batch-rows 8 --max-batch-tokens 8192 --max-steps "$STEPS" --gradient-checkpointing \
       --no-shuffle --checkpoint-every 0 --lr 1e-4 --adam-beta2 0.95 --warmup-steps 0 \
       2>&1 | tee "$OUT/train-arenaflow.txt"
     ;;

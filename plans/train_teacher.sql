@@ -19,6 +19,7 @@
 -- param lora_r: int = 16 -- LoRA rank
 -- param lora_alpha: float = 32 -- LoRA alpha
 -- param lora_dropout: float = 0.05 -- dropout on the LoRA input
+-- param lora_autocast: bool = false -- the LoRA matmuls in the model's dtype as torch.autocast (true) or in f32 as PEFT (false)
 -- param target_modules = all-linear -- all-linear, module names (q_proj,v_proj) or a regex
 -- param lr: float = 0.0002 -- peak learning rate
 -- param schedule = cosine -- cosine, linear or constant, after a linear warm-up
@@ -59,7 +60,7 @@ CREATE VIEW tokens AS
 
 COPY (
     SELECT * FROM distill_step('tokens', '${model}',
-        'init_adapter="${init_adapter}" lora_r=${lora_r} lora_alpha=${lora_alpha} lora_dropout=${lora_dropout}
+        'init_adapter="${init_adapter}" lora_r=${lora_r} lora_alpha=${lora_alpha} lora_dropout=${lora_dropout} lora_autocast=${lora_autocast}
          target_modules=${target_modules} lr=${lr} schedule=${schedule} warmup_ratio=${warmup_ratio}
          epochs=${epochs} max_steps=${max_steps} batch_rows=${batch_rows} max_batch_tokens=${max_batch_tokens}
          adam_beta1=${adam_beta1} adam_beta2=${adam_beta2} weight_decay=${weight_decay}

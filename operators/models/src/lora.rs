@@ -261,4 +261,9 @@ pub struct LoraWeights {
     pub b: Var,
     pub scaling: f64,
     pub dropout: f64,
+    /// The adapter's matmuls in the model's dtype, as under `torch.autocast` (what
+    /// transformers' Trainer with `bf16=True` runs), instead of PEFT's f32: the f32 weights are
+    /// cast for them and get f32 gradients; the update is rounded to the model's dtype, then
+    /// added (two roundings, PyTorch's order).
+    pub autocast: bool,
 }

@@ -39,6 +39,9 @@ pub struct TrainSettings {
     pub lora_r: usize,
     pub lora_alpha: f64,
     pub lora_dropout: f64,
+    /// The adapter's matmuls in the model's dtype, as `torch.autocast` (transformers'
+    /// Trainer with `bf16=True`), instead of PEFT's f32.
+    pub lora_autocast: bool,
     /// Module names (comma-separated), `all-linear`, or a regular expression.
     pub target_modules: String,
     pub layers_to_transform: Option<Vec<usize>>,
@@ -68,6 +71,7 @@ impl TrainSettings {
             lora_r: 16,
             lora_alpha: 32.0,
             lora_dropout: 0.05,
+            lora_autocast: false,
             target_modules: "all-linear".into(),
             layers_to_transform: None,
             use_rslora: false,
@@ -93,6 +97,10 @@ impl TrainSettings {
         ("lora_r", "LoRA rank r"),
         ("lora_alpha", "LoRA alpha (scaling alpha / r)"),
         ("lora_dropout", "dropout on the LoRA input"),
+        (
+            "lora_autocast",
+            "the LoRA matmuls in the model's dtype as torch.autocast (true) or in f32 as PEFT (false)",
+        ),
         (
             "target_modules",
             "all-linear, names (q_proj,v_proj) or a regex",
@@ -175,6 +183,7 @@ impl TrainSettings {
     /// The knobs that are switches (`--shuffle`, `--no-shuffle`).
     pub const SWITCHES: &'static [&'static str] = &[
         "init_head",
+        "lora_autocast",
         "use_rslora",
         "shuffle",
         "gradient_checkpointing",
@@ -190,6 +199,7 @@ impl TrainSettings {
             "lora_r" => self.lora_r.to_string(),
             "lora_alpha" => self.lora_alpha.to_string(),
             "lora_dropout" => self.lora_dropout.to_string(),
+            "lora_autocast" => self.lora_autocast.to_string(),
             "target_modules" => self.target_modules.clone(),
             "layers_to_transform" => opt(self.layers_to_transform.as_ref().map(|l| {
                 l.iter()
@@ -271,6 +281,7 @@ impl TrainSettings {
             "lora_r" => self.lora_r = count()?,
             "lora_alpha" => self.lora_alpha = float()?,
             "lora_dropout" => self.lora_dropout = float()?,
+            "lora_autocast" => self.lora_autocast = flag()?,
             "target_modules" => self.target_modules = value.trim().to_string(),
             "layers_to_transform" => {
                 let layers = list()
@@ -521,6 +532,7 @@ pub fn load_model(settings: &TrainSettings) -> Result<SequenceClassifier> {
         }
         None => model.init_lora(&settings.lora(), settings.train.seed)?,
     }
+    model.set_lora_autocast(settings.lora_autocast);
     model.score.trainable = true;
     Ok(model)
 }

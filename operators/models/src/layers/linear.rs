@@ -63,13 +63,6 @@ impl Linear {
         let Some(lora) = &self.lora else {
             return Ok(base);
         };
-        // PEFT runs the adapter in its own (f32) dtype and adds the result in the model's.
-        let adapter_dtype = lora.a.dtype();
-        let mut x = xs.to_dtype(adapter_dtype)?;
-        if train && lora.dropout > 0.0 {
-            x = super::dropout::dropout(&x, lora.dropout)
-                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        }
         // Outside training the update is a constant: detached, its result records no
         // backward graph (which would keep every activation of the pass alive).
         let (a, b) = if train {
@@ -77,9 +70,28 @@ impl Linear {
         } else {
             (lora.a.as_tensor().detach(), lora.b.as_tensor().detach())
         };
+        if lora.autocast && xs.dtype() != a.dtype() {
+            // torch.autocast: the input as it is, the f32 weights cast for the matmuls, the
+            // update in the model's dtype, `result + update * scaling` rounded at each op.
+            let x = self.lora_input(xs.clone(), lora.dropout, train)?;
+            let (a, b) = (a.to_dtype(xs.dtype())?, b.to_dtype(xs.dtype())?);
+            let update = linear(&linear(&x, &a, None)?, &b, None)?;
+            return base + (update * lora.scaling)?;
+        }
+        // PEFT runs the adapter in its own (f32) dtype and adds the result in the model's.
+        let x = self.lora_input(xs.to_dtype(a.dtype())?, lora.dropout, train)?;
         let update = linear(&linear(&x, &a, None)?, &b, None)?;
         // PEFT's `result + lora_B(lora_A(x)) * scaling`: the sum in f32, one rounding.
         crate::ops::lora::lora_add(&base, &update, lora.scaling)
+    }
+
+    /// The adapter's input: `x` with the LoRA dropout when training.
+    fn lora_input(&self, x: Tensor, p: f64, train: bool) -> candle_core::Result<Tensor> {
+        if train && p > 0.0 {
+            super::dropout::dropout(&x, p).map_err(|e| candle_core::Error::Msg(e.to_string()))
+        } else {
+            Ok(x)
+        }
     }
 
     /// The weight with the update folded in: W + scaling * B A.
@@ -120,4 +132,105 @@ fn project(
     let last = out_dims.len() - 1;
     out_dims[last] = out.dim(D::Minus1)?;
     out.reshape(out_dims)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::weights::SplitMix64;
+    use candle_core::{Device, Var};
+
+    fn draw(rng: &mut SplitMix64, shape: (usize, usize), scale: f64) -> Tensor {
+        let v: Vec<f32> = (0..shape.0 * shape.1)
+            .map(|_| (scale * rng.next_normal()) as f32)
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    }
+
+    fn max_relative(a: &[f32], b: &[f32]) -> f32 {
+        let norm = b.iter().map(|x| x.abs()).fold(0.0f32, f32::max);
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+            / norm
+    }
+
+    /// A bf16 projection with an f32 adapter, in PEFT's f32 order and in autocast's: both
+    /// near the f32 result, the gradients of the f32 weights f32 in both; autocast's output
+    /// is `base + round(update * scaling)` with the update's matmuls in bf16 (written out
+    /// here with the weights cast by hand); for an f32 model autocast changes nothing.
+    #[test]
+    fn autocast_runs_the_adapter_in_the_models_dtype() {
+        let mut rng = SplitMix64::new(3);
+        let (m, k, n, r) = (5, 32, 24, 4);
+        let (x32, w32) = (draw(&mut rng, (m, k), 1.0), draw(&mut rng, (n, k), 0.2));
+        let (a32, b32) = (draw(&mut rng, (r, k), 0.2), draw(&mut rng, (n, r), 0.2));
+        let up = draw(&mut rng, (m, n), 1.0);
+        let run = |dtype: DType, autocast: bool| {
+            let (a, b) = (
+                Var::from_tensor(&a32).unwrap(),
+                Var::from_tensor(&b32).unwrap(),
+            );
+            let layer = Linear {
+                weight: LinearWeight::Dense(w32.to_dtype(dtype).unwrap()),
+                bias: None,
+                lora: Some(LoraWeights {
+                    a: a.clone(),
+                    b: b.clone(),
+                    scaling: 2.0,
+                    dropout: 0.0,
+                    autocast,
+                }),
+            };
+            let out = layer
+                .forward_t(&x32.to_dtype(dtype).unwrap(), true)
+                .unwrap();
+            let loss = (out.to_dtype(DType::F32).unwrap() * &up)
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            let grads = loss.backward().unwrap();
+            let (ga, gb) = (
+                grads.get(a.as_tensor()).unwrap().clone(),
+                grads.get(b.as_tensor()).unwrap().clone(),
+            );
+            assert_eq!((ga.dtype(), gb.dtype()), (DType::F32, DType::F32));
+            (values(&out), values(&ga), values(&gb))
+        };
+        let exact = run(DType::F32, false);
+        assert_eq!(run(DType::F32, true), exact, "autocast on an f32 model");
+        for autocast in [false, true] {
+            let (out, ga, gb) = run(DType::BF16, autocast);
+            for (what, got, want) in [
+                ("output", &out, &exact.0),
+                ("dA", &ga, &exact.1),
+                ("dB", &gb, &exact.2),
+            ] {
+                let err = max_relative(got, want);
+                assert!(err < 0.03, "autocast {autocast}: {what} off f32 by {err}");
+            }
+        }
+        // autocast's arithmetic, written out.
+        let bf = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
+        let x = bf(&x32);
+        let base = x.matmul(&bf(&w32).t().unwrap()).unwrap();
+        let update = x
+            .matmul(&bf(&a32).t().unwrap())
+            .unwrap()
+            .matmul(&bf(&b32).t().unwrap())
+            .unwrap();
+        let want = (base + (update * 2.0).unwrap()).unwrap();
+        assert_eq!(run(DType::BF16, true).0, values(&want));
+        assert_ne!(run(DType::BF16, true).0, run(DType::BF16, false).0);
+    }
 }

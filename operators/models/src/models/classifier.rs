@@ -192,6 +192,7 @@ impl SequenceClassifier {
                     b: Var::from_tensor(&b)?,
                     scaling,
                     dropout: lora.lora_dropout,
+                    autocast: false,
                 });
             }
         }
@@ -221,6 +222,7 @@ impl SequenceClassifier {
                     b: Var::from_tensor(&b)?,
                     scaling: lora.scaling(),
                     dropout: lora.lora_dropout,
+                    autocast: false,
                 });
             }
         }
@@ -251,6 +253,18 @@ impl SequenceClassifier {
             lora.lora_dropout = p;
         }
         Ok(())
+    }
+
+    /// Runs every adapter's matmuls in the model's dtype (`true`, as `torch.autocast`) or in
+    /// the adapter's f32 (`false`, PEFT's default): see [`LoraWeights::autocast`].
+    pub fn set_lora_autocast(&mut self, on: bool) {
+        for layer in &mut self.layers {
+            for proj in Projection::ALL {
+                if let Some(lora) = &mut layer.projection_mut(proj).lora {
+                    lora.autocast = on;
+                }
+            }
+        }
     }
 
     pub fn device(&self) -> &Device {
