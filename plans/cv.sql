@@ -20,6 +20,7 @@
 -- param dtype = bf16 -- weights and activations: bf16, f16 or f32
 -- param device = cpu -- cpu, cuda or cuda:N; a missing device fails the run
 -- param max_batch_tokens: int = 8192 -- padded tokens per forward pass
+-- param adapter_mode = separate -- separate (PEFT's unmerged forward) or merged (folded into the weights at load, as merge_and_unload: the base model's speed, the weights rounded to dtype)
 
 CREATE EXTERNAL TABLE folds STORED AS PARQUET LOCATION '${folds}';
 
@@ -40,7 +41,7 @@ CREATE VIEW tokens AS
 
 COPY (
     SELECT ${fold} AS fold, id, "order", logits
-    FROM teacher_forward('tokens', '${model}', '${run_dir}/train/${model_name}/fold${fold}/adapter', '${dtype}', '${device}', ${max_batch_tokens}, 0)
+    FROM teacher_forward('tokens', '${model}', '${run_dir}/train/${model_name}/fold${fold}/adapter', '${dtype}', '${device}', ${max_batch_tokens}, 0, 'right', '${adapter_mode}')
 ) TO '${run_dir}/cv/${model_name}/logits/fold${fold}.parquet' STORED AS PARQUET;
 
 CREATE EXTERNAL TABLE order_logits STORED AS PARQUET

@@ -19,6 +19,7 @@
 -- param dtype = bf16 -- weights and activations: bf16, f16 or f32
 -- param device = cpu -- cpu, cuda or cuda:N; a missing device fails the run
 -- param max_batch_tokens: int = 8192 -- padded tokens per forward pass
+-- param adapter_mode = separate -- separate (PEFT's unmerged forward) or merged (folded into the weights at load, as merge_and_unload: the base model's speed, the weights rounded to dtype)
 
 CREATE TABLE test_rows AS
     SELECT id, prompt, response_a, response_b, row_number() OVER () AS position
@@ -33,7 +34,7 @@ CREATE VIEW tokens AS
 
 COPY (
     SELECT id, "order", logits
-    FROM teacher_forward('tokens', '${model}', '${adapter}', '${dtype}', '${device}', ${max_batch_tokens}, 0)
+    FROM teacher_forward('tokens', '${model}', '${adapter}', '${dtype}', '${device}', ${max_batch_tokens}, 0, 'right', '${adapter_mode}')
 ) TO '${run_dir}/predict/${model_name}/logits.parquet' STORED AS PARQUET;
 
 CREATE EXTERNAL TABLE order_logits STORED AS PARQUET

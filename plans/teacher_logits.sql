@@ -19,6 +19,7 @@
 -- param dtype = bf16 -- weights and activations: bf16, f16 or f32
 -- param device = cpu -- cpu, cuda or cuda:N; a missing device fails the run
 -- param max_batch_tokens: int = 8192 -- padded tokens per forward pass
+-- param adapter_mode = separate -- separate (PEFT's unmerged forward) or merged (folded into the weights at load, as merge_and_unload: the base model's speed, the weights rounded to dtype)
 -- param sort_window: int = 0 -- rows sorted by length together; 0 sorts the whole shard
 
 CREATE EXTERNAL TABLE folds STORED AS PARQUET LOCATION '${folds}';
@@ -41,7 +42,7 @@ CREATE VIEW tokens AS
 
 COPY (
     SELECT id, "order", logits, label, source, split
-    FROM teacher_forward('tokens', '${model}', '${adapter}', '${dtype}', '${device}', ${max_batch_tokens}, ${sort_window})
+    FROM teacher_forward('tokens', '${model}', '${adapter}', '${dtype}', '${device}', ${max_batch_tokens}, ${sort_window}, 'right', '${adapter_mode}')
 ) TO '${run_dir}/teacher/${model_name}/fold${fold}/shard=${shard_index}-of-${shard_count}/'
   STORED AS PARQUET PARTITIONED BY (split);
 

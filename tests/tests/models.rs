@@ -48,8 +48,15 @@ fn logits_command_matches_transformers() {
             .collect();
         let input = dir.path().join(format!("{family}.parquet"));
         write_tokens(&input, &rows);
-        for (padding, adapter) in [("right", false), ("left", true)] {
-            let output = dir.path().join(format!("{family}_{padding}_out.parquet"));
+        // The adapter as PEFT runs it, and folded into the weights at load (--merge-adapter).
+        for (padding, adapter, merge) in [
+            ("right", false, false),
+            ("left", true, false),
+            ("right", true, true),
+        ] {
+            let output = dir
+                .path()
+                .join(format!("{family}_{padding}_{merge}_out.parquet"));
             let mut args = vec![
                 "logits".to_string(),
                 "--model".into(),
@@ -68,6 +75,9 @@ fn logits_command_matches_transformers() {
                 args.push("--adapter".into());
                 args.push(fixture.join("adapter").display().to_string());
             }
+            if merge {
+                args.push("--merge-adapter".into());
+            }
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             let run = arenaflow(&args);
             assert!(run.status.success(), "{}", text(&run));
@@ -81,7 +91,10 @@ fn logits_command_matches_transformers() {
                 }
             }
             assert_eq!(got.len(), rows.len());
-            assert!(worst <= 1e-4, "{family} {padding}: max |diff| {worst}");
+            assert!(
+                worst <= 1e-4,
+                "{family} {padding} merged {merge}: max |diff| {worst}"
+            );
         }
     }
 }

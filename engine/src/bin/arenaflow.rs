@@ -63,6 +63,10 @@ enum Command {
         /// PEFT LoRA adapter folder on top of the model.
         #[arg(long)]
         adapter: Option<std::path::PathBuf>,
+        /// Fold the adapter into the weights at load (PEFT's merge_and_unload): the base
+        /// model's speed, the merged weights rounded to --dtype.
+        #[arg(long)]
+        merge_adapter: bool,
         /// Weights and activations: f32, bf16 or f16.
         #[arg(long, default_value = "f32")]
         dtype: String,
@@ -654,6 +658,7 @@ fn main() -> ExitCode {
         Command::Logits {
             model,
             adapter,
+            merge_adapter,
             dtype,
             device,
             random_weights,
@@ -666,6 +671,7 @@ fn main() -> ExitCode {
         } => logits(LogitsOptions {
             teacher: TeacherSettings {
                 adapter,
+                merge_adapter,
                 dtype,
                 device,
                 max_batch_tokens,

@@ -141,6 +141,28 @@ fn saved_adapter_and_merged_model_load_back() {
     }
 }
 
+/// Adapters folded in at load for inference (`merge_adapters`, PEFT's merge_and_unload)
+/// give PEFT's logits of the unmerged model, and leave no adapter behind.
+#[test]
+fn adapters_merged_in_memory_match_peft() {
+    for family in FAMILIES {
+        let r = reference(family);
+        let mut model = load_classifier(
+            &base(family),
+            Some(&fixture(family).join("adapter")),
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        model.merge_adapters().unwrap();
+        assert!(model
+            .trainable_vars()
+            .iter()
+            .all(|(name, _)| !name.contains("lora")));
+        assert_matches(&model, &r, "adapter", &format!("{family} merged in memory"));
+    }
+}
+
 /// bf16 and f16 weights and activations: the error against the f32 reference stays within a
 /// small multiple of transformers' own bf16 error on the same checkpoint.
 #[test]

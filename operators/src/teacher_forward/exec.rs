@@ -9,7 +9,8 @@
 //! ([`pass_figures`] reads them back).
 //!
 //! SQL: `teacher_forward(table, model [, adapter [, dtype [, device [, max_batch_tokens
-//! [, sort_window [, padding]]]]]])`.
+//! [, sort_window [, padding [, adapter_mode]]]]]]])`; `adapter_mode` is `separate` (PEFT's
+//! unmerged forward, the default) or `merged` (the adapter folded into the weights at load).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -532,7 +533,7 @@ fn pause_for_tests(commits: usize) {
     }
 }
 
-const USAGE: &str = "teacher_forward(table, model [, adapter [, dtype [, device [, max_batch_tokens [, sort_window [, padding]]]]]])";
+const USAGE: &str = "teacher_forward(table, model [, adapter [, dtype [, device [, max_batch_tokens [, sort_window [, padding [, adapter_mode]]]]]]])";
 
 /// The SQL table function.
 /// The type of a teacher's `logits` column: 3 x f32, none null.
@@ -580,6 +581,11 @@ impl TableFunctionImpl for TeacherForwardFunction {
             &[("right", PaddingSide::Right), ("left", PaddingSide::Left)],
         )? {
             settings.padding = padding;
+        }
+        if let Some(merge) =
+            args.choice(8, "adapter_mode", &[("separate", false), ("merged", true)])?
+        {
+            settings.merge_adapter = merge;
         }
         settings.validate().map_err(external)?;
         arenaflow_models::device::check_device_name(&settings.device)

@@ -29,6 +29,10 @@ pub struct TeacherSettings {
     pub model: String,
     /// A PEFT adapter folder.
     pub adapter: Option<PathBuf>,
+    /// Fold the adapter into the weights at load (PEFT's `merge_and_unload`: the merged
+    /// weights rounded to `dtype`), so the pass runs at the base model's cost; otherwise
+    /// each projection adds its LoRA update as PEFT's unmerged forward does.
+    pub merge_adapter: bool,
     pub dtype: String,
     /// `cpu`, `cuda` or `cuda:N`.
     pub device: String,
@@ -49,6 +53,7 @@ impl TeacherSettings {
         Self {
             model: model.into(),
             adapter: None,
+            merge_adapter: false,
             dtype: "bf16".into(),
             device: "cpu".into(),
             max_batch_tokens: 8192,
@@ -81,7 +86,7 @@ impl Teacher {
     pub fn load(settings: &TeacherSettings) -> Result<Self> {
         let dtype = settings.validate()?;
         let device = parse_device(&settings.device)?;
-        let model = match settings.random_weights {
+        let mut model = match settings.random_weights {
             None => load_classifier(&settings.model, settings.adapter.as_deref(), dtype, &device)?,
             Some(seed) => {
                 let path = Path::new(&settings.model);
@@ -101,6 +106,9 @@ impl Teacher {
                 )?
             }
         };
+        if settings.merge_adapter {
+            model.merge_adapters()?;
+        }
         Ok(Self {
             model,
             settings: settings.clone(),

@@ -300,6 +300,23 @@ impl SequenceClassifier {
         vars
     }
 
+    /// Folds every adapter into its projection's weight (W + scaling * B A, rounded once to
+    /// the model's dtype, as PEFT's `merge_and_unload`) and drops it: an inference model that
+    /// runs at the base model's cost. Training needs the adapters kept.
+    pub fn merge_adapters(&mut self) -> Result<()> {
+        for layer in &mut self.layers {
+            for p in Projection::ALL {
+                let linear = layer.projection_mut(p);
+                if linear.lora.is_some() {
+                    let merged = linear.merged_weight()?;
+                    linear.weight = crate::layers::linear::LinearWeight::Dense(merged);
+                    linear.lora = None;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Every weight by its Hugging Face name, with the adapters folded in: the tensors of a
     /// merged `*ForSequenceClassification` checkpoint.
     pub fn merged_tensors(&self) -> Result<BTreeMap<String, Tensor>> {
