@@ -14,7 +14,10 @@
 # machine stays warm):
 #                benches/gpu_ablation.sh run [SECONDS]   # default 480
 # Each call leaves $OUT/q_{raw,kd,ig}.tar.gz (`benches/gpu_recipe.sh results`) and the runs'
-# logs, $OUT/{raw,kd,ig}-HHMM.txt.
+# logs, $OUT/{raw,kd,ig}-HHMM.txt. SECONDS bounds the runs, not the packing after them: give
+# each call about 40 s less than its limit and than the session's device time left. If the
+# machine is lost between calls, carry the q_* trees back, `benches/gpu_recipe.sh resume`
+# each (they land where this script looks), and go on.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . benches/gpu_env.sh
@@ -32,23 +35,22 @@ case "${1:-}" in
       if [ "$v" = ig ]; then
         average=(benches/gpu_recipe.sh run "$stash/runs/q_ig" --stages 7-16
           --set averaged=student_kd_cal_ig)
-        # The averaging gets what is left of the call's time.
-        (RECIPE=recipes/quality-ablation.toml LOG=$v-$when timeout "$limit" "${run[@]}" \
+        # The averaging gets what is left of the call's time, if a minute is left.
+        (RECIPE=recipes/quality-ablation.toml LOG=$v-$when timeout -k 15 "$limit" "${run[@]}" \
+          && [ $((deadline - SECONDS)) -gt 60 ] \
           && RECIPE=recipes/quality-students.toml LOG=average-$when \
-            timeout $((deadline - SECONDS > 1 ? deadline - SECONDS : 1)) "${average[@]}") >/dev/null 2>&1 &
+            timeout -k 15 $((deadline - SECONDS)) "${average[@]}") >/dev/null 2>&1 &
       else
-        (RECIPE=recipes/quality-ablation.toml LOG=$v-$when timeout "$limit" "${run[@]}") \
+        (RECIPE=recipes/quality-ablation.toml LOG=$v-$when timeout -k 15 "$limit" "${run[@]}") \
           >/dev/null 2>&1 &
       fi
       # One unpacks the binary and puts the model together before the others start.
       sleep 3
     done
+    # `timeout` signals its command's whole process group: arenaflow and tee end with it.
     wait || true
-    # What `timeout` left running of the pipelines (it stops the script, not its children).
-    pkill -x arenaflow || true
-    sleep 2
     for v in raw kd ig; do benches/gpu_recipe.sh results "$stash/runs/q_$v" "q_$v"; done
-    grep -h 'plan runs\|dev log loss 1\|^error' "$OUT"/*-"$when".txt | cut -c1-200 || true
+    grep -h 'plan runs\|dev log loss\|^error' "${OUT:-.}"/*-"$when".txt | cut -c1-200 || true
     ;;
   *)
     echo "usage: benches/gpu_ablation.sh run [SECONDS]" >&2

@@ -418,8 +418,13 @@ impl Recipe {
         for part in text.split(',').map(str::trim) {
             let (first, last) = part.split_once('-').unwrap_or((part, part));
             let number = |n: &str| -> Result<usize> {
-                match n.trim().parse::<usize>() {
-                    Ok(n) if (1..=count).contains(&n) => Ok(n),
+                let n = n.trim();
+                let digits = !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit());
+                match n.parse::<usize>() {
+                    Ok(n) if digits && (1..=count).contains(&n) => Ok(n),
+                    Ok(n) if digits && n > count => {
+                        Err(bad(part, format!("goes past the last stage ({count})")))
+                    }
                     _ => Err(bad(part, "is not a stage number or range".into())),
                 }
             };
@@ -513,13 +518,15 @@ mod tests {
         assert_eq!(picked("1-2").unwrap(), vec![1, 2]);
         assert_eq!(picked("3, 1").unwrap(), vec![1, 3]);
         assert_eq!(picked("2-2,2").unwrap(), vec![2]);
-        for bad in ["0", "4", "1-4", "3-1", "a", "", "1,,2"] {
+        for bad in ["0", "4", "1-4", "3-1", "a", "", "1,,2", "+3"] {
             let error = picked(bad).unwrap_err().to_string();
             assert!(
                 error.contains("--stages") && error.contains("1-3"),
                 "{bad}: {error}"
             );
         }
+        let past = picked("2-9").unwrap_err().to_string();
+        assert!(past.contains("goes past the last stage (3)"), "{past}");
     }
 
     fn sets(run: &StageRun) -> BTreeMap<&str, &str> {

@@ -263,7 +263,7 @@ pub struct LoraWeights {
     pub dropout: f64,
     /// The adapter's matmuls in the model's dtype, as under `torch.autocast` (what
     /// transformers' Trainer with `bf16=True` runs), instead of PEFT's f32: the f32 weights are
-    /// cast for them and get f32 gradients; the update is rounded to the model's dtype, then
-    /// added (two roundings, PyTorch's order).
+    /// cast for them and get f32 gradients; the update comes out of its matmul in the model's
+    /// dtype, is scaled in f32 and rounded, then added and rounded (PyTorch's order).
     pub autocast: bool,
 }

@@ -70,13 +70,21 @@ impl Linear {
         } else {
             (lora.a.as_tensor().detach(), lora.b.as_tensor().detach())
         };
-        if lora.autocast && xs.dtype() != a.dtype() {
-            // torch.autocast: the input as it is, the f32 weights cast for the matmuls, the
-            // update in the model's dtype, `result + update * scaling` rounded at each op.
-            let x = self.lora_input(xs.clone(), lora.dropout, train)?;
-            let (a, b) = (a.to_dtype(xs.dtype())?, b.to_dtype(xs.dtype())?);
+        let dtype = xs.dtype();
+        if lora.autocast && dtype != a.dtype() {
+            // torch.autocast: PEFT casts the input to the adapter's f32 for the dropout, the
+            // matmuls cast it and the weights to the model's dtype, and the update times the
+            // scaling (a Python float: computed in f32, rounded once) is added, rounded again.
+            let x = if train && lora.dropout > 0.0 {
+                self.lora_input(xs.to_dtype(a.dtype())?, lora.dropout, train)?
+                    .to_dtype(dtype)?
+            } else {
+                xs.clone()
+            };
+            let (a, b) = (a.to_dtype(dtype)?, b.to_dtype(dtype)?);
             let update = linear(&linear(&x, &a, None)?, &b, None)?;
-            return base + (update * lora.scaling)?;
+            let scaled = (update.to_dtype(DType::F32)? * lora.scaling)?.to_dtype(dtype)?;
+            return base + scaled;
         }
         // PEFT runs the adapter in its own (f32) dtype and adds the result in the model's.
         let x = self.lora_input(xs.to_dtype(a.dtype())?, lora.dropout, train)?;
@@ -171,6 +179,8 @@ mod tests {
     /// here with the weights cast by hand); for an f32 model autocast changes nothing.
     #[test]
     fn autocast_runs_the_adapter_in_the_models_dtype() {
+        // alpha 16 / r 12: not a bf16 number, so the scaling's own rounding would show.
+        const SCALING: f64 = 16.0 / 12.0;
         let mut rng = SplitMix64::new(3);
         let (m, k, n, r) = (5, 32, 24, 4);
         let (x32, w32) = (draw(&mut rng, (m, k), 1.0), draw(&mut rng, (n, k), 0.2));
@@ -187,7 +197,7 @@ mod tests {
                 lora: Some(LoraWeights {
                     a: a.clone(),
                     b: b.clone(),
-                    scaling: 2.0,
+                    scaling: SCALING,
                     dropout: 0.0,
                     autocast,
                 }),
@@ -229,7 +239,17 @@ mod tests {
             .unwrap()
             .matmul(&bf(&b32).t().unwrap())
             .unwrap();
-        let want = (base + (update * 2.0).unwrap()).unwrap();
+        let scaled = (update.to_dtype(DType::F32).unwrap() * SCALING)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let want = (base + scaled).unwrap();
+        let rounded_scaling = (update * SCALING).unwrap();
+        assert_ne!(
+            values(&(bf(&x32).matmul(&bf(&w32).t().unwrap()).unwrap() + rounded_scaling).unwrap()),
+            values(&want),
+            "the fixture should tell a bf16-rounded scaling apart"
+        );
         assert_eq!(run(DType::BF16, true).0, values(&want));
         assert_ne!(run(DType::BF16, true).0, run(DType::BF16, false).0);
     }
