@@ -18,6 +18,8 @@ pub mod lora;
 pub mod models;
 pub mod ops;
 pub mod profile;
+#[cfg(test)]
+mod test_util;
 pub mod train;
 pub mod weights;
 

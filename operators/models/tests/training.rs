@@ -825,6 +825,18 @@ fn cuda_adamw_clipping_and_dropout_match_the_cpu() {
     assert_eq!(y, again, "one seed, one mask");
 }
 
+/// A tensor's values as f32 on the host, flattened (to compare bits across devices).
+fn bits(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
 /// The end of a LoRA projection (`ops::lora::lora_add`, PEFT's one rounding of the f32 sum)
 /// on a GPU gives the CPU's bits in every model dtype, and its gradients too.
 #[test]
@@ -842,16 +854,6 @@ fn cuda_lora_add_matches_the_cpu() {
             .collect()
     };
     let (r, u, w) = (draw(3.0), draw(0.01), draw(1.0));
-    let bits = |t: &Tensor| -> Vec<f32> {
-        t.to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_device(&Device::Cpu)
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-    };
     let run = |device: &Device, dtype: DType| -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let rt = Tensor::from_slice(&r, (rows, cols), device)
             .unwrap()
@@ -898,16 +900,6 @@ fn cuda_frozen_projection_is_candles_matmul_without_the_weight_gradient() {
     let mut draw =
         |len: usize| -> Vec<f32> { (0..len).map(|_| rng.next_normal() as f32).collect() };
     let (x, w, up) = (draw(m * k), draw(n * k), draw(m * n));
-    let bits = |t: &Tensor| -> Vec<f32> {
-        t.to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_device(&Device::Cpu)
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-    };
     for dtype in [DType::F32, DType::BF16] {
         let tensor = |v: &[f32], shape: (usize, usize)| {
             Tensor::from_slice(v, shape, &gpu)

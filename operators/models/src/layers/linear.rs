@@ -145,24 +145,9 @@ fn project(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::{draw, values};
     use crate::weights::SplitMix64;
-    use candle_core::{Device, Var};
-
-    fn draw(rng: &mut SplitMix64, shape: (usize, usize), scale: f64) -> Tensor {
-        let v: Vec<f32> = (0..shape.0 * shape.1)
-            .map(|_| (scale * rng.next_normal()) as f32)
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn values(t: &Tensor) -> Vec<f32> {
-        t.to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-    }
+    use candle_core::Var;
 
     fn max_relative(a: &[f32], b: &[f32]) -> f32 {
         let norm = b.iter().map(|x| x.abs()).fold(0.0f32, f32::max);

@@ -85,24 +85,9 @@ pub fn frozen_matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::{draw, values};
     use crate::weights::SplitMix64;
     use candle_core::{DType, Device, Var};
-
-    fn draw(rng: &mut SplitMix64, shape: (usize, usize)) -> Tensor {
-        let v: Vec<f32> = (0..shape.0 * shape.1)
-            .map(|_| rng.next_normal() as f32)
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn values(t: &Tensor) -> Vec<f32> {
-        t.to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-    }
 
     /// The same bits as candle's `x.matmul(&w.t())` forward and input gradient, in f32 and
     /// bf16, and no gradient at all for the weight (a Var here, so candle's would have one).
@@ -111,9 +96,9 @@ mod tests {
         let mut rng = SplitMix64::new(5);
         let (m, k, n) = (7, 24, 10);
         let (x32, w32, up32) = (
-            draw(&mut rng, (m, k)),
-            draw(&mut rng, (n, k)),
-            draw(&mut rng, (m, n)),
+            draw(&mut rng, (m, k), 1.0),
+            draw(&mut rng, (n, k), 1.0),
+            draw(&mut rng, (m, n), 1.0),
         );
         for dtype in [DType::F32, DType::BF16] {
             let x = Var::from_tensor(&x32.to_dtype(dtype).unwrap()).unwrap();

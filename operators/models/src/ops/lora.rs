@@ -155,22 +155,9 @@ pub fn lora_add(result: &Tensor, update: &Tensor, scaling: f64) -> Result<Tensor
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::{draw, values};
     use crate::weights::SplitMix64;
     use candle_core::{Device, Var};
-
-    fn draw(rng: &mut SplitMix64, n: usize, scale: f64) -> Vec<f32> {
-        (0..n).map(|_| (scale * rng.next_normal()) as f32).collect()
-    }
-
-    /// A tensor's values as f32, flattened.
-    fn values(t: &Tensor) -> Vec<f32> {
-        t.to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-    }
 
     /// Against PEFT's arithmetic written out element by element: the sum in f32 of the result
     /// and the scaled update, one rounding to the model's dtype; and the gradients of the
@@ -178,10 +165,9 @@ mod tests {
     #[test]
     fn rounds_once_like_peft_and_differentiates() {
         let mut rng = SplitMix64::new(11);
-        let dev = Device::Cpu;
         let (rows, cols, scaling) = (6, 40, 2.0f64);
-        let r32 = Tensor::from_vec(draw(&mut rng, rows * cols, 3.0), (rows, cols), &dev).unwrap();
-        let u = Tensor::from_vec(draw(&mut rng, rows * cols, 0.01), (rows, cols), &dev).unwrap();
+        let r32 = draw(&mut rng, (rows, cols), 3.0);
+        let u = draw(&mut rng, (rows, cols), 0.01);
         for dtype in [DType::F32, DType::BF16, DType::F16] {
             let r = r32.to_dtype(dtype).unwrap();
             let got = lora_add(&r, &u, scaling).unwrap();
@@ -214,7 +200,7 @@ mod tests {
         // Gradients: d/d result = upstream, d/d update = scaling * upstream (f32 here).
         let rv = Var::from_tensor(&r32).unwrap();
         let uv = Var::from_tensor(&u).unwrap();
-        let w = Tensor::from_vec(draw(&mut rng, rows * cols, 1.0), (rows, cols), &dev).unwrap();
+        let w = draw(&mut rng, (rows, cols), 1.0);
         let out = lora_add(rv.as_tensor(), uv.as_tensor(), scaling).unwrap();
         let grads = (out * &w).unwrap().sum_all().unwrap().backward().unwrap();
         let composed = ((rv.as_tensor() + (uv.as_tensor() * scaling).unwrap()).unwrap() * &w)
