@@ -14,20 +14,19 @@
 #        torch.autocast(bf16) (the LoRA matmuls in bf16); its files are $OUT/parity-autocast-*.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-gguf=.models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+. benches/gpu_env.sh
 case "${1:-}" in
   rows)
     bin=${ARENAFLOW:-${CARGO_TARGET_DIR:-$HOME/.cache/arenaflow/target}/debug/arenaflow}
     run=$(mktemp -d)
     "$bin" run plans/prepare.sql plans/folds.sql benches/parity_rows.sql --run-dir "$run" \
-      --set pandalm= --set hh_rlhf= --set tokenizer="$gguf"
+      --set pandalm= --set hh_rlhf= --set tokenizer="$SMOLLM2"
     mkdir -p device/parity
     cp "$run/parity/fold0_512.parquet" device/parity/rows.parquet
     rm -rf "$run"
     ls -l device/parity
     ;;
   run)
-    . benches/gpu_env.sh
     steps=${2:-200}
     name=parity; ours=(); theirs=()
     if [ "${AUTOCAST:-0}" = 1 ]; then name=parity-autocast; ours=(--lora-autocast); theirs=(--autocast); fi
@@ -36,12 +35,12 @@ case "${1:-}" in
     work=$stash/parity
     rm -rf "$work"
     mkdir -p "$work"
-    af=("$stash/bin/arenaflow" train --model "$gguf" --input device/parity/rows.parquet
+    af=("$stash/bin/arenaflow" train --model "$SMOLLM2" --input device/parity/rows.parquet
       --dtype bf16 --device cuda:0 --lora-r 16 --lora-alpha 32 --lora-dropout 0
       --batch-rows 16 --no-shuffle --adam-beta2 0.95 --max-grad-norm 1 --checkpoint-every 0)
     # The initial adapter: one step at lr 0 leaves arenaflow's fresh LoRA and head as drawn.
     "${af[@]}" --output "$work/init" --lr 0 --max-steps 1 >/dev/null 2>&1
-    "$stash/bin/arenaflow" merge --model "$gguf" --adapter "$work/init" --output "$work/base" \
+    "$stash/bin/arenaflow" merge --model "$SMOLLM2" --adapter "$work/init" --output "$work/base" \
       --dtype bf16 >/dev/null
     "${af[@]}" --output "$work/arenaflow" --init-adapter "$work/init" --lr 2e-4 "${ours[@]}" \
       --warmup-ratio 0.1 --max-steps "$steps" --eval-every 50 2>&1 | tee "$OUT/$name-arenaflow.txt" \

@@ -759,18 +759,7 @@ fn cuda_adamw_clipping_and_dropout_match_the_cpu() {
                 opt.step(&vars, &g, 2e-4).unwrap();
             }
         }
-        let out = vars
-            .iter()
-            .map(|v| {
-                v.as_tensor()
-                    .flatten_all()
-                    .unwrap()
-                    .to_device(&Device::Cpu)
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
-            })
-            .collect();
+        let out = vars.iter().map(|v| bits(v.as_tensor())).collect();
         (out, norms)
     };
     let (cpu, cpu_norms) = run(&Device::Cpu, false);

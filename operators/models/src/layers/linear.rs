@@ -76,8 +76,7 @@ impl Linear {
             // matmuls cast it and the weights to the model's dtype, and the update times the
             // scaling (a Python float: computed in f32, rounded once) is added, rounded again.
             let x = if train && lora.dropout > 0.0 {
-                self.lora_input(xs.to_dtype(a.dtype())?, lora.dropout, train)?
-                    .to_dtype(dtype)?
+                lora_input(xs.to_dtype(a.dtype())?, lora.dropout, train)?.to_dtype(dtype)?
             } else {
                 xs.clone()
             };
@@ -87,19 +86,10 @@ impl Linear {
             return base + scaled;
         }
         // PEFT runs the adapter in its own (f32) dtype and adds the result in the model's.
-        let x = self.lora_input(xs.to_dtype(a.dtype())?, lora.dropout, train)?;
+        let x = lora_input(xs.to_dtype(a.dtype())?, lora.dropout, train)?;
         let update = linear(&linear(&x, &a, None)?, &b, None)?;
         // PEFT's `result + lora_B(lora_A(x)) * scaling`: the sum in f32, one rounding.
         crate::ops::lora::lora_add(&base, &update, lora.scaling)
-    }
-
-    /// The adapter's input: `x` with the LoRA dropout when training.
-    fn lora_input(&self, x: Tensor, p: f64, train: bool) -> candle_core::Result<Tensor> {
-        if train && p > 0.0 {
-            super::dropout::dropout(&x, p).map_err(|e| candle_core::Error::Msg(e.to_string()))
-        } else {
-            Ok(x)
-        }
     }
 
     /// The weight with the update folded in: W + scaling * B A.
@@ -113,6 +103,15 @@ impl Linear {
                 merged.to_dtype(weight.dtype())
             }
         }
+    }
+}
+
+/// The adapter's input: `x` with the LoRA dropout when training.
+fn lora_input(x: Tensor, p: f64, train: bool) -> candle_core::Result<Tensor> {
+    if train && p > 0.0 {
+        super::dropout::dropout(&x, p).map_err(|e| candle_core::Error::Msg(e.to_string()))
+    } else {
+        Ok(x)
     }
 }
 
