@@ -159,6 +159,13 @@ fn adapters_merged_in_memory_match_peft() {
             .trainable_vars()
             .iter()
             .all(|(name, _)| !name.contains("lora")));
+        let tmp = tempfile::tempdir().unwrap();
+        let refused = save_adapter(&model, &tmp.path().join("adapter")).unwrap_err();
+        assert!(
+            refused.to_string().contains("no LoRA adapter to save"),
+            "{refused}"
+        );
+        assert!(!tmp.path().join("adapter").exists());
         assert_matches(&model, &r, "adapter", &format!("{family} merged in memory"));
     }
 }

@@ -314,6 +314,9 @@ impl SequenceClassifier {
                 }
             }
         }
+        // No adapter is left to save: save_adapter refuses instead of writing a config
+        // without its LoRA tensors.
+        self.lora = None;
         Ok(())
     }
 
