@@ -392,6 +392,8 @@ struct Bf16Case {
     global: (f64, f64),
     /// |loss_gpu - loss_f32| and |loss_cpu_bf16 - loss_f32|, relative.
     loss_gap: (f64, f64),
+    /// The bf16 losses: on the device and on the CPU.
+    bf16_loss: (f64, f64),
 }
 
 /// The same gradients in bf16 (base weights and activations; LoRA, head and loss in f32) on
@@ -460,6 +462,7 @@ fn bf16_gradients_against_f32(device: &Device) -> Vec<Bf16Case> {
                     ),
                     f32_loss_gap: (gpu_f32_loss - f32_loss).abs() / f32_loss.abs().max(1.0),
                     same_precision: 0.0,
+                    bf16_loss: (gpu_loss, floor_loss),
                     loss_gap: (
                         (gpu_loss - f32_loss).abs() / f32_loss.abs().max(1.0),
                         (floor_loss - f32_loss).abs() / f32_loss.abs().max(1.0),
@@ -549,11 +552,71 @@ fn cuda_bf16_gradients_track_the_cpu_f32_ones() {
             c.loss_gap.0,
             c.loss_gap.1
         );
+        // One bf16 rounding of these fixtures is not representative of bf16 itself:
+        // PyTorch + PEFT's whole gradient lands 0.04-1.39 off f32 over 100 equally valid
+        // bf16 roundings of the llama fixture and 0.18-2.34 of gemma2's
+        // (`bf16_spread.json`). So the GPU is held to twice the CPU's error or to the
+        // farthest of the reference's roundings, whichever is larger.
+        let reference = bf16_spread(&c.case)["whole_gradient_off_f32_max"]
+            .as_f64()
+            .unwrap();
+        let bound = (2.0 * c.global.1 + 0.02).max(reference);
         assert!(
-            c.global.0 <= 2.0 * c.global.1 + 0.02,
-            "{}: bf16 gradient off f32 by {:.2e} on the GPU, {:.2e} on the CPU",
+            c.global.0 <= bound,
+            "{}: bf16 gradient off f32 by {:.2e} on the GPU, {:.2e} on the CPU, up to {:.2e} in PyTorch's bf16 roundings",
             c.case,
             c.global.0,
+            c.global.1,
+            reference
+        );
+    }
+}
+
+/// How far PyTorch + PEFT's bf16 roundings of the fixture of `case` ("gemma2 Right
+/// checkpointing=false") land from f32: tests/fixtures/training/bf16_spread.json, written by
+/// `benches/bf16_fixture_spread.py --roundings 100`.
+fn bf16_spread(case: &str) -> serde_json::Value {
+    let spread: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("training/bf16_spread.json")).unwrap(),
+    )
+    .unwrap();
+    let mut words = case.split(' ');
+    let key = format!(
+        "{} {}",
+        words.next().unwrap(),
+        words.next().unwrap().to_lowercase()
+    );
+    let found = spread["cases"][&key].clone();
+    assert!(found.is_object(), "bf16_spread.json has no case {key}");
+    found
+}
+
+/// arenaflow's bf16 on the CPU behaves as a bf16 copy of the model does in PyTorch + PEFT:
+/// on every fixture its loss lies within the losses of 100 stochastic bf16 roundings of the
+/// base weights there, and its whole gradient no further from f32 than the farthest of them
+/// (`bf16_spread.json`). bf16 alone moves these small random fixtures far (llama's loss
+/// 3.44-3.63 for f32's 3.54, gemma2's 3.52-4.42 for 4.14), so this catches a bf16 path that
+/// is grossly off, not one that rounds once too often; the fine check of bf16 training is
+/// the real-row parity run against torch + PEFT on the GPU (`benches/train_parity.sh`).
+#[test]
+fn cpu_bf16_lies_within_pytorchs_bf16_roundings() {
+    for c in bf16_gradients_against_f32(&Device::Cpu) {
+        let reference = bf16_spread(&c.case);
+        let (low, high) = (
+            reference["bf16_loss_min"].as_f64().unwrap(),
+            reference["bf16_loss_max"].as_f64().unwrap(),
+        );
+        assert!(
+            (low..=high).contains(&c.bf16_loss.1),
+            "{}: bf16 loss {:.4} outside PyTorch's roundings, {low:.4}-{high:.4}",
+            c.case,
+            c.bf16_loss.1
+        );
+        let farthest = reference["whole_gradient_off_f32_max"].as_f64().unwrap();
+        assert!(
+            c.global.1 <= farthest,
+            "{}: bf16 gradient off f32 by {:.2e}, past PyTorch's farthest rounding, {farthest:.2e}",
+            c.case,
             c.global.1
         );
     }
