@@ -1,6 +1,8 @@
 # Sourced by the GPU-machine scripts of benches/. `unpack [XZ [BIN]]` unpacks the packed
 # CUDA binary (device/arenaflow.xz, from scripts/build-cuda.sh) to BIN
 # (device/bin/arenaflow) once, and points LD_LIBRARY_PATH at PyTorch's CUDA 13 libraries.
+# `arenaflow_bin` unpacks the staged binary ($stash/arenaflow.xz, from gpu_recipe.sh stage)
+# if there is one, else the carried device/arenaflow.xz, and sets $bin to it.
 # `smollm2` puts the SmolLM2 GGUF, staged in three parts (benches/gpu_recipe.sh stage),
 # together at $SMOLLM2.
 
@@ -19,6 +21,16 @@ unpack() {
   fi
   LIB=$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))')
   export LD_LIBRARY_PATH=$LIB:${LD_LIBRARY_PATH:-}
+}
+
+arenaflow_bin() {
+  if [ -f "$stash/arenaflow.xz" ]; then
+    unpack "$stash/arenaflow.xz" "$stash/bin/arenaflow"
+    bin=$stash/bin/arenaflow
+  else
+    unpack
+    bin=device/bin/arenaflow
+  fi
 }
 
 smollm2() {

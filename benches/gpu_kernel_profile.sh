@@ -14,11 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . benches/gpu_env.sh
 steps=${2:-2}
-if [ -f "$stash/arenaflow.xz" ]; then
-  unpack "$stash/arenaflow.xz" "$stash/bin/arenaflow"; bin=$stash/bin/arenaflow
-else
-  unpack; bin=device/bin/arenaflow
-fi
+arenaflow_bin
 work=$(mktemp -d)
 case "${1:-}" in
   smol)

@@ -9,7 +9,8 @@
 # them in f32, PEFT's order without autocast).
 #
 # Here (no GPU):  benches/train_race.sh prepare        # device/train_race/: inputs
-#                 (and scripts/build-cuda.sh for device/arenaflow.xz)
+#                 (and scripts/build-cuda.sh for device/arenaflow.xz, carried, or
+#                 staged by benches/gpu_recipe.sh stage)
 # GPU machine:    benches/train_race.sh arenaflow       # $OUT/train-arenaflow.txt
 #                 benches/train_race.sh torch           # $OUT/train-torch.jsonl
 set -euo pipefail
@@ -34,10 +35,10 @@ PY
     ;;
   arenaflow)
     . benches/gpu_env.sh
-    unpack
+    arenaflow_bin
     rm -rf device/scratch/adapter-llama
     mkdir -p device/scratch
-    device/bin/arenaflow train --model benches/configs/llama-3.1-8b.json --random-weights 0 \
+    "$bin" train --model benches/configs/llama-3.1-8b.json --random-weights 0 \
       --input device/train_race/llama3.parquet --output device/scratch/adapter-llama \
       --dtype bf16 --device cuda:0 --lora-r 64 --lora-alpha 128 --lora-dropout 0 \
       --lora-autocast --batch-rows 8 --max-batch-tokens 8192 --max-steps "$STEPS" --gradient-checkpointing \
