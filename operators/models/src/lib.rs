@@ -12,6 +12,7 @@ mod cuda;
 pub mod device;
 pub mod error;
 pub mod gguf;
+pub mod gptq;
 pub mod hub;
 pub mod layers;
 pub mod lora;

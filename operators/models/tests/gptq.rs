@@ -1,0 +1,220 @@
+//! GPTQ against an independent re-implementation of the reference (issue 16, point 4a):
+//! `tests/fixtures/gptq/make_gptq_fixtures.py` (NumPy, by hand from IST-DASLab/gptq's
+//! fasterquant; its `check_against_reference.py` gives the reference code's own values for
+//! 100% of the weights) wrote a layer, its calibration inputs and, for 6 cases (8 and 4 bits;
+//! groups of 128, 32 and whole rows; act-order; an asymmetric grid), the integer codes,
+//! scales, zeros and g_idx, with each case's layer-output error and round-to-nearest's.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use arenaflow_models::gptq::{gptq, round_to_nearest, GptqConfig, Hessian, QuantizedLinear};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/gptq")
+}
+
+/// Every tensor of gptq.safetensors as f64, with its shape.
+fn tensors() -> HashMap<String, (Vec<usize>, Vec<f64>)> {
+    let bytes = std::fs::read(fixtures().join("gptq.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let data = view.data();
+            let values: Vec<f64> = match view.dtype() {
+                safetensors::Dtype::F32 => data
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
+                    .collect(),
+                safetensors::Dtype::F64 => data
+                    .chunks_exact(8)
+                    .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
+                    .collect(),
+                safetensors::Dtype::I32 => data
+                    .chunks_exact(4)
+                    .map(|b| i32::from_le_bytes(b.try_into().unwrap()) as f64)
+                    .collect(),
+                safetensors::Dtype::U8 => data.iter().map(|&b| b as f64).collect(),
+                other => panic!("{name}: dtype {other:?}"),
+            };
+            (name, (view.shape().to_vec(), values))
+        })
+        .collect()
+}
+
+/// Σ (x Wqᵀ − x Wᵀ)² over the calibration inputs: the layer-output error.
+fn output_error(x: &[f64], tokens: usize, w: &[f64], q: &[f64], out: usize, inp: usize) -> f64 {
+    let mut total = 0.0;
+    for t in 0..tokens {
+        let row = &x[t * inp..(t + 1) * inp];
+        for o in 0..out {
+            let (wo, qo) = (&w[o * inp..(o + 1) * inp], &q[o * inp..(o + 1) * inp]);
+            let d: f64 = row
+                .iter()
+                .zip(wo.iter().zip(qo))
+                .map(|(a, (b, c))| a * (c - b))
+                .sum();
+            total += d * d;
+        }
+    }
+    total
+}
+
+struct Fixture {
+    meta: serde_json::Value,
+    tensors: HashMap<String, (Vec<usize>, Vec<f64>)>,
+    weight: Vec<f32>,
+    out: usize,
+    inp: usize,
+    hessian: Hessian,
+}
+
+fn fixture() -> Fixture {
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("gptq.json")).unwrap())
+            .unwrap();
+    let tensors = tensors();
+    let (shape, w) = &tensors["weight"];
+    let (out, inp) = (shape[0], shape[1]);
+    let weight: Vec<f32> = w.iter().map(|&v| v as f32).collect();
+    let (samples, tokens) = (
+        meta["samples"].as_u64().unwrap() as usize,
+        meta["tokens"].as_u64().unwrap() as usize,
+    );
+    let x: Vec<f32> = tensors["inputs"].1.iter().map(|&v| v as f32).collect();
+    let mut hessian = Hessian::new(inp);
+    for s in 0..samples {
+        hessian
+            .add_sample(&x[s * tokens * inp..(s + 1) * tokens * inp], tokens)
+            .unwrap();
+    }
+    Fixture {
+        meta,
+        tensors,
+        weight,
+        out,
+        inp,
+        hessian,
+    }
+}
+
+fn config(case: &serde_json::Value) -> GptqConfig {
+    let group = case["group_size"].as_i64().unwrap();
+    GptqConfig {
+        bits: case["bits"].as_u64().unwrap() as u32,
+        group_size: (group > 0).then_some(group as usize),
+        act_order: case["act_order"].as_bool().unwrap(),
+        sym: case["sym"].as_bool().unwrap(),
+        ..GptqConfig::default()
+    }
+}
+
+#[test]
+fn gptq_gives_the_reference_codes_and_beats_round_to_nearest() {
+    let f = fixture();
+    let x = &f.tensors["inputs"].1;
+    let tokens = x.len() / f.inp;
+    let w: Vec<f64> = f.weight.iter().map(|&v| v as f64).collect();
+    let cases = f.meta["cases"].as_object().unwrap();
+    assert_eq!(cases.len(), 6);
+    for (name, case) in cases {
+        let cfg = config(case);
+        let q: QuantizedLinear = gptq(name, &f.weight, f.out, &f.hessian, &cfg).unwrap();
+        let expected = |field: &str| &f.tensors[&format!("{name}.{field}")].1;
+        let codes = expected("codes");
+        let same = q
+            .codes
+            .iter()
+            .zip(codes)
+            .filter(|(a, b)| **a as f64 == **b)
+            .count() as f64
+            / codes.len() as f64;
+        let zeros_same = q
+            .zeros
+            .iter()
+            .zip(expected("zeros"))
+            .all(|(a, b)| *a as f64 == *b);
+        let g_idx_same = q
+            .g_idx
+            .iter()
+            .zip(expected("g_idx"))
+            .all(|(a, b)| *a as f64 == *b);
+        let scale_gap = q
+            .scales
+            .iter()
+            .zip(expected("scales"))
+            .map(|(a, b)| (a - b).abs() / b.abs())
+            .fold(0.0, f64::max);
+        let ours = output_error(x, tokens, &w, &q.dequantize(), f.out, f.inp);
+        let theirs = case["output_error"].as_f64().unwrap();
+        let rtn = round_to_nearest(name, &f.weight, f.out, f.inp, &cfg).unwrap();
+        let rtn_error = output_error(x, tokens, &w, &rtn.dequantize(), f.out, f.inp);
+        eprintln!(
+            "{name}: codes the same for {:.4}% of weights; scales within {scale_gap:.1e}; output error {ours:.6} (reference {theirs:.6}, round-to-nearest {rtn_error:.6})",
+            100.0 * same
+        );
+        assert!(
+            same >= 0.999,
+            "{name}: {:.4}% of codes the same",
+            100.0 * same
+        );
+        assert!(zeros_same && g_idx_same, "{name}: zeros or g_idx differ");
+        assert_eq!(q.scales.len(), expected("scales").len(), "{name}: groups");
+        assert!(scale_gap < 1e-9, "{name}: scales off by {scale_gap:e}");
+        assert!(
+            (ours - theirs).abs() <= 0.01 * theirs,
+            "{name}: output error {ours} against the reference's {theirs}"
+        );
+        let rtn_reference = case["rtn_output_error"].as_f64().unwrap();
+        assert!(
+            (rtn_error - rtn_reference).abs() <= 1e-6 * rtn_reference,
+            "{name}: round-to-nearest's output error {rtn_error} against {rtn_reference}"
+        );
+        assert!(
+            ours < rtn_error,
+            "{name}: GPTQ {ours} not below round-to-nearest {rtn_error}"
+        );
+    }
+}
+
+#[test]
+fn bad_settings_fail_naming_the_layer() {
+    let f = fixture();
+    let cfg = GptqConfig {
+        group_size: Some(100),
+        ..GptqConfig::default()
+    };
+    let err = gptq(
+        "model.layers.0.mlp.up_proj",
+        &f.weight,
+        f.out,
+        &f.hessian,
+        &cfg,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("model.layers.0.mlp.up_proj")
+            && err.contains("group size 100 does not divide the layer's 384 inputs"),
+        "{err}"
+    );
+    let err = gptq(
+        "layer",
+        &f.weight[1..],
+        f.out,
+        &f.hessian,
+        &GptqConfig::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("layer: weight of 18431 values for a 48 x 384 layer"),
+        "{err}"
+    );
+    let empty = Hessian::new(f.inp);
+    let err = gptq("layer", &f.weight, f.out, &empty, &GptqConfig::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("layer: no calibration samples"), "{err}");
+}
