@@ -61,7 +61,7 @@ impl GptqConfig {
             )));
         }
         if let Some(g) = self.group_size {
-            if g == 0 || in_features % g != 0 {
+            if g == 0 || !in_features.is_multiple_of(g) {
                 return Err(ModelError::Config(format!(
                     "gptq: group size {g} does not divide the layer's {in_features} inputs"
                 )));
@@ -308,7 +308,7 @@ pub fn gptq(
         for i in 0..count {
             let col = i1 + i;
             if let Some(g) = cfg.group_size {
-                if col % g == 0 {
+                if col.is_multiple_of(g) {
                     // From W as it stood when this block began, as the reference reads it.
                     grid = find_params(&w, out, col..col + g, cfg);
                     push(&grid);
