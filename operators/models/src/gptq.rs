@@ -400,3 +400,109 @@ pub fn round_to_nearest(
         g_idx: (0..inp).map(|c| (c / group_size) as u32).collect(),
     })
 }
+
+/// One layer's tensors in the GPTQ checkpoint format transformers and optimum write
+/// (`checkpoint_format: "gptq"`): `qweight` int32 (in·bits/32, out), each word holding
+/// 32/bits consecutive input rows of one output column, the lowest row in the lowest bits;
+/// `qzeros` int32 (groups, out·bits/32) holding zero − 1, packed the same way along the
+/// outputs; `scales` f16 (groups, out); `g_idx` int32 (in).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GptqTensors {
+    pub bits: u32,
+    pub out_features: usize,
+    pub in_features: usize,
+    pub qweight: Vec<i32>,
+    pub qzeros: Vec<i32>,
+    pub scales: Vec<half::f16>,
+    pub g_idx: Vec<i32>,
+}
+
+impl GptqTensors {
+    /// Codes per 32-bit word.
+    fn per_word(bits: u32) -> usize {
+        (32 / bits) as usize
+    }
+
+    /// The checkpoint's tensors of `q` (its scales rounded to f16, as the ecosystem stores
+    /// them). Widths 2, 4 and 8 pack whole codes into words; 3 bits (which straddles
+    /// words) is not written.
+    pub fn pack(q: &QuantizedLinear) -> Result<Self> {
+        let (out, inp, bits) = (q.out_features, q.in_features, q.bits);
+        if ![2, 4, 8].contains(&bits) {
+            return Err(ModelError::Config(format!(
+                "gptq: {bits}-bit codes do not pack into 32-bit words (2, 4 or 8)"
+            )));
+        }
+        let per = Self::per_word(bits);
+        if !inp.is_multiple_of(per) || !out.is_multiple_of(per) {
+            return Err(ModelError::Config(format!(
+                "gptq: a {out} x {inp} layer does not pack {per} codes a word"
+            )));
+        }
+        let mut qweight = vec![0u32; inp / per * out];
+        for o in 0..out {
+            for c in 0..inp {
+                qweight[(c / per) * out + o] |=
+                    (q.codes[o * inp + c] as u32) << (bits as usize * (c % per));
+            }
+        }
+        let groups = q.groups();
+        let mut qzeros = vec![0u32; groups * out / per];
+        let mask = (1u32 << bits) - 1;
+        for g in 0..groups {
+            for o in 0..out {
+                // zero − 1: a zero of 0 has no place (the format's readers add 1 back, so
+                // a wrapped −1 would read as 2^bits).
+                let zero = q.zeros[g * out + o];
+                if zero == 0 || zero > mask {
+                    return Err(ModelError::Config(format!(
+                        "gptq: zero {zero} (group {g}, output {o}) cannot be stored as zero - 1 in checkpoint_format \"gptq\""
+                    )));
+                }
+                let stored = zero - 1;
+                qzeros[g * (out / per) + o / per] |= stored << (bits as usize * (o % per));
+            }
+        }
+        Ok(Self {
+            bits,
+            out_features: out,
+            in_features: inp,
+            qweight: qweight.into_iter().map(|w| w as i32).collect(),
+            qzeros: qzeros.into_iter().map(|w| w as i32).collect(),
+            scales: q.scales.iter().map(|&s| half::f16::from_f64(s)).collect(),
+            g_idx: q.g_idx.iter().map(|&g| g as i32).collect(),
+        })
+    }
+
+    /// The codes, zeros and scales back out of the words.
+    pub fn unpack(&self) -> QuantizedLinear {
+        let (out, inp, bits) = (self.out_features, self.in_features, self.bits);
+        let per = Self::per_word(bits);
+        let mask = (1u32 << bits) - 1;
+        let mut codes = vec![0u8; out * inp];
+        for o in 0..out {
+            for c in 0..inp {
+                let word = self.qweight[(c / per) * out + o] as u32;
+                codes[o * inp + c] = ((word >> (bits as usize * (c % per))) & mask) as u8;
+            }
+        }
+        let groups = self.scales.len() / out;
+        let mut zeros = vec![0u32; groups * out];
+        for g in 0..groups {
+            for o in 0..out {
+                let word = self.qzeros[g * (out / per) + o / per] as u32;
+                zeros[g * out + o] = ((word >> (bits as usize * (o % per))) & mask) + 1;
+            }
+        }
+        QuantizedLinear {
+            out_features: out,
+            in_features: inp,
+            bits,
+            group_size: inp / groups.max(1),
+            codes,
+            scales: self.scales.iter().map(|s| s.to_f64()).collect(),
+            zeros,
+            g_idx: self.g_idx.iter().map(|&g| g as u32).collect(),
+        }
+    }
+}

@@ -8,7 +8,9 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use arenaflow_models::gptq::{gptq, round_to_nearest, GptqConfig, Hessian, QuantizedLinear};
+use arenaflow_models::gptq::{
+    gptq, round_to_nearest, GptqConfig, GptqTensors, Hessian, QuantizedLinear,
+};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/gptq")
@@ -217,4 +219,80 @@ fn bad_settings_fail_naming_the_layer() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("layer: no calibration samples"), "{err}");
+}
+
+/// A layer of the given codes with one group, zero `zero` and scale 0.5 everywhere.
+fn layer(
+    out: usize,
+    inp: usize,
+    bits: u32,
+    zero: u32,
+    code: impl Fn(usize, usize) -> u8,
+) -> QuantizedLinear {
+    QuantizedLinear {
+        out_features: out,
+        in_features: inp,
+        bits,
+        group_size: inp,
+        codes: (0..out * inp).map(|i| code(i / inp, i % inp)).collect(),
+        scales: vec![0.5; out],
+        zeros: vec![zero; out],
+        g_idx: vec![0; inp],
+    }
+}
+
+#[test]
+fn the_checkpoint_words_are_packed_as_the_format_says() {
+    // 8 bits: 4 input rows a word, the lowest row in the lowest byte; zeros stored as zero − 1.
+    let q = layer(4, 4, 8, 128, |o, c| (16 * o + c) as u8);
+    let t = GptqTensors::pack(&q).unwrap();
+    assert_eq!(
+        t.qweight.iter().map(|&w| w as u32).collect::<Vec<_>>(),
+        vec![0x0302_0100, 0x1312_1110, 0x2322_2120, 0x3332_3130]
+    );
+    assert_eq!(t.qzeros, vec![0x7F7F_7F7F]);
+    assert_eq!(t.scales, vec![half::f16::from_f32(0.5); 4]);
+    assert_eq!(t.unpack(), q);
+    // 4 bits: 8 input rows a word, the lowest row in the lowest nibble.
+    let q = layer(8, 16, 4, 8, |o, c| ((c + o) % 16) as u8);
+    let t = GptqTensors::pack(&q).unwrap();
+    assert_eq!(t.qweight.len(), 2 * 8);
+    assert_eq!(t.qweight[0] as u32, 0x7654_3210); // rows 0-7 of output 0
+    assert_eq!(t.qweight[8] as u32, 0xFEDC_BA98); // rows 8-15 of output 0
+    assert_eq!(t.qweight[1] as u32, 0x8765_4321); // rows 0-7 of output 1
+    assert_eq!(t.qzeros, vec![0x7777_7777]);
+    assert_eq!(t.unpack(), q);
+}
+
+#[test]
+fn gptq_layers_survive_the_checkpoint_format() {
+    let f = fixture();
+    for (name, case) in f.meta["cases"].as_object().unwrap() {
+        let cfg = config(case);
+        let q = gptq(name, &f.weight, f.out, &f.hessian, &cfg).unwrap();
+        match GptqTensors::pack(&q) {
+            Ok(t) => {
+                let back = t.unpack();
+                assert_eq!(
+                    (&back.codes, &back.zeros, &back.g_idx),
+                    (&q.codes, &q.zeros, &q.g_idx),
+                    "{name}"
+                );
+                for (a, b) in back.scales.iter().zip(&q.scales) {
+                    assert!(
+                        (a - b).abs() <= b.abs() / 1024.0,
+                        "{name}: scale {a} for {b}"
+                    );
+                }
+            }
+            // The asymmetric grid gives a zero of 0 to the rows with no negative weight.
+            Err(e) => {
+                assert!(!cfg.sym, "{name}: {e}");
+                assert!(
+                    e.to_string().contains("cannot be stored as zero - 1"),
+                    "{e}"
+                );
+            }
+        }
+    }
 }
