@@ -296,3 +296,68 @@ fn gptq_layers_survive_the_checkpoint_format() {
         }
     }
 }
+
+/// The GPTQ weight slot of a linear layer on the CPU: its weight is the codes' dequantized
+/// value (scale · (code − zero), in f32 within one rounding of the f64 arithmetic), and its
+/// output is a dense layer's with that weight, to the bit, in f32 and bf16.
+#[test]
+fn a_gptq_linear_layer_computes_with_its_dequantized_weight() {
+    use arenaflow_models::layers::linear::{GptqWeight, Linear, LinearWeight};
+    use candle_core::{DType, Device, Tensor};
+    let f = fixture();
+    let cfg = GptqConfig {
+        act_order: true,
+        ..GptqConfig::default()
+    };
+    let q = gptq("layer", &f.weight, f.out, &f.hessian, &cfg).unwrap();
+    let exact = q.dequantize();
+    let x: Vec<f32> = f.tensors["inputs"].1[..5 * f.inp]
+        .iter()
+        .map(|&v| v as f32)
+        .collect();
+    for dtype in [DType::F32, DType::BF16] {
+        let slot = GptqWeight::new(&q, dtype, &Device::Cpu).unwrap();
+        let dense = slot.dequantize().unwrap();
+        assert_eq!(dense.dims2().unwrap(), (f.out, f.inp));
+        let got: Vec<f32> = dense
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let tolerance = if dtype == DType::F32 { 1e-6 } else { 1e-2 };
+        for (g, e) in got.iter().zip(&exact) {
+            assert!(
+                (*g as f64 - e).abs() <= tolerance * e.abs().max(1e-3),
+                "{dtype:?}: {g} for {e}"
+            );
+        }
+        let xs = Tensor::from_slice(&x, (1, 5, f.inp), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let layer = |weight| Linear {
+            weight,
+            bias: None,
+            lora: None,
+        };
+        let quantized = layer(LinearWeight::Gptq(slot))
+            .forward_t(&xs, false)
+            .unwrap();
+        let reference = layer(LinearWeight::Dense(dense))
+            .forward_t(&xs, false)
+            .unwrap();
+        assert_eq!(quantized.dims3().unwrap(), (1, 5, f.out));
+        let diff: f32 = (quantized.to_dtype(DType::F32).unwrap()
+            - reference.to_dtype(DType::F32).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+        assert_eq!(diff, 0.0, "{dtype:?}");
+    }
+}

@@ -7,11 +7,12 @@ use crate::error::Result;
 use crate::lora::LoraWeights;
 use crate::weights::Weights;
 
-/// How a linear layer's weight is stored. Dense (the model dtype) now; group-quantized
-/// integers take their place here.
+/// How a linear layer's weight is stored: dense in the model's dtype, or GPTQ's
+/// group-quantized integer codes.
 #[derive(Debug, Clone)]
 pub enum LinearWeight {
     Dense(Tensor),
+    Gptq(GptqWeight),
 }
 
 impl LinearWeight {
@@ -19,14 +20,56 @@ impl LinearWeight {
     pub fn dims(&self) -> candle_core::Result<(usize, usize)> {
         match self {
             Self::Dense(w) => w.dims2(),
+            Self::Gptq(q) => q.codes.dims2(),
         }
     }
 
-    /// The weight as a dense tensor in its dtype.
-    pub fn dense(&self) -> &Tensor {
+    /// The weight as a dense tensor in the model's dtype (GPTQ's codes dequantized).
+    pub fn dense(&self) -> candle_core::Result<Tensor> {
         match self {
-            Self::Dense(w) => w,
+            Self::Dense(w) => Ok(w.clone()),
+            Self::Gptq(q) => q.dequantize(),
         }
+    }
+}
+
+/// A GPTQ-quantized weight on its device: the codes (out, in) as u8 (2 to 8 bits), and per
+/// (group, output) the scale and the zero code, in the model's dtype; `g_idx` (in) maps
+/// each input column to its group.
+#[derive(Debug, Clone)]
+pub struct GptqWeight {
+    pub codes: Tensor,
+    pub scales: Tensor,
+    pub zeros: Tensor,
+    pub g_idx: Tensor,
+}
+
+impl GptqWeight {
+    /// The codes of `q` on `device`, their scales and zeros in `dtype`.
+    pub fn new(
+        q: &crate::gptq::QuantizedLinear,
+        dtype: DType,
+        device: &candle_core::Device,
+    ) -> candle_core::Result<Self> {
+        let (out, inp, groups) = (q.out_features, q.in_features, q.groups());
+        let zeros: Vec<f32> = q.zeros.iter().map(|&z| z as f32).collect();
+        Ok(Self {
+            codes: Tensor::from_slice(&q.codes, (out, inp), device)?,
+            scales: Tensor::from_slice(&q.scales, (groups, out), device)?.to_dtype(dtype)?,
+            zeros: Tensor::from_slice(&zeros, (groups, out), device)?.to_dtype(dtype)?,
+            g_idx: Tensor::from_slice(&q.g_idx, inp, device)?,
+        })
+    }
+
+    /// scale · (code − zero) per weight, (out, in) in the scales' dtype: the arithmetic in
+    /// f32, rounded once.
+    pub fn dequantize(&self) -> candle_core::Result<Tensor> {
+        let per_column = |t: &Tensor| -> candle_core::Result<Tensor> {
+            t.to_dtype(DType::F32)?.index_select(&self.g_idx, 0)?.t()
+        };
+        let codes = self.codes.to_dtype(DType::F32)?;
+        ((codes - per_column(&self.zeros)?)? * per_column(&self.scales)?)?
+            .to_dtype(self.scales.dtype())
     }
 }
 
@@ -59,6 +102,13 @@ impl Linear {
             LinearWeight::Dense(w) => project(xs, self.bias.as_ref(), |flat| {
                 crate::ops::frozen::frozen_matmul_t(flat, w)
             })?,
+            // The CPU path: the weight dequantized for the call, then the dense product.
+            LinearWeight::Gptq(q) => {
+                let w = q.dequantize()?;
+                project(xs, self.bias.as_ref(), |flat| {
+                    crate::ops::frozen::frozen_matmul_t(flat, &w)
+                })?
+            }
         };
         let Some(lora) = &self.lora else {
             return Ok(base);
@@ -94,9 +144,9 @@ impl Linear {
 
     /// The weight with the update folded in: W + scaling * B A.
     pub fn merged_weight(&self) -> candle_core::Result<Tensor> {
-        let weight = self.weight.dense();
+        let weight = self.weight.dense()?;
         match &self.lora {
-            None => Ok(weight.clone()),
+            None => Ok(weight),
             Some(lora) => {
                 let delta = (lora.b.as_tensor().matmul(lora.a.as_tensor())? * lora.scaling)?;
                 let merged = (weight.to_dtype(DType::F32)? + delta.to_dtype(DType::F32)?)?;

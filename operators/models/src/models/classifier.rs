@@ -377,9 +377,9 @@ impl SequenceClassifier {
                 .ok_or_else(|| ModelError::Input(format!("a fold's adapter has no tensor {name}")))
         };
         let mut out = self.checkpoint_tensors(&|path, linear| {
-            let weight = linear.weight.dense();
+            let weight = linear.weight.dense()?;
             let Some(lora) = &linear.lora else {
-                return Ok(weight.clone());
+                return Ok(weight);
             };
             let mut merged = weight.to_dtype(DType::F32)?;
             for (w, tensors) in folds {
