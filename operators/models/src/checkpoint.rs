@@ -238,6 +238,10 @@ pub fn save_merged_tensors(
         crate::models::Family::Gemma2 => "Gemma2ForSequenceClassification",
     };
     config["architectures"] = serde_json::json!([arch]);
+    // The merged weights are dense, even from a GPTQ base (dequantized, then merged).
+    if let Some(fields) = config.as_object_mut() {
+        fields.remove("quantization_config");
+    }
     config["id2label"] = serde_json::json!({"0": LABELS[0], "1": LABELS[1], "2": LABELS[2]});
     config["label2id"] = serde_json::json!({LABELS[0]: 0, LABELS[1]: 1, LABELS[2]: 2});
     let dtype = match model.dtype() {

@@ -506,3 +506,69 @@ impl GptqTensors {
         }
     }
 }
+
+/// A checkpoint's `quantization_config` (config.json), as transformers' GPTQConfig writes it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GptqSettings {
+    pub bits: u32,
+    /// `None` for `group_size: -1` (one group per row).
+    pub group_size: Option<usize>,
+    pub desc_act: bool,
+    pub sym: bool,
+}
+
+impl GptqSettings {
+    /// The GPTQ settings of a parsed config.json: `None` without a `quantization_config`;
+    /// an error for another method or format, or bits this crate does not read.
+    pub fn from_config(raw: &serde_json::Value) -> Result<Option<Self>> {
+        let Some(q) = raw.get("quantization_config") else {
+            return Ok(None);
+        };
+        let bad =
+            |what: String| ModelError::Config(format!("config.json quantization_config: {what}"));
+        let method = q.get("quant_method").and_then(|m| m.as_str()).unwrap_or("");
+        if method != "gptq" {
+            return Err(bad(format!(
+                "quant_method `{method}` is not read here (gptq is)"
+            )));
+        }
+        let format = q
+            .get("checkpoint_format")
+            .and_then(|f| f.as_str())
+            .unwrap_or("gptq");
+        if format != "gptq" {
+            return Err(bad(format!(
+                "checkpoint_format `{format}` is not read here (gptq is: zeros stored as zero - 1)"
+            )));
+        }
+        let bits = q.get("bits").and_then(|b| b.as_u64()).unwrap_or(0) as u32;
+        if ![2, 4, 8].contains(&bits) {
+            return Err(bad(format!("bits {bits}: 2, 4 or 8 are read")));
+        }
+        let group_size = match q.get("group_size").and_then(|g| g.as_i64()) {
+            Some(-1) => None,
+            Some(g) if g > 0 => Some(g as usize),
+            other => return Err(bad(format!("group_size {other:?}"))),
+        };
+        let flag =
+            |name: &str, default: bool| q.get(name).and_then(|v| v.as_bool()).unwrap_or(default);
+        Ok(Some(Self {
+            bits,
+            group_size,
+            desc_act: flag("desc_act", false),
+            sym: flag("sym", true),
+        }))
+    }
+
+    /// The `quantization_config` object for config.json.
+    pub fn to_config(&self) -> serde_json::Value {
+        serde_json::json!({
+            "quant_method": "gptq",
+            "bits": self.bits,
+            "group_size": self.group_size.map(|g| g as i64).unwrap_or(-1),
+            "desc_act": self.desc_act,
+            "sym": self.sym,
+            "checkpoint_format": "gptq",
+        })
+    }
+}

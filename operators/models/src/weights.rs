@@ -114,6 +114,7 @@ pub struct WeightLoader<'a> {
     source: &'a TensorSource,
     device: Device,
     dtype: DType,
+    gptq: Option<crate::gptq::GptqSettings>,
     record: RefCell<LoadRecord>,
 }
 
@@ -131,8 +132,15 @@ impl<'a> WeightLoader<'a> {
             source,
             device: device.clone(),
             dtype,
+            gptq: None,
             record: RefCell::default(),
         }
+    }
+
+    /// Reads the projections that carry `qweight` as GPTQ layers with these settings.
+    pub fn with_gptq(mut self, gptq: Option<crate::gptq::GptqSettings>) -> Self {
+        self.gptq = gptq;
+        self
     }
 
     /// The view with no prefix.
@@ -228,6 +236,16 @@ impl<'l, 'a> Weights<'l, 'a> {
 
     pub fn device(&self) -> &Device {
         &self.loader.device
+    }
+
+    /// The checkpoint's GPTQ settings, if it is one.
+    pub fn gptq(&self) -> Option<crate::gptq::GptqSettings> {
+        self.loader.gptq
+    }
+
+    /// `prefix.name`: for errors.
+    pub fn name_of(&self, name: &str) -> String {
+        self.path(name)
     }
 
     pub fn contains(&self, name: &str) -> bool {

@@ -361,3 +361,189 @@ fn a_gptq_linear_layer_computes_with_its_dequantized_weight() {
         assert_eq!(diff, 0.0, "{dtype:?}");
     }
 }
+
+/// The llama fixture with every projection GPTQ-quantized (act-order, groups of 24, `bits`)
+/// from random calibration inputs, written as a GPTQ checkpoint (`qweight`, `qzeros`,
+/// `scales`, `g_idx`, `quantization_config`) into `dir/gptq`, and the dense twin whose
+/// projections are those layers' dequantized weights (f16 scales) into `dir/dense`. `edit`
+/// may change the quantized checkpoint's tensors and config before they are written.
+fn gptq_checkpoint(
+    dir: &std::path::Path,
+    bits: u32,
+    edit: impl Fn(&mut std::collections::BTreeMap<String, candle_core::Tensor>, &mut serde_json::Value),
+) {
+    use arenaflow_models::checkpoint::write_safetensors;
+    use arenaflow_models::weights::SplitMix64;
+    use candle_core::{DType, Device, Tensor};
+    let base =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/llama/base");
+    let tensors =
+        candle_core::safetensors::load(base.join("model.safetensors"), &Device::Cpu).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(base.join("config.json")).unwrap()).unwrap();
+    let cfg = GptqConfig {
+        bits,
+        group_size: Some(24),
+        act_order: true,
+        ..GptqConfig::default()
+    };
+    let mut rng = SplitMix64::new(16);
+    let (mut quantized, mut dense) = (
+        std::collections::BTreeMap::new(),
+        std::collections::BTreeMap::new(),
+    );
+    for (name, t) in &tensors {
+        let Some(prefix) = name
+            .strip_suffix("_proj.weight")
+            .map(|p| format!("{p}_proj"))
+        else {
+            quantized.insert(name.clone(), t.clone());
+            dense.insert(name.clone(), t.clone());
+            continue;
+        };
+        let (out, inp) = t.dims2().unwrap();
+        let w: Vec<f32> = t
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let mut hessian = Hessian::new(inp);
+        for _ in 0..4 {
+            let x: Vec<f32> = (0..8 * inp).map(|_| rng.next_normal() as f32).collect();
+            hessian.add_sample(&x, 8).unwrap();
+        }
+        let packed = GptqTensors::pack(&gptq(&prefix, &w, out, &hessian, &cfg).unwrap()).unwrap();
+        let per = (32 / bits) as usize;
+        let groups = inp / 24;
+        quantized.insert(
+            format!("{prefix}.qweight"),
+            Tensor::from_vec(packed.qweight.clone(), (inp / per, out), &Device::Cpu).unwrap(),
+        );
+        quantized.insert(
+            format!("{prefix}.qzeros"),
+            Tensor::from_vec(packed.qzeros.clone(), (groups, out / per), &Device::Cpu).unwrap(),
+        );
+        quantized.insert(
+            format!("{prefix}.scales"),
+            Tensor::from_vec(packed.scales.clone(), (groups, out), &Device::Cpu).unwrap(),
+        );
+        quantized.insert(
+            format!("{prefix}.g_idx"),
+            Tensor::from_vec(packed.g_idx.clone(), inp, &Device::Cpu).unwrap(),
+        );
+        let w: Vec<f32> = packed
+            .unpack()
+            .dequantize()
+            .iter()
+            .map(|&v| v as f32)
+            .collect();
+        dense.insert(
+            name.clone(),
+            Tensor::from_vec(w, (out, inp), &Device::Cpu).unwrap(),
+        );
+    }
+    let mut quantized_config = config.clone();
+    quantized_config["quantization_config"] = arenaflow_models::gptq::GptqSettings {
+        bits,
+        group_size: Some(24),
+        desc_act: true,
+        sym: true,
+    }
+    .to_config();
+    edit(&mut quantized, &mut quantized_config);
+    for (folder, tensors, config) in [
+        ("gptq", quantized, quantized_config),
+        ("dense", dense, config),
+    ] {
+        let out = dir.join(folder);
+        std::fs::create_dir_all(&out).unwrap();
+        let list: Vec<(String, Tensor)> = tensors.into_iter().collect();
+        write_safetensors(&out.join("model.safetensors"), &list).unwrap();
+        std::fs::write(out.join("config.json"), config.to_string()).unwrap();
+    }
+}
+
+fn fixture_logits(
+    model: &arenaflow_models::models::classifier::SequenceClassifier,
+) -> Vec<Vec<f32>> {
+    let rows: Vec<Vec<u32>> = vec![vec![1, 5, 9, 13, 2], vec![3, 7, 11, 4, 8, 6, 10]];
+    let refs: Vec<&[u32]> = rows.iter().map(|r| r.as_slice()).collect();
+    let batch = arenaflow_models::models::PaddedBatch::pad(
+        &refs,
+        model.pad_token_id().unwrap_or(0),
+        arenaflow_models::models::PaddingSide::Right,
+    )
+    .unwrap();
+    model
+        .forward_t(&batch, false)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap()
+}
+
+/// A GPTQ checkpoint (8 and 4 bits, act-order's g_idx) loads into the GPTQ weight slot and
+/// gives the logits of the dense model with its dequantized weights; bad checkpoints fail
+/// naming the tensor.
+#[test]
+fn gptq_checkpoints_load_and_bad_ones_fail_naming_the_tensor() {
+    use arenaflow_models::checkpoint::load_classifier;
+    use candle_core::{DType, Device};
+    let load = |dir: &std::path::Path| {
+        load_classifier(dir.to_str().unwrap(), None, DType::F32, &Device::Cpu)
+    };
+    for bits in [8, 4] {
+        let tmp = tempfile::tempdir().unwrap();
+        gptq_checkpoint(tmp.path(), bits, |_, _| {});
+        let quantized = fixture_logits(&load(&tmp.path().join("gptq")).unwrap());
+        let dense = fixture_logits(&load(&tmp.path().join("dense")).unwrap());
+        let gap = quantized
+            .iter()
+            .flatten()
+            .zip(dense.iter().flatten())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        eprintln!("{bits} bits: logits {quantized:?}, dense twin within {gap:.1e}");
+        assert!(
+            gap < 1e-5,
+            "{bits} bits: logits off the dense twin's by {gap}"
+        );
+    }
+    let q_proj = "model.layers.0.self_attn.q_proj";
+    let failing = |edit: &dyn Fn(
+        &mut std::collections::BTreeMap<String, candle_core::Tensor>,
+        &mut serde_json::Value,
+    )| {
+        let tmp = tempfile::tempdir().unwrap();
+        gptq_checkpoint(tmp.path(), 8, |t, c| edit(t, c));
+        load(&tmp.path().join("gptq"))
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    };
+    let e = failing(&|t, _| {
+        t.remove(&format!("{q_proj}.qzeros"));
+    });
+    assert!(
+        e.contains(&format!("missing tensor(s): {q_proj}.qzeros")),
+        "{e}"
+    );
+    let e = failing(&|_, c| c["quantization_config"]["group_size"] = 32.into());
+    assert!(
+        e.contains(&format!(
+            "{q_proj}.qweight: group size 32 does not divide the layer's 48 inputs"
+        )),
+        "{e}"
+    );
+    let e = failing(&|_, c| c["quantization_config"]["checkpoint_format"] = "gptq_v2".into());
+    assert!(
+        e.contains("checkpoint_format `gptq_v2` is not read here"),
+        "{e}"
+    );
+    let e = failing(&|t, _| {
+        let g = t[&format!("{q_proj}.g_idx")].affine(1.0, 5.0).unwrap();
+        t.insert(format!("{q_proj}.g_idx"), g);
+    });
+    assert!(e.contains(&format!("{q_proj}.g_idx: group")), "{e}");
+}

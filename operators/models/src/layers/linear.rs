@@ -61,6 +61,64 @@ impl GptqWeight {
         })
     }
 
+    /// A GPTQ checkpoint's `qweight`, `qzeros`, `scales` and `g_idx` under `vb` for an
+    /// (out, in) projection, unpacked from their words.
+    pub fn load(
+        vb: &Weights,
+        out: usize,
+        inp: usize,
+        settings: &crate::gptq::GptqSettings,
+    ) -> Result<Self> {
+        let bits = settings.bits;
+        let per = (32 / bits) as usize;
+        let group = settings.group_size.unwrap_or(inp);
+        let fail = |tensor: &str, what: String| {
+            crate::error::ModelError::Config(format!("{}: {what}", vb.name_of(tensor)))
+        };
+        if !inp.is_multiple_of(group) {
+            return Err(fail(
+                "qweight",
+                format!("group size {group} does not divide the layer's {inp} inputs"),
+            ));
+        }
+        if !inp.is_multiple_of(per) || !out.is_multiple_of(per) {
+            return Err(fail(
+                "qweight",
+                format!("a {out} x {inp} layer does not pack {per} {bits}-bit codes a word"),
+            ));
+        }
+        let groups = inp / group;
+        let words = |name: &str, shape: &[usize]| -> Result<Vec<i32>> {
+            Ok(vb
+                .get_as(name, shape, DType::I32)?
+                .flatten_all()?
+                .to_vec1::<i32>()?)
+        };
+        let tensors = crate::gptq::GptqTensors {
+            bits,
+            out_features: out,
+            in_features: inp,
+            qweight: words("qweight", &[inp / per, out])?,
+            qzeros: words("qzeros", &[groups, out / per])?,
+            scales: vb
+                .get_as("scales", &[groups, out], DType::F16)?
+                .flatten_all()?
+                .to_vec1::<half::f16>()?,
+            g_idx: words("g_idx", &[inp])?,
+        };
+        if let Some(g) = tensors
+            .g_idx
+            .iter()
+            .find(|&&g| g < 0 || g as usize >= groups)
+        {
+            return Err(fail(
+                "g_idx",
+                format!("group {g} of a layer with {groups} groups"),
+            ));
+        }
+        Ok(Self::new(&tensors.unpack(), vb.dtype(), vb.device())?)
+    }
+
     /// scale · (code − zero) per weight, (out, in) in the scales' dtype: the arithmetic in
     /// f32, rounded once.
     pub fn dequantize(&self) -> candle_core::Result<Tensor> {
@@ -84,14 +142,19 @@ pub struct Linear {
 impl Linear {
     /// `weight` (out x in) and, with `bias`, `bias` (out) under `vb`.
     pub fn new(vb: &Weights, out: usize, inp: usize, bias: bool) -> Result<Self> {
-        let weight = vb.get("weight", &[out, inp])?;
+        let weight = match vb.gptq() {
+            Some(settings) if vb.contains("qweight") => {
+                LinearWeight::Gptq(GptqWeight::load(vb, out, inp, &settings)?)
+            }
+            _ => LinearWeight::Dense(vb.get("weight", &[out, inp])?),
+        };
         let bias = if bias {
             Some(vb.get("bias", &[out])?)
         } else {
             None
         };
         Ok(Self {
-            weight: LinearWeight::Dense(weight),
+            weight,
             bias,
             lora: None,
         })

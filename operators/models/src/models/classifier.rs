@@ -86,7 +86,7 @@ impl SequenceClassifier {
     ) -> Result<Self> {
         let cfg = &config.decoder;
         let kernels = Kernels::resolve(device, dtype);
-        let loader = WeightLoader::new(base, dtype, device);
+        let loader = WeightLoader::new(base, dtype, device).with_gptq(config.gptq);
         let adapter_loader = adapter.map(|(lora, source)| {
             (
                 lora,

@@ -303,6 +303,8 @@ pub enum CheckpointHead {
 pub struct ModelConfig {
     pub decoder: DecoderConfig,
     pub head: CheckpointHead,
+    /// A GPTQ checkpoint's settings (`quantization_config`).
+    pub gptq: Option<crate::gptq::GptqSettings>,
     /// The JSON as read, for writing a merged model's config back out.
     pub raw: serde_json::Value,
 }
@@ -339,7 +341,13 @@ impl ModelConfig {
             Some(arch) => config_bail!("architecture `{arch}` is not a decoder this crate runs"),
             None => CheckpointHead::Bare,
         };
-        Ok(Self { decoder, head, raw })
+        let gptq = crate::gptq::GptqSettings::from_config(&raw)?;
+        Ok(Self {
+            decoder,
+            head,
+            gptq,
+            raw,
+        })
     }
 
     pub fn from_file(path: &Path) -> Result<Self> {
