@@ -547,3 +547,46 @@ fn gptq_checkpoints_load_and_bad_ones_fail_naming_the_tensor() {
     });
     assert!(e.contains(&format!("{q_proj}.g_idx: group")), "{e}");
 }
+
+/// The written checkpoint, dequantized by the format's formula in plain Python
+/// (`tests/fixtures/gptq/dequantize_checkpoint.py`, written from the format, not from this
+/// crate), gives the weights arenaflow computes with, to the bit in f32.
+#[test]
+fn python_reads_the_weights_arenaflow_uses_from_the_checkpoint() {
+    use candle_core::{DType, Device};
+    for bits in [8, 4] {
+        let tmp = tempfile::tempdir().unwrap();
+        gptq_checkpoint(tmp.path(), bits, |_, _| {});
+        let out = tmp.path().join("python.safetensors");
+        let run = std::process::Command::new("python3")
+            .arg(fixtures().join("dequantize_checkpoint.py"))
+            .arg(tmp.path().join("gptq"))
+            .arg(&out)
+            .output()
+            .expect("python3");
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let python = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+        let dense = candle_core::safetensors::load(
+            tmp.path().join("dense/model.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert_eq!(python.len(), 3 * 7, "{bits} bits: projections");
+        for (name, theirs) in &python {
+            let ours = dense[name].to_dtype(DType::F32).unwrap();
+            let gap: f32 = (theirs - &ours)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert_eq!(gap, 0.0, "{bits} bits, {name}");
+        }
+    }
+}
