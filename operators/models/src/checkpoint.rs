@@ -230,6 +230,57 @@ pub fn save_merged_tensors(
     tensors: std::collections::BTreeMap<String, Tensor>,
     dir: &Path,
 ) -> Result<()> {
+    save_checkpoint(model, tensors, None, dir)
+}
+
+/// Saves a GPTQ checkpoint: `model`'s tensors with each quantized projection's `weight`
+/// replaced by its `qweight`, `qzeros`, `scales` and `g_idx` (`quantized`, keyed by the
+/// projection's path, `model.layers.0.self_attn.q_proj`), and `settings` as config.json's
+/// `quantization_config`.
+pub fn save_gptq(
+    model: &SequenceClassifier,
+    quantized: &std::collections::BTreeMap<String, crate::gptq::QuantizedLinear>,
+    settings: &crate::gptq::GptqSettings,
+    dir: &Path,
+) -> Result<()> {
+    let mut tensors = model.merged_tensors()?;
+    for (path, q) in quantized {
+        if tensors.remove(&format!("{path}.weight")).is_none() {
+            return Err(ModelError::Input(format!(
+                "gptq: the model has no projection {path}"
+            )));
+        }
+        let t = crate::gptq::GptqTensors::pack(q)
+            .map_err(|e| ModelError::Input(format!("{path}: {e}")))?;
+        let per = (32 / t.bits) as usize;
+        let (out, inp, groups) = (q.out_features, q.in_features, q.groups());
+        let cpu = &Device::Cpu;
+        tensors.insert(
+            format!("{path}.qweight"),
+            Tensor::from_vec(t.qweight, (inp / per, out), cpu)?,
+        );
+        tensors.insert(
+            format!("{path}.qzeros"),
+            Tensor::from_vec(t.qzeros, (groups, out / per), cpu)?,
+        );
+        tensors.insert(
+            format!("{path}.scales"),
+            Tensor::from_vec(t.scales, (groups, out), cpu)?,
+        );
+        tensors.insert(
+            format!("{path}.g_idx"),
+            Tensor::from_vec(t.g_idx, inp, cpu)?,
+        );
+    }
+    save_checkpoint(model, tensors, Some(settings.to_config()), dir)
+}
+
+fn save_checkpoint(
+    model: &SequenceClassifier,
+    tensors: std::collections::BTreeMap<String, Tensor>,
+    quantization: Option<serde_json::Value>,
+    dir: &Path,
+) -> Result<()> {
     let tensors: Vec<(String, Tensor)> = tensors.into_iter().collect();
     let mut config = model.raw_config.clone();
     let arch = match model.config.family {
@@ -238,9 +289,14 @@ pub fn save_merged_tensors(
         crate::models::Family::Gemma2 => "Gemma2ForSequenceClassification",
     };
     config["architectures"] = serde_json::json!([arch]);
-    // The merged weights are dense, even from a GPTQ base (dequantized, then merged).
-    if let Some(fields) = config.as_object_mut() {
-        fields.remove("quantization_config");
+    // Merged weights are dense, even from a GPTQ base (dequantized, then merged).
+    match quantization {
+        Some(q) => config["quantization_config"] = q,
+        None => {
+            if let Some(fields) = config.as_object_mut() {
+                fields.remove("quantization_config");
+            }
+        }
     }
     config["id2label"] = serde_json::json!({"0": LABELS[0], "1": LABELS[1], "2": LABELS[2]});
     config["label2id"] = serde_json::json!({LABELS[0]: 0, LABELS[1]: 1, LABELS[2]: 2});

@@ -19,6 +19,7 @@ pub mod lora;
 pub mod models;
 pub mod ops;
 pub mod profile;
+pub mod quantize;
 #[cfg(test)]
 mod test_util;
 pub mod train;

@@ -341,6 +341,7 @@ fn a_gptq_linear_layer_computes_with_its_dequantized_weight() {
             weight,
             bias: None,
             lora: None,
+            tap: None,
         };
         let quantized = layer(LinearWeight::Gptq(slot))
             .forward_t(&xs, false)
@@ -589,4 +590,109 @@ fn python_reads_the_weights_arenaflow_uses_from_the_checkpoint() {
             assert_eq!(gap, 0.0, "{bits} bits, {name}");
         }
     }
+}
+
+/// GPTQ of the whole llama fixture (4 bits, groups of 24, act-order) from 32 random
+/// calibration rows: on those rows (the objective's own data) the quantized model's logits
+/// stay nearer the float model's than round-to-nearest's do, both with f16 scales; the
+/// saved checkpoint loads and
+/// gives the in-memory quantized model's logits (which holds its scales in f16 as the
+/// checkpoint does).
+#[test]
+fn a_whole_model_quantizes_saves_and_loads() {
+    use arenaflow_models::checkpoint::{load_classifier, save_gptq};
+    use arenaflow_models::gptq::GptqSettings;
+    use arenaflow_models::layers::linear::{GptqWeight, LinearWeight};
+    use arenaflow_models::lora::Projection;
+    use arenaflow_models::quantize::quantize_gptq;
+    use arenaflow_models::weights::SplitMix64;
+    use candle_core::{DType, Device};
+    let base =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/llama/base");
+    let load = || load_classifier(base.to_str().unwrap(), None, DType::F32, &Device::Cpu).unwrap();
+    let mut rng = SplitMix64::new(7);
+    let rows: Vec<Vec<u32>> = (0..32)
+        .map(|_| (0..16).map(|_| 3 + (rng.next_u64() % 90) as u32).collect())
+        .collect();
+    let on_rows = |model: &arenaflow_models::models::classifier::SequenceClassifier| {
+        let refs: Vec<&[u32]> = rows.iter().map(|r| r.as_slice()).collect();
+        let batch = arenaflow_models::models::PaddedBatch::pad(
+            &refs,
+            0,
+            arenaflow_models::models::PaddingSide::Right,
+        )
+        .unwrap();
+        model
+            .forward_t(&batch, false)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap()
+    };
+    let float = on_rows(&load());
+    let cfg = GptqConfig {
+        bits: 4,
+        group_size: Some(24),
+        act_order: true,
+        ..GptqConfig::default()
+    };
+    let mut model = load();
+    let mut done = Vec::new();
+    let quantized = quantize_gptq(&mut model, &rows, &cfg, |l| done.push(l)).unwrap();
+    assert_eq!(done, vec![0, 1, 2]);
+    assert_eq!(quantized.len(), 3 * 7);
+    let gptq_logits = on_rows(&model);
+    let mut rtn = load();
+    for l in 0..3 {
+        for p in Projection::ALL {
+            let path = p.path(l);
+            let linear = rtn.layer_mut(l).projection_mut(p);
+            let w = linear.weight.dense().unwrap();
+            let (out, inp) = w.dims2().unwrap();
+            let values: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+            let q = GptqTensors::pack(&round_to_nearest(&path, &values, out, inp, &cfg).unwrap())
+                .unwrap()
+                .unpack();
+            linear.weight =
+                LinearWeight::Gptq(GptqWeight::new(&q, DType::F32, &Device::Cpu).unwrap());
+        }
+    }
+    let rtn_logits = on_rows(&rtn);
+    let off = |a: &[Vec<f32>]| -> f32 {
+        a.iter()
+            .flatten()
+            .zip(float.iter().flatten())
+            .map(|(x, y)| (x - y).powi(2))
+            .sum::<f32>()
+            .sqrt()
+    };
+    let (gptq_off, rtn_off) = (off(&gptq_logits), off(&rtn_logits));
+    eprintln!("logits off the float model's: GPTQ {gptq_off:.4}, round-to-nearest {rtn_off:.4}");
+    assert!(
+        gptq_off < rtn_off,
+        "GPTQ {gptq_off} not below round-to-nearest {rtn_off}"
+    );
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("gptq");
+    let settings = GptqSettings {
+        bits: 4,
+        group_size: Some(24),
+        desc_act: true,
+        sym: true,
+    };
+    save_gptq(&model, &quantized, &settings, &dir).unwrap();
+    let loaded =
+        on_rows(&load_classifier(dir.to_str().unwrap(), None, DType::F32, &Device::Cpu).unwrap());
+    let gap = loaded
+        .iter()
+        .flatten()
+        .zip(gptq_logits.iter().flatten())
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    eprintln!("saved and loaded: logits within {gap:.1e} of the in-memory model's");
+    assert!(gap < 1e-5, "{gap}");
+    assert!(save_gptq(&model, &quantized, &settings, &dir)
+        .unwrap_err()
+        .to_string()
+        .contains("already exists"));
 }

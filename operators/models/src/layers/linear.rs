@@ -137,7 +137,13 @@ pub struct Linear {
     pub weight: LinearWeight,
     pub bias: Option<Tensor>,
     pub lora: Option<LoraWeights>,
+    /// While set, every input the layer sees is kept here (detached): GPTQ's calibration
+    /// reads a projection's inputs through it.
+    pub tap: Option<Tap>,
 }
+
+/// Where a tapped [`Linear`] leaves its inputs.
+pub type Tap = std::sync::Arc<std::sync::Mutex<Vec<Tensor>>>;
 
 impl Linear {
     /// `weight` (out x in) and, with `bias`, `bias` (out) under `vb`.
@@ -157,10 +163,16 @@ impl Linear {
             weight,
             bias,
             lora: None,
+            tap: None,
         })
     }
 
     pub fn forward_t(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        if let Some(tap) = &self.tap {
+            tap.lock()
+                .map_err(|_| candle_core::Error::Msg("a GPTQ tap's lock is poisoned".into()))?
+                .push(xs.detach());
+        }
         let base = match &self.weight {
             LinearWeight::Dense(w) => project(xs, self.bias.as_ref(), |flat| {
                 crate::ops::frozen::frozen_matmul_t(flat, w)
@@ -291,6 +303,7 @@ mod tests {
             let layer = Linear {
                 weight: LinearWeight::Dense(w32.to_dtype(dtype).unwrap()),
                 bias: None,
+                tap: None,
                 lora: Some(LoraWeights {
                     a: a.clone(),
                     b: b.clone(),

@@ -38,7 +38,7 @@ pub struct SequenceClassifier {
     /// config.json as loaded, written back with a merged model.
     pub raw_config: serde_json::Value,
     embed_tokens: Tensor,
-    layers: Vec<DecoderLayer>,
+    pub(crate) layers: Vec<DecoderLayer>,
     norm: RmsNorm,
     rope: Rope,
     pub score: ScoreHead,
@@ -277,6 +277,11 @@ impl SequenceClassifier {
     }
 
     /// The token that pads rows; transformers pools on the last token that is not it.
+    /// Decoder layer `index`, to change (e.g. its projections' weights).
+    pub fn layer_mut(&mut self, index: usize) -> &mut DecoderLayer {
+        &mut self.layers[index]
+    }
+
     pub fn pad_token_id(&self) -> Option<u32> {
         self.config.pad_token_id
     }
