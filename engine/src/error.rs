@@ -31,6 +31,8 @@ pub enum EngineError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Json(#[from] serde_json::Error),
+    #[error(transparent)]
+    Model(#[from] arenaflow_models::error::ModelError),
 }
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;

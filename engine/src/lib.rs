@@ -6,6 +6,7 @@ pub mod lock;
 pub mod logits;
 pub mod manifest;
 pub mod plan;
+pub mod quantize;
 pub mod recipe;
 pub mod runner;
 pub mod session;

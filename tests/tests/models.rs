@@ -208,3 +208,118 @@ fn hub_ids_use_the_cache_and_offline_mode_names_missing_files() {
     assert!(run.status.success(), "{}", text(&run));
     assert_eq!(read_logits(&output).len(), 1);
 }
+
+/// `arenaflow quantize`: GPTQ of the llama fixture with its adapter merged, calibrated on
+/// 12 rows of token ids, then `arenaflow logits` of the written checkpoint against the
+/// float model's (base + adapter); bad input fails naming the file, row and column, and
+/// leaves no folder.
+#[test]
+fn quantize_command_writes_a_gptq_checkpoint_that_logits_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = repo_root().join("tests/fixtures/models/llama");
+    let (base, adapter) = (fixture.join("base"), fixture.join("adapter"));
+    let rows: Vec<(String, Vec<i32>)> = (0..12)
+        .map(|i| {
+            (
+                format!("r{i}"),
+                (0..14).map(|t| 3 + (i * 7 + t * 5) % 90).collect(),
+            )
+        })
+        .collect();
+    let input = dir.path().join("rows.parquet");
+    write_tokens(&input, &rows);
+    let out = dir.path().join("gptq");
+    let s = |p: &Path| p.display().to_string();
+    let quantize = |extra: &[&str], input: &Path, out: &Path| {
+        let mut args = vec![
+            "quantize".to_string(),
+            "--model".into(),
+            s(&base),
+            "--adapter".into(),
+            s(&adapter),
+            "--input".into(),
+            s(input),
+            "--output".into(),
+            s(out),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let refs: Vec<&str> = args.iter().map(|a| a.as_str()).collect();
+        arenaflow(&refs)
+    };
+    let run = quantize(&["--group-size", "24", "--act-order"], &input, &out);
+    assert!(run.status.success(), "{}", text(&run));
+    assert!(
+        text(&run).contains("21 projections, 12 calibration rows (168 tokens)"),
+        "{}",
+        text(&run)
+    );
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["quantization_config"]["bits"], 8);
+    assert_eq!(config["quantization_config"]["group_size"], 24);
+    assert_eq!(config["quantization_config"]["desc_act"], true);
+    let logits = |model: &Path, adapter: Option<&Path>, name: &str| {
+        let output = dir.path().join(name);
+        let mut args = vec!["logits".to_string(), "--model".into(), s(model)];
+        if let Some(a) = adapter {
+            args.extend(["--adapter".to_string(), s(a)]);
+        }
+        args.extend([
+            "--input".to_string(),
+            s(&input),
+            "--output".into(),
+            s(&output),
+        ]);
+        let refs: Vec<&str> = args.iter().map(|a| a.as_str()).collect();
+        let run = arenaflow(&refs);
+        assert!(run.status.success(), "{}", text(&run));
+        read_logits(&output)
+    };
+    let float = logits(&base, Some(&adapter), "float.parquet");
+    let int8 = logits(&out, None, "int8.parquet");
+    let worst = float
+        .iter()
+        .zip(&int8)
+        .flat_map(|((_, a), (_, b))| a.iter().zip(b).map(|(x, y)| (x - y).abs()))
+        .fold(0.0f32, f32::max);
+    let scale = float
+        .iter()
+        .flat_map(|(_, a)| a.iter().map(|x| x.abs()))
+        .fold(0.0f32, f32::max);
+    eprintln!(
+        "8-bit GPTQ logits within {worst:.4} of the float model's (largest logit {scale:.2})"
+    );
+    // The fixture's merged adapter has large outliers, which set each group's grid: 8-bit
+    // round-to-nearest is 0.63 off on these rows, GPTQ 0.46 without act-order and 0.75 with
+    // it (measured through the library). What this checks is the command's plumbing (a
+    // broken packing or an unquantized pass-through would be far off or exactly equal);
+    // the algorithm is checked against the reference in operators/models/tests/gptq.rs.
+    assert!(
+        worst > 0.0 && worst < 0.3 * scale,
+        "8-bit logits off by {worst} (largest {scale})"
+    );
+
+    // An output that exists is refused; a token outside the vocabulary names file, row and
+    // column; a group size of 0 is refused; none leaves a folder.
+    let again = quantize(&["--group-size", "24"], &input, &out);
+    assert!(!again.status.success());
+    assert!(text(&again).contains("already exists"), "{}", text(&again));
+    let bad = dir.path().join("bad.parquet");
+    let mut bad_rows = rows.clone();
+    bad_rows[2].1[3] = 500;
+    write_tokens(&bad, &bad_rows);
+    let failed = dir.path().join("failed");
+    let run = quantize(&["--group-size", "24"], &bad, &failed);
+    assert!(!run.status.success());
+    assert!(
+        text(&run).contains(&format!(
+            "{}: row 2, column input_ids: token id 500 outside the model's vocabulary of 97",
+            bad.display()
+        )),
+        "{}",
+        text(&run)
+    );
+    let run = quantize(&["--group-size", "0"], &input, &failed);
+    assert!(text(&run).contains("--group-size 0"), "{}", text(&run));
+    assert!(!failed.exists());
+}

@@ -6,10 +6,12 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use arenaflow_engine::logits::{run_logits, LogitsOptions};
 use arenaflow_engine::plan::{RUN_DIR_PARAM, SHARD_COUNT_PARAM, SHARD_INDEX_PARAM};
+use arenaflow_engine::quantize::{run_quantize, QuantizeOptions};
 use arenaflow_engine::recipe::{fold_text, Recipe};
 use arenaflow_engine::runner::Shard;
 use arenaflow_engine::train::{run_train, TrainOptions};
 use arenaflow_engine::{run_plan, ArenaSession, PlanFile, RunOptions};
+use arenaflow_models::gptq::GptqConfig;
 use arenaflow_operators::distill_step::TrainSettings;
 use arenaflow_operators::teacher_forward::{PaddingSide, TeacherSettings};
 use clap::{Arg, ArgAction, ArgMatches, Parser, Subcommand};
@@ -101,6 +103,45 @@ enum Command {
     /// plans run it. Writes a PEFT folder with `metrics.parquet`; after kill -9 the same
     /// command continues from its last checkpoint.
     Train(TrainArgs),
+    /// GPTQ (8 bits, groups of 128 by default) of a model, its adapter merged first: the
+    /// first --rows rows of a Parquet file of token ids (`input_ids`, list<int32>: training
+    /// rows through the plans' template and truncation) calibrate every projection of the
+    /// decoder, layer by layer; writes a GPTQ checkpoint folder (qweight, qzeros, scales,
+    /// g_idx, quantization_config) whole or not at all. The score head stays in float.
+    Quantize {
+        /// Model folder (config.json + safetensors), .gguf file, or hub id org/name.
+        #[arg(long)]
+        model: String,
+        /// PEFT LoRA adapter folder, merged into the weights before quantizing.
+        #[arg(long)]
+        adapter: Option<std::path::PathBuf>,
+        #[arg(long)]
+        input: std::path::PathBuf,
+        /// Calibration rows (the file's first).
+        #[arg(long, default_value_t = 128)]
+        rows: usize,
+        #[arg(long)]
+        output: std::path::PathBuf,
+        /// 8, 4 or 2.
+        #[arg(long, default_value_t = 8)]
+        bits: u32,
+        /// Input columns per scale and zero; -1: one group per row.
+        #[arg(long, default_value_t = 128, allow_negative_numbers = true)]
+        group_size: i64,
+        /// Damping of H's diagonal as a fraction of its mean (the reference's 0.01;
+        /// transformers' GPTQConfig uses 0.1).
+        #[arg(long, default_value_t = 0.01)]
+        damp_percent: f64,
+        /// Quantize columns in order of decreasing Hessian diagonal (desc_act).
+        #[arg(long)]
+        act_order: bool,
+        /// The model's dtype while calibrating: f32, bf16 or f16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
     /// Merge a PEFT adapter into its base: a Hugging Face `*ForSequenceClassification`
     /// folder (config.json, model.safetensors) that transformers loads with the same logits
     /// as base + adapter, written whole or not at all.
@@ -624,6 +665,28 @@ fn describe(path: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--group-size`: -1 for one group per row, else a positive width.
+fn group_of(group_size: i64) -> anyhow::Result<Option<usize>> {
+    match group_size {
+        -1 => Ok(None),
+        g if g > 0 => Ok(Some(g as usize)),
+        g => anyhow::bail!("--group-size {g}: a positive width, or -1 for one group per row"),
+    }
+}
+
+fn quantize(options: QuantizeOptions) -> anyhow::Result<()> {
+    let stats = run_quantize(&options)?;
+    println!(
+        "wrote {}: {} projections, {} calibration rows ({} tokens), {:.1} s",
+        options.output.display(),
+        stats.projections,
+        stats.rows,
+        stats.tokens,
+        stats.seconds
+    );
+    Ok(())
+}
+
 fn logits(options: LogitsOptions) -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     let stats = rt.block_on(run_logits(&options))?;
@@ -689,6 +752,36 @@ fn main() -> ExitCode {
             profile,
         }),
         Command::Train(args) => train(args),
+        Command::Quantize {
+            model,
+            adapter,
+            input,
+            rows,
+            output,
+            bits,
+            group_size,
+            damp_percent,
+            act_order,
+            dtype,
+            device,
+        } => group_of(group_size).and_then(|group_size| {
+            quantize(QuantizeOptions {
+                model,
+                adapter,
+                input,
+                rows,
+                output,
+                dtype,
+                device,
+                gptq: GptqConfig {
+                    bits,
+                    group_size,
+                    damp_percent,
+                    act_order,
+                    ..GptqConfig::default()
+                },
+            })
+        }),
         Command::Merge {
             model,
             adapter,
