@@ -466,10 +466,11 @@ fn gptq_checkpoint(
     }
 }
 
-fn fixture_logits(
+/// The model's logits for `rows` (right-padded).
+fn logits_of(
     model: &arenaflow_models::models::classifier::SequenceClassifier,
+    rows: &[Vec<u32>],
 ) -> Vec<Vec<f32>> {
-    let rows: Vec<Vec<u32>> = vec![vec![1, 5, 9, 13, 2], vec![3, 7, 11, 4, 8, 6, 10]];
     let refs: Vec<&[u32]> = rows.iter().map(|r| r.as_slice()).collect();
     let batch = arenaflow_models::models::PaddedBatch::pad(
         &refs,
@@ -482,6 +483,12 @@ fn fixture_logits(
         .unwrap()
         .to_vec2::<f32>()
         .unwrap()
+}
+
+fn fixture_logits(
+    model: &arenaflow_models::models::classifier::SequenceClassifier,
+) -> Vec<Vec<f32>> {
+    logits_of(model, &[vec![1, 5, 9, 13, 2], vec![3, 7, 11, 4, 8, 6, 10]])
 }
 
 /// A GPTQ checkpoint (8 and 4 bits, act-order's g_idx) loads into the GPTQ weight slot and
@@ -614,20 +621,8 @@ fn a_whole_model_quantizes_saves_and_loads() {
     let rows: Vec<Vec<u32>> = (0..32)
         .map(|_| (0..16).map(|_| 3 + (rng.next_u64() % 90) as u32).collect())
         .collect();
-    let on_rows = |model: &arenaflow_models::models::classifier::SequenceClassifier| {
-        let refs: Vec<&[u32]> = rows.iter().map(|r| r.as_slice()).collect();
-        let batch = arenaflow_models::models::PaddedBatch::pad(
-            &refs,
-            0,
-            arenaflow_models::models::PaddingSide::Right,
-        )
-        .unwrap();
-        model
-            .forward_t(&batch, false)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap()
-    };
+    let on_rows =
+        |model: &arenaflow_models::models::classifier::SequenceClassifier| logits_of(model, &rows);
     let float = on_rows(&load());
     let cfg = GptqConfig {
         bits: 4,
