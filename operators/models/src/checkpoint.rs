@@ -250,27 +250,9 @@ pub fn save_gptq(
                 "gptq: the model has no projection {path}"
             )));
         }
-        let t = crate::gptq::GptqTensors::pack(q)
+        let packed = crate::gptq::GptqTensors::pack(q)
             .map_err(|e| ModelError::Input(format!("{path}: {e}")))?;
-        let per = (32 / t.bits) as usize;
-        let (out, inp, groups) = (q.out_features, q.in_features, q.groups());
-        let cpu = &Device::Cpu;
-        tensors.insert(
-            format!("{path}.qweight"),
-            Tensor::from_vec(t.qweight, (inp / per, out), cpu)?,
-        );
-        tensors.insert(
-            format!("{path}.qzeros"),
-            Tensor::from_vec(t.qzeros, (groups, out / per), cpu)?,
-        );
-        tensors.insert(
-            format!("{path}.scales"),
-            Tensor::from_vec(t.scales, (groups, out), cpu)?,
-        );
-        tensors.insert(
-            format!("{path}.g_idx"),
-            Tensor::from_vec(t.g_idx, inp, cpu)?,
-        );
+        tensors.extend(packed.to_tensors(path)?);
     }
     save_checkpoint(model, tensors, Some(settings.to_config()), dir)
 }

@@ -53,7 +53,13 @@ impl Default for GptqConfig {
 }
 
 impl GptqConfig {
-    fn check(&self, in_features: usize) -> Result<()> {
+    /// The settings for a layer of `in_features` inputs; errors name the layer.
+    fn check(&self, name: &str, in_features: usize) -> Result<()> {
+        self.check_widths(in_features)
+            .map_err(|e| ModelError::Config(format!("{name}: {e}")))
+    }
+
+    fn check_widths(&self, in_features: usize) -> Result<()> {
         if !(2..=8).contains(&self.bits) {
             return Err(ModelError::Config(format!(
                 "gptq: bits must be 2 to 8, not {}",
@@ -175,6 +181,13 @@ impl QuantizedLinear {
     }
 }
 
+/// A layer's (out, in) row-major weight as f64, column-major: one input's weights contiguous.
+fn column_major(weight: &[f32], out: usize, inp: usize) -> Vec<f64> {
+    (0..inp * out)
+        .map(|i| weight[(i % out) * inp + i / out] as f64)
+        .collect()
+}
+
 /// `Quantizer.find_params(x, weight=True)` with one scale and zero per row, over the
 /// columns `cols` of `w` (out x in, column-major).
 fn find_params(w: &[f64], out: usize, cols: std::ops::Range<usize>, cfg: &GptqConfig) -> Grid {
@@ -217,6 +230,12 @@ struct Grid {
 }
 
 impl Grid {
+    /// This group's row of scales and of zeros, after the groups before it.
+    fn append_to(&self, scales: &mut Vec<f64>, zeros: &mut Vec<u32>) {
+        scales.extend_from_slice(&self.scale);
+        zeros.extend(self.zero.iter().map(|&z| z as u32));
+    }
+
     /// `quant.quantize` of row `o`'s value: its code and the value the code stands for.
     fn quantize(&self, o: usize, v: f64, maxq: f64) -> (f64, f64) {
         let q = ((v / self.scale[o]).round_ties_even() + self.zero[o]).clamp(0.0, maxq);
@@ -234,8 +253,7 @@ pub fn gptq(
     cfg: &GptqConfig,
 ) -> Result<QuantizedLinear> {
     let inp = hessian.in_features();
-    cfg.check(inp)
-        .map_err(|e| ModelError::Config(format!("{name}: {e}")))?;
+    cfg.check(name, inp)?;
     if weight.len() != out * inp {
         return Err(ModelError::Input(format!(
             "{name}: weight of {} values for a {out} x {inp} layer",
@@ -247,9 +265,7 @@ pub fn gptq(
     }
     let maxq = cfg.maxq();
     // W column-major (out x in): a column (one input's weights) is contiguous.
-    let mut w: Vec<f64> = (0..inp * out)
-        .map(|i| weight[(i % out) * inp + i / out] as f64)
-        .collect();
+    let mut w = column_major(weight, out, inp);
     let mut h = hessian.h.clone();
     let mut grid = find_params(&w, out, 0..inp, cfg);
     for c in 0..inp {
@@ -292,12 +308,8 @@ pub fn gptq(
 
     let mut codes = vec![0u8; out * inp];
     let (mut scales, mut zeros) = (Vec::new(), Vec::new());
-    let mut push = |grid: &Grid| {
-        scales.extend_from_slice(&grid.scale);
-        zeros.extend(grid.zero.iter().map(|&z| z as u32));
-    };
     if cfg.group_size.is_none() {
-        push(&grid);
+        grid.append_to(&mut scales, &mut zeros);
     }
     let mut i1 = 0;
     while i1 < inp {
@@ -311,7 +323,7 @@ pub fn gptq(
                 if col.is_multiple_of(g) {
                     // From W as it stood when this block began, as the reference reads it.
                     grid = find_params(&w, out, col..col + g, cfg);
-                    push(&grid);
+                    grid.append_to(&mut scales, &mut zeros);
                 }
             }
             let d = hinv[(col, col)];
@@ -370,12 +382,9 @@ pub fn round_to_nearest(
     inp: usize,
     cfg: &GptqConfig,
 ) -> Result<QuantizedLinear> {
-    cfg.check(inp)
-        .map_err(|e| ModelError::Config(format!("{name}: {e}")))?;
+    cfg.check(name, inp)?;
     let maxq = cfg.maxq();
-    let w: Vec<f64> = (0..inp * out)
-        .map(|i| weight[(i % out) * inp + i / out] as f64)
-        .collect();
+    let w = column_major(weight, out, inp);
     let group_size = cfg.group_size.unwrap_or(inp);
     let mut codes = vec![0u8; out * inp];
     let (mut scales, mut zeros) = (Vec::new(), Vec::new());
@@ -386,8 +395,7 @@ pub fn round_to_nearest(
                 codes[o * inp + c] = grid.quantize(o, w[c * out + o], maxq).0 as u8;
             }
         }
-        scales.extend_from_slice(&grid.scale);
-        zeros.extend(grid.zero.iter().map(|&z| z as u32));
+        grid.append_to(&mut scales, &mut zeros);
     }
     Ok(QuantizedLinear {
         out_features: out,
@@ -472,6 +480,34 @@ impl GptqTensors {
             scales: q.scales.iter().map(|&s| half::f16::from_f64(s)).collect(),
             g_idx: q.g_idx.iter().map(|&g| g as i32).collect(),
         })
+    }
+
+    /// The checkpoint's four tensors of the projection at `path`
+    /// (`model.layers.0.self_attn.q_proj`), named and shaped as the format has them.
+    pub fn to_tensors(&self, path: &str) -> Result<Vec<(String, candle_core::Tensor)>> {
+        use candle_core::{Device, Tensor};
+        let per = Self::per_word(self.bits);
+        let (out, inp) = (self.out_features, self.in_features);
+        let groups = self.scales.len() / out;
+        let cpu = &Device::Cpu;
+        Ok(vec![
+            (
+                format!("{path}.qweight"),
+                Tensor::from_slice(&self.qweight, (inp / per, out), cpu)?,
+            ),
+            (
+                format!("{path}.qzeros"),
+                Tensor::from_slice(&self.qzeros, (groups, out / per), cpu)?,
+            ),
+            (
+                format!("{path}.scales"),
+                Tensor::from_slice(&self.scales, (groups, out), cpu)?,
+            ),
+            (
+                format!("{path}.g_idx"),
+                Tensor::from_slice(&self.g_idx, inp, cpu)?,
+            ),
+        ])
     }
 
     /// The codes, zeros and scales back out of the words.

@@ -45,6 +45,16 @@ fn tensors() -> HashMap<String, (Vec<usize>, Vec<f64>)> {
         .collect()
 }
 
+/// A tensor's values as f32, flattened.
+fn f32s(t: &candle_core::Tensor) -> Vec<f32> {
+    t.to_dtype(candle_core::DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
 /// Σ (x Wqᵀ − x Wᵀ)² over the calibration inputs: the layer-output error.
 fn output_error(x: &[f64], tokens: usize, w: &[f64], q: &[f64], out: usize, inp: usize) -> f64 {
     let mut total = 0.0;
@@ -319,13 +329,7 @@ fn a_gptq_linear_layer_computes_with_its_dequantized_weight() {
         let slot = GptqWeight::new(&q, dtype, &Device::Cpu).unwrap();
         let dense = slot.dequantize().unwrap();
         assert_eq!(dense.dims2().unwrap(), (f.out, f.inp));
-        let got: Vec<f32> = dense
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let got = f32s(&dense);
         let tolerance = if dtype == DType::F32 { 1e-6 } else { 1e-2 };
         for (g, e) in got.iter().zip(&exact) {
             assert!(
@@ -375,7 +379,7 @@ fn gptq_checkpoint(
 ) {
     use arenaflow_models::checkpoint::write_safetensors;
     use arenaflow_models::weights::SplitMix64;
-    use candle_core::{DType, Device, Tensor};
+    use candle_core::{Device, Tensor};
     let base =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models/llama/base");
     let tensors =
@@ -403,37 +407,14 @@ fn gptq_checkpoint(
             continue;
         };
         let (out, inp) = t.dims2().unwrap();
-        let w: Vec<f32> = t
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let w = f32s(t);
         let mut hessian = Hessian::new(inp);
         for _ in 0..4 {
             let x: Vec<f32> = (0..8 * inp).map(|_| rng.next_normal() as f32).collect();
             hessian.add_sample(&x, 8).unwrap();
         }
         let packed = GptqTensors::pack(&gptq(&prefix, &w, out, &hessian, &cfg).unwrap()).unwrap();
-        let per = (32 / bits) as usize;
-        let groups = inp / 24;
-        quantized.insert(
-            format!("{prefix}.qweight"),
-            Tensor::from_vec(packed.qweight.clone(), (inp / per, out), &Device::Cpu).unwrap(),
-        );
-        quantized.insert(
-            format!("{prefix}.qzeros"),
-            Tensor::from_vec(packed.qzeros.clone(), (groups, out / per), &Device::Cpu).unwrap(),
-        );
-        quantized.insert(
-            format!("{prefix}.scales"),
-            Tensor::from_vec(packed.scales.clone(), (groups, out), &Device::Cpu).unwrap(),
-        );
-        quantized.insert(
-            format!("{prefix}.g_idx"),
-            Tensor::from_vec(packed.g_idx.clone(), inp, &Device::Cpu).unwrap(),
-        );
+        quantized.extend(packed.to_tensors(&prefix).unwrap());
         let w: Vec<f32> = packed
             .unpack()
             .dequantize()
@@ -643,7 +624,7 @@ fn a_whole_model_quantizes_saves_and_loads() {
             let linear = rtn.layer_mut(l).projection_mut(p);
             let w = linear.weight.dense().unwrap();
             let (out, inp) = w.dims2().unwrap();
-            let values: Vec<f32> = w.flatten_all().unwrap().to_vec1().unwrap();
+            let values = f32s(&w);
             let q = GptqTensors::pack(&round_to_nearest(&path, &values, out, inp, &cfg).unwrap())
                 .unwrap()
                 .unpack();
