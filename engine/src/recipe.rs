@@ -33,7 +33,7 @@
 //! that is up to date is skipped (the runner's manifest): after kill -9 anywhere the same
 //! command finishes the work and gives the same result.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Component, Path, PathBuf};
 
 use crate::error::{EngineError, Result};
@@ -406,36 +406,65 @@ impl Recipe {
     /// The stage numbers (1-based, as `describe` lists them) of a selection such as
     /// `1-3,7,9-12`: `--stages` runs only those stages of a recipe (their outputs' inputs
     /// must exist, made by an earlier run of the same run directory or among the stages).
-    pub fn select_stages(&self, text: &str) -> Result<std::collections::BTreeSet<usize>> {
+    pub fn select_stages(&self, text: &str) -> Result<BTreeSet<usize>> {
         let count = self.stages.len();
-        let bad = |part: &str, why: String| {
+        let numbers = parse_list(text, "stage", 1, count).map_err(|(part, why)| {
             recipe_error(
                 &self.file,
                 format!("--stages {text}: {part:?} {why} (stage numbers 1-{count}, e.g. 1-3,7)"),
             )
-        };
-        let mut selected = std::collections::BTreeSet::new();
-        for part in text.split(',').map(str::trim) {
-            let (first, last) = part.split_once('-').unwrap_or((part, part));
-            let number = |n: &str| -> Result<usize> {
-                let n = n.trim();
-                let digits = !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit());
-                match n.parse::<usize>() {
-                    Ok(n) if digits && (1..=count).contains(&n) => Ok(n),
-                    Ok(n) if digits && n > count => {
-                        Err(bad(part, format!("goes past the last stage ({count})")))
-                    }
-                    _ => Err(bad(part, "is not a stage number or range".into())),
-                }
-            };
-            let (first, last) = (number(first)?, number(last)?);
-            if first > last {
-                return Err(bad(part, "runs backwards".into()));
-            }
-            selected.extend(first..=last);
-        }
-        Ok(selected)
+        })?;
+        Ok(numbers.into_iter().collect())
     }
+
+    /// The folds (0-based) of a selection such as `0-2,4` among a recipe's `runs`:
+    /// `--folds` runs its per-fold stages for those folds only (its other stages as
+    /// selected), e.g. one SLURM array task per fold with `--folds $SLURM_ARRAY_TASK_ID`.
+    pub fn select_folds(&self, text: &str, runs: &[StageRun]) -> Result<BTreeSet<u32>> {
+        let Some(k) = runs.iter().filter_map(|r| r.fold).max().map(|f| f as usize + 1) else {
+            return Err(recipe_error(
+                &self.file,
+                format!("--folds {text}: the recipe has no per_fold stage"),
+            ));
+        };
+        let folds = parse_list(text, "fold", 0, k - 1).map_err(|(part, why)| {
+            recipe_error(
+                &self.file,
+                format!("--folds {text}: {part:?} {why} (folds 0-{}, e.g. 0-2,4)", k - 1),
+            )
+        })?;
+        Ok(folds.into_iter().map(|f| f as u32).collect())
+    }
+}
+
+/// The numbers of a list such as `1-3,7` between `least` and `most`, or the part that is
+/// wrong and why.
+fn parse_list(
+    text: &str,
+    noun: &str,
+    least: usize,
+    most: usize,
+) -> std::result::Result<Vec<usize>, (String, String)> {
+    let mut selected = Vec::new();
+    for part in text.split(',').map(str::trim) {
+        let (first, last) = part.split_once('-').unwrap_or((part, part));
+        let bad = |why: &str| (part.to_string(), why.to_string());
+        let number = |n: &str| {
+            let n = n.trim();
+            let digits = !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit());
+            match n.parse::<usize>() {
+                Ok(n) if digits && (least..=most).contains(&n) => Ok(n),
+                Ok(n) if digits && n > most => Err(bad(&format!("goes past the last {noun} ({most})"))),
+                _ => Err(bad("is not a number or range")),
+            }
+        };
+        let (first, last) = (number(first)?, number(last)?);
+        if first > last {
+            return Err(bad("runs backwards"));
+        }
+        selected.extend(first..=last);
+    }
+    Ok(selected)
 }
 
 /// `path` without `.` and with `dir/..` removed (`recipes/../plans/a.sql` is
@@ -527,6 +556,30 @@ mod tests {
         }
         let past = picked("2-9").unwrap_err().to_string();
         assert!(past.contains("goes past the last stage (3)"), "{past}");
+
+        let runs = recipe.runs(&[]).unwrap();
+        let folds = |text: &str| {
+            recipe
+                .select_folds(text, &runs)
+                .map(|s| s.into_iter().collect::<Vec<_>>())
+        };
+        assert_eq!(folds("1").unwrap(), vec![1]);
+        assert_eq!(folds("1,0").unwrap(), vec![0, 1]);
+        assert_eq!(folds("0-1").unwrap(), vec![0, 1]);
+        for bad in ["2", "0-2", "1-0", "x", ""] {
+            let error = folds(bad).unwrap_err().to_string();
+            assert!(
+                error.contains("--folds") && error.contains("folds 0-1"),
+                "{bad}: {error}"
+            );
+        }
+        let no_folds = write(dir.path(), "plain.toml", "[[stages]]\nplan = \"a.sql\"\n");
+        let plain = Recipe::load(&no_folds).unwrap();
+        let error = plain
+            .select_folds("0", &plain.runs(&[]).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("no per_fold stage"), "{error}");
     }
 
     fn sets(run: &StageRun) -> BTreeMap<&str, &str> {

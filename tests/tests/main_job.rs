@@ -360,3 +360,31 @@ fn stages_runs_only_the_stages_it_names() {
     assert!(!out.status.success());
     assert!(text(&out).contains("--stages 3-40"), "{}", text(&out));
 }
+
+#[test]
+fn folds_runs_the_per_fold_stages_for_the_folds_it_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run");
+    let sets = fixture_sets(dir.path());
+    let run = |extra: &[&str]| {
+        let mut selected = args(RECIPE, &run_dir, &sets);
+        selected.extend(extra.iter().map(|s| s.to_string()));
+        arenaflow(&selected.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    // Stages 1-3 run once; stage 4 (per fold) for fold 2 alone.
+    let out = run(&["--stages", "1-4", "--folds", "2"]);
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("4 plan runs"), "{log}");
+    assert!(log.contains("train_teacher.sql (fold 2)"), "{log}");
+    assert!(recorded_under(&run_dir, "train/teacher/fold2"), "{log}");
+    assert!(!recorded_under(&run_dir, "train/teacher/fold0"), "{log}");
+    assert!(!recorded_under(&run_dir, "train/teacher/fold1"), "{log}");
+    let out = run(&["--folds", "3"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("--folds 3") && text(&out).contains("folds 0-2"),
+        "{}",
+        text(&out)
+    );
+}

@@ -52,6 +52,10 @@ enum Command {
         /// Of a recipe, run only these stages (numbers as `describe` lists them): 1-3,7
         #[arg(long, value_name = "LIST")]
         stages: Option<String>,
+        /// Of a recipe, run its per-fold stages for these folds only (0-based): 0-2,4; e.g.
+        /// one SLURM array task per fold with --folds $SLURM_ARRAY_TASK_ID.
+        #[arg(long, value_name = "LIST")]
+        folds: Option<String>,
     },
     /// List a plan's parameters (with defaults) and its outputs; or a recipe's parameters
     /// and every stage's knobs with the values they get.
@@ -416,16 +420,19 @@ async fn run(
     run_dir: String,
     force: bool,
     shard: Shard,
-    stages: Option<String>,
+    selection: Selection,
 ) -> anyhow::Result<()> {
     if plans.iter().any(|p| Recipe::is_recipe(p)) {
         if plans.len() > 1 {
             bail!("a recipe runs alone: arenaflow run RECIPE.toml [--set ...]");
         }
-        return run_recipe(&plans[0], &sets, run_dir, force, shard, stages.as_deref()).await;
+        return run_recipe(&plans[0], &sets, run_dir, force, shard, &selection).await;
     }
-    if let Some(stages) = stages {
+    if let Some(stages) = selection.stages {
         bail!("--stages {stages} selects stages of a recipe; plan files run as listed");
+    }
+    if let Some(folds) = selection.folds {
+        bail!("--folds {folds} selects folds of a recipe's per-fold stages; a plan takes --set fold=N");
     }
     let plans = plans
         .iter()
@@ -472,6 +479,12 @@ async fn run(
     Ok(())
 }
 
+/// What of a recipe `run` runs: `--stages` and `--folds`, all when unset.
+struct Selection {
+    stages: Option<String>,
+    folds: Option<String>,
+}
+
 /// Runs every stage of a recipe in order (each plan run in its own session, as `run` does).
 async fn run_recipe(
     path: &str,
@@ -479,7 +492,7 @@ async fn run_recipe(
     run_dir: String,
     force: bool,
     shard: Shard,
-    stages: Option<&str>,
+    selection: &Selection,
 ) -> anyhow::Result<()> {
     if shard.count > 1 {
         bail!(
@@ -490,9 +503,13 @@ async fn run_recipe(
     }
     let recipe = Recipe::load(path)?;
     let mut runs = recipe.runs(sets)?;
-    if let Some(stages) = stages {
+    if let Some(stages) = &selection.stages {
         let selected = recipe.select_stages(stages)?;
         runs.retain(|run| selected.contains(&(run.stage + 1)));
+    }
+    if let Some(folds) = &selection.folds {
+        let selected = recipe.select_folds(folds, &recipe.runs(sets)?)?;
+        runs.retain(|run| run.fold.is_none_or(|fold| selected.contains(&fold)));
     }
     let mut stdout = std::io::stdout().lock();
     if let Some(description) = &recipe.description {
@@ -712,10 +729,12 @@ fn main() -> ExitCode {
             force,
             shard,
             stages,
+            folds,
         } => shard_of_run(shard.as_deref()).and_then(|shard| {
+            let selection = Selection { stages, folds };
             tokio::runtime::Runtime::new()
                 .context("cannot start the async runtime")
-                .and_then(|rt| rt.block_on(run(plans, sets, run_dir, force, shard, stages)))
+                .and_then(|rt| rt.block_on(run(plans, sets, run_dir, force, shard, selection)))
         }),
         Command::Describe { plan } => describe(&plan),
         Command::Logits {
