@@ -7,21 +7,28 @@
 # PandaLM (recipes/quality-students.toml stages 7-16 with averaged=student_kd_cal_ig).
 #
 # One after the other, not side by side: three runs side by side made 7,400 tokens/s each,
-# 22,000 together, against 18,800-19,600 for one run alone (2026-12-04, fourth session), so
-# a variant took 3x longer to finish, and an unfinished variant is lost with the machine
-# (its 20 MB adapters cannot come back; CV runs only after the five folds). One alone
-# trains a fold in about 135 s and finishes a variant (5 folds, CV, report) in about 700 s.
+# 22,000 together, against 18,800-19,600 for one run alone (2026-12-04, fourth session). One
+# alone trains a fold in about 135 s; a variant (5 folds, CV, report) takes about 700 s,
+# more than one call of 10 minutes, and the machine goes back 30 s after a call: the fifth
+# session lost it twice between two calls, with the adapters of the folds it had trained.
+# So each fold runs on its own (`arenaflow run --folds N`: its training, then its CV), and
+# what comes back after each call (`benches/gpu_recipe.sh results`, no adapters) holds every
+# finished fold's CV: a later call, on this machine or a fresh one, goes on with the folds
+# whose CV is missing, and runs the report once all five are there. Training is
+# deterministic run to run (fold 0 gave 1.0654 on three machines), so a fold made again
+# gives the same adapter and the same CV.
 #
 # GPU calls 1-3: benches/gpu_recipe.sh stage (carry device/gpu/partN; call 1 also carries
 #                runs/gpu/quality and runs `benches/gpu_recipe.sh resume runs/gpu/quality`)
-# then, in as many calls as it takes (each goes on where the last stopped, from the
-# training's checkpoints, while the machine stays warm):
+# then, in as many calls as it takes:
 #                benches/gpu_ablation.sh run [SECONDS] [VARIANT...]   # default 480, raw kd ig
-# Each call leaves $OUT/q_VARIANT.tar.gz (`benches/gpu_recipe.sh results`) for the variants
-# it touched and their logs, $OUT/VARIANT-HHMM.txt. SECONDS bounds the runs, not the
-# packing after them: give each call about 40 s less than its limit and than the session's
-# device time left. If the machine is lost between calls, carry the q_* trees back,
-# `benches/gpu_recipe.sh resume` each (they land where this script looks), and go on.
+# Each call leaves $OUT/q_VARIANT.tar.gz for the variants it touched and their logs,
+# $OUT/VARIANT-HHMM.txt. SECONDS bounds the runs, not the packing after them: give each call
+# about 40 s less than its limit and than the session's device time left. If the machine is
+# lost between calls, unpack each q_* tree under runs/gpu/ here, carry it with part 1 and
+# `benches/gpu_recipe.sh resume runs/gpu/q_VARIANT --keep-trained` it (its finished folds
+# stay finished), then go on. The averaging after `ig` needs its five adapters on one
+# machine: it runs only when all five are there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . benches/gpu_env.sh
@@ -33,28 +40,47 @@ case "${1:-}" in
     variants=("$@")
     [ ${#variants[@]} -gt 0 ] || variants=(raw kd ig)
     when=$(date +%H%M)
-    declare -A stages=([raw]=1-6 [kd]=1-3,7-9 [ig]=1-3,10-12)
+    # Per variant: the model it trains, and its recipe stages: training, CV (per fold), report.
+    declare -A model=([raw]=teacher_raw [kd]=student_kd [ig]=student_kd_cal_ig)
+    declare -A stages=([raw]="4 5 6" [kd]="7 8 9" [ig]="10 11 12")
+    folds=$(grep -m1 '^k = ' recipes/quality-ablation.toml | cut -d' ' -f3)
     touched=()
+    step() { # LOG and stages: runs them while time is left
+      local left=$((deadline - SECONDS))
+      [ "$left" -gt 60 ] || return 1
+      RECIPE=$recipe LOG=$log timeout -k 15 "$left" benches/gpu_recipe.sh run "$run" "$@" >/dev/null 2>&1
+    }
     for v in "${variants[@]}"; do
       [ -n "${stages[$v]:-}" ] || { echo "gpu_ablation.sh: no variant $v (raw, kd, ig)" >&2; exit 2; }
-      left=$((deadline - SECONDS))
-      [ "$left" -gt 60 ] || break
-      [ -d "$stash/runs/q_$v" ] || cp -r "$stash/runs/quality" "$stash/runs/q_$v"
+      read -r train cv report <<<"${stages[$v]}"
+      run=$stash/runs/q_$v
+      [ -d "$run" ] || cp -r "$stash/runs/quality" "$run"
       touched+=("$v")
-      # `timeout` signals its command's whole process group: arenaflow and tee end with it.
-      RECIPE=recipes/quality-ablation.toml LOG=$v-$when timeout -k 15 "$left" \
-        benches/gpu_recipe.sh run "$stash/runs/q_$v" --stages "${stages[$v]}" >/dev/null 2>&1 \
-        || break
+      recipe=recipes/quality-ablation.toml
+      log=$v-$when
+      done_folds=0
+      for ((fold = 0; fold < folds; fold++)); do
+        if [ -f "$run/cv/${model[$v]}/predictions/fold$fold.parquet" ]; then
+          done_folds=$((done_folds + 1))
+          continue
+        fi
+        step --stages "1-3,$train,$cv" --folds "$fold" || break 2
+        done_folds=$((done_folds + 1))
+      done
+      [ "$done_folds" -eq "$folds" ] || break
+      step --stages "$report" || break
       if [ "$v" = ig ]; then
-        left=$((deadline - SECONDS))
-        [ "$left" -gt 60 ] || break
-        RECIPE=recipes/quality-students.toml LOG=average-$when timeout -k 15 "$left" \
-          benches/gpu_recipe.sh run "$stash/runs/q_ig" --stages 7-16 \
-          --set averaged=student_kd_cal_ig >/dev/null 2>&1 || break
+        adapters=$(ls -d "$run/train/${model[$v]}"/fold*/adapter 2>/dev/null | wc -l)
+        if [ "$adapters" -eq "$folds" ]; then
+          recipe=recipes/quality-students.toml log=average-$when
+          step --stages 7-16 --set averaged=student_kd_cal_ig || break
+        else
+          echo "averaging skipped: $adapters of $folds adapters on this machine" | tee -a "${OUT:-.}/$log.txt"
+        fi
       fi
     done
     for v in "${touched[@]}"; do benches/gpu_recipe.sh results "$stash/runs/q_$v" "q_$v"; done
-    grep -h 'plan runs\|dev log loss\|^error' "${OUT:-.}"/*-"$when".txt 2>/dev/null | cut -c1-200 || true
+    grep -h 'plan runs\|dev log loss\|^error\|skipped' "${OUT:-.}"/*-"$when".txt 2>/dev/null | cut -c1-200 || true
     ;;
   *)
     echo "usage: benches/gpu_ablation.sh run [SECONDS] [raw|kd|ig ...]" >&2

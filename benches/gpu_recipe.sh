@@ -47,18 +47,27 @@ case "${1:-}" in
     # files did not all travel (prepare/, folds/, adapters), and what travelled of such an
     # output is removed, so the recipe makes them again instead of stopping at "recorded
     # complete, but missing" or "exists but the manifest does not record it".
+    # With --keep-trained, a fold's training whose adapter stayed behind is kept (its
+    # metrics, for the report's loss curves) where that fold's CV travelled: the per-fold
+    # runs of benches/gpu_ablation.sh skip such folds and never make it again.
     mkdir -p "$stash/runs"
     dest=$stash/runs/$(basename "$2")
     rm -rf "$dest"
     cp -r "$2" "$dest"
-    python3 - "$dest" <<'PY'
-import json, os, shutil, sys
-run = sys.argv[1]
+    python3 - "$dest" "${3:-}" <<'PY'
+import json, os, re, shutil, sys
+run, keep_trained = sys.argv[1], sys.argv[2] == "--keep-trained"
 path = os.path.join(run, "manifest.json")
 manifest = json.load(open(path))
 outputs = manifest["outputs"]
-missing = [name for name, entry in outputs.items()
-           if not all(os.path.exists(os.path.join(run, f["path"])) for f in entry.get("files", []))]
+def travelled(name):
+    entry = outputs.get(name)
+    return entry is not None and all(os.path.exists(os.path.join(run, f["path"])) for f in entry.get("files", []))
+def kept(name):
+    m = re.fullmatch(r"train/(.+)/fold(\d+)", name)
+    return keep_trained and m is not None and all(
+        travelled(f"cv/{m[1]}/{part}/fold{m[2]}.parquet") for part in ("logits", "predictions"))
+missing = [name for name in outputs if not travelled(name) and not kept(name)]
 for name in missing:
     del outputs[name]
     # What did travel of it (e.g. training metrics without the adapter) goes too: the
@@ -88,7 +97,7 @@ PY
       --set hh_rlhf="$data/hh-rlhf/hh-rlhf_harmless-base_test.jsonl.gz")
     if grep -q '^test_file' "$recipe"; then sets+=(--set test_file="$data/lmsys-arena/test.csv"); fi
     "$stash/bin/arenaflow" run "$recipe" --run-dir "$run" "${sets[@]}" "$@" 2>&1 \
-      | tee "${OUT:-.}/${LOG:-gpu-recipe}.txt"
+      | tee -a "${OUT:-.}/${LOG:-gpu-recipe}.txt"
     ;;
   results)
     # A run directory's results without its adapters, checkpoints and the inputs the recipe
@@ -103,7 +112,7 @@ PY
     ls -l "${OUT:-.}/${3:-results}.tar.gz"
     ;;
   *)
-    echo "usage: benches/gpu_recipe.sh pack | stage | resume RUN_DIR | bin NAME | run RUN_DIR [--set ...] | results RUN_DIR [NAME]" >&2
+    echo "usage: benches/gpu_recipe.sh pack | stage | resume RUN_DIR [--keep-trained] | bin NAME | run RUN_DIR [--set ...] | results RUN_DIR [NAME]" >&2
     exit 2
     ;;
 esac
