@@ -13,3 +13,9 @@ template <typename T> __device__ __forceinline__ T from_float(float x);
 template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
 template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half(x); }
+// Rounded to T, saturating at f16's largest finite value (65504) rather than overflowing to
+// infinity: Gemma-2's f16 forward (src/ops/mod.rs, F16_MAX).
+template <typename T> __device__ __forceinline__ T from_float_saturating(float x) { return from_float<T>(x); }
+template <> __device__ __forceinline__ __half from_float_saturating<__half>(float x) {
+    return __float2half(fminf(fmaxf(x, -65504.f), 65504.f));
+}

@@ -5,7 +5,7 @@
 
 // RMSNorm over the last axis, one block per row, statistics in f32, weight in f32.
 // Llama (gemma = 0): T(T(x * r) * w), the rounding of transformers' `w * x.to(dtype)`.
-// Gemma (gemma = 1): T(x * r * w) with w = 1 + weight, all in f32.
+// Gemma (gemma = 1): T(x * r * w) with w = 1 + weight, all in f32, saturating in f16.
 // The sum over the block's threads of one value per thread (every thread gets it).
 __device__ __forceinline__ float block_sum(float v, float* partial) {
     for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffff, v, off);
@@ -36,7 +36,8 @@ __device__ void rms_norm(const T* __restrict__ x, const float* __restrict__ w, T
     float r = rsqrtf(block_sum(sum, partial) / cols + eps);
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
         float v = to_float(xr[c]) * r;
-        orow[c] = gemma ? from_float<T>(v * w[c]) : from_float<T>(to_float(from_float<T>(v)) * w[c]);
+        orow[c] = gemma ? from_float_saturating<T>(v * w[c])
+                        : from_float<T>(to_float(from_float<T>(v)) * w[c]);
     }
 }
 

@@ -323,3 +323,56 @@ fn sharded_checkpoints_load() {
         .to_string();
     assert!(err.contains("model-00002-of-00002.safetensors"), "{err}");
 }
+
+/// Gemma-2 in f16 with its activations outgrowing f16 (tests/fixtures/models/make_fixtures.py
+/// f16_overflow: three channels of layer 1's post-feedforward norm weight at 30,000, the
+/// residual stream reaching 69,064 in f32): transformers' f16 logits are NaN for the row
+/// that overflows; arenaflow's saturate at 65,504 and stay near the f32 ones.
+#[test]
+fn f16_gemma2_saturates_where_its_activations_outgrow_f16() {
+    let text = std::fs::read_to_string(fixture("gemma2").join("f16_overflow.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert!(!json["transformers_f16_finite"].as_bool().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let base = fixture("gemma2").join("base");
+    std::fs::copy(base.join("config.json"), dir.path().join("config.json")).unwrap();
+    let mut tensors =
+        candle_core::safetensors::load(base.join("model.safetensors"), &Device::Cpu).unwrap();
+    let name = format!(
+        "model.layers.{}.post_feedforward_layernorm.weight",
+        json["layer"]
+    );
+    let mut weight = tensors[&name].to_vec1::<f32>().unwrap();
+    for c in json["channels"].as_array().unwrap() {
+        weight[c.as_u64().unwrap() as usize] = json["weight"].as_f64().unwrap() as f32;
+    }
+    let len = weight.len();
+    tensors.insert(
+        name,
+        candle_core::Tensor::from_vec(weight, len, &Device::Cpu).unwrap(),
+    );
+    candle_core::safetensors::save(&tensors, dir.path().join("model.safetensors")).unwrap();
+    let r = Reference {
+        rows: serde_json::from_value(json["rows"].clone()).unwrap(),
+        pad: json["pad_token_id"].as_u64().unwrap() as u32,
+        json: json.clone(),
+    };
+    let model_dir = dir.path().to_str().unwrap();
+    let f32_model = load_classifier(model_dir, None, DType::F32, &Device::Cpu).unwrap();
+    let f32_error = max_diff(
+        &logits(&f32_model, &r, PaddingSide::Right),
+        &json["logits_f32"],
+    );
+    assert!(f32_error < 1e-4, "f32 against transformers: {f32_error}");
+    let f16_model = load_classifier(model_dir, None, DType::F16, &Device::Cpu).unwrap();
+    let f16 = logits(&f16_model, &r, PaddingSide::Right);
+    assert!(
+        f16.iter().flatten().all(|v| v.is_finite()),
+        "f16 logits not finite: {f16:?}"
+    );
+    let f16_error = max_diff(&f16, &json["logits_f32"]);
+    eprintln!(
+        "gemma2 overflowing f16: arenaflow f32 {f32_error:.2e} off transformers' f32, f16 {f16_error:.3} off it (transformers' f16: NaN)"
+    );
+    assert!(f16_error < 0.1, "f16 against f32: {f16_error}");
+}

@@ -889,6 +889,59 @@ fn bits(t: &Tensor) -> Vec<f32> {
         .unwrap()
 }
 
+/// The fused RMSNorm on a GPU against its CPU side, with a few of Gemma's (1 + w) weights
+/// large enough to overflow f16: the GPU saturates those outputs at f16's largest finite
+/// value, as the CPU does, and agrees elsewhere.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_rms_norm_matches_the_cpu_and_saturates_in_f16() {
+    use arenaflow_models::ops::{rms_norm::rms_norm, F16_MAX};
+    use arenaflow_models::weights::SplitMix64;
+    let gpu = Device::new_cuda(0).expect("a CUDA GPU");
+    let mut rng = SplitMix64::new(11);
+    let (rows, cols) = (9, 3584);
+    let x: Vec<f32> = (0..rows * cols)
+        .map(|_| (2.0 * rng.next_normal()) as f32)
+        .collect();
+    let mut w: Vec<f32> = (0..cols)
+        .map(|_| (1.0 + 0.1 * rng.next_normal()) as f32)
+        .collect();
+    for c in [5, 700, 3000] {
+        w[c] = 1e6;
+    }
+    let run = |device: &Device, dtype: DType, gemma: bool| -> Vec<f32> {
+        let xt = Tensor::from_slice(&x, (rows, cols), device)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let wt = Tensor::from_slice(&w, cols, device).unwrap();
+        rms_norm(&xt, &wt, 1e-6, gemma)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let (cpu, cuda) = (run(&Device::Cpu, dtype, true), run(&gpu, dtype, true));
+        let worst = cpu
+            .iter()
+            .zip(&cuda)
+            .map(|(a, b)| (a - b).abs() / a.abs().max(1.0))
+            .fold(0f32, f32::max);
+        let saturated = cuda.iter().filter(|v| v.abs() == F16_MAX).count();
+        eprintln!("rms_norm gemma {dtype:?}: GPU off the CPU by {worst:.2e} (relative), {saturated} outputs at 65504");
+        assert!(cuda.iter().all(|v| v.is_finite()), "{dtype:?}: not finite");
+        assert!(worst < 1e-2, "{dtype:?}: {worst}");
+        if dtype == DType::F16 {
+            assert_eq!(saturated, cpu.iter().filter(|v| v.abs() == F16_MAX).count());
+            assert!(saturated > 0);
+        }
+    }
+}
+
 /// The end of a LoRA projection (`ops::lora::lora_add`, PEFT's one rounding of the f32 sum)
 /// on a GPU gives the CPU's bits in every model dtype, and its gradients too.
 #[test]

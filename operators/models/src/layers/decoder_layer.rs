@@ -1,7 +1,7 @@
 //! One decoder layer: pre-norm self-attention and gated MLP with residuals, and Gemma-2's
 //! sandwich norms (after attention, and before and after the MLP) where the family has them.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 use crate::error::Result;
 use crate::lora::Projection;
@@ -59,7 +59,7 @@ impl DecoderLayer {
             Some(_) => self.post_attention_layernorm.forward_t(&h, train)?,
             None => h,
         };
-        let xs = profile::time(dev, "residual", || Ok((residual + h)?))?;
+        let xs = profile::time(dev, "residual", || residual_add(residual, &h))?;
         let h = match &self.pre_feedforward_layernorm {
             Some(pre) => pre.forward_t(&xs, train)?,
             None => self.post_attention_layernorm.forward_t(&xs, train)?,
@@ -69,7 +69,7 @@ impl DecoderLayer {
             Some(post) => post.forward_t(&h, train)?,
             None => h,
         };
-        profile::time(dev, "residual", || Ok((&xs + h)?))
+        profile::time(dev, "residual", || residual_add(&xs, &h))
     }
 
     pub fn projection(&self, p: Projection) -> &Linear {
@@ -110,4 +110,14 @@ impl DecoderLayer {
         }
         norms
     }
+}
+
+/// `residual + h`; in an f16 model added in f32 and saturated at f16's largest finite
+/// value, so that a residual stream outgrowing f16 (Gemma-2's does) stays finite.
+fn residual_add(residual: &Tensor, h: &Tensor) -> Result<Tensor> {
+    if residual.dtype() != DType::F16 {
+        return Ok((residual + h)?);
+    }
+    let sum = (residual.to_dtype(DType::F32)? + h.to_dtype(DType::F32)?)?;
+    Ok(super::rms_norm::saturate_f16(&sum, DType::F16)?.to_dtype(DType::F16)?)
 }

@@ -1,10 +1,12 @@
 //! RMSNorm in f32. Llama: the weight times the normalised input cast back; Gemma: the
-//! normalised input times (1 + w) in f32, cast back (the weight is kept as 1 + w in f32).
+//! normalised input times (1 + w) in f32, cast back (the weight is kept as 1 + w in f32),
+//! saturating at f16's largest finite value in an f16 model.
 
 use candle_core::{DType, Tensor, D};
 
 use crate::error::Result;
 use crate::models::{adapter_dtype, DecoderConfig, NormStyle};
+use crate::ops::F16_MAX;
 use crate::profile;
 use crate::weights::Weights;
 
@@ -62,9 +64,10 @@ impl RmsNorm {
         let normed = x.broadcast_div(&(variance + self.eps)?.sqrt()?)?;
         Ok(match self.style {
             NormStyle::Llama => normed.to_dtype(self.dtype)?.broadcast_mul(&self.weight)?,
-            NormStyle::Gemma => normed
-                .broadcast_mul(&self.weight.to_dtype(internal)?)?
-                .to_dtype(self.dtype)?,
+            NormStyle::Gemma => {
+                let out = normed.broadcast_mul(&self.weight.to_dtype(internal)?)?;
+                saturate_f16(&out, self.dtype)?.to_dtype(self.dtype)?
+            }
         })
     }
 
@@ -74,5 +77,15 @@ impl RmsNorm {
             NormStyle::Llama => self.weight.clone(),
             NormStyle::Gemma => (&self.weight - 1.0)?.to_dtype(self.dtype)?,
         })
+    }
+}
+
+/// `xs` (f32) clamped to f16's finite range when it is about to be rounded to f16
+/// (`dtype`), as it is; the guard of Gemma-2's f16 forward.
+pub(crate) fn saturate_f16(xs: &Tensor, dtype: DType) -> Result<Tensor> {
+    if dtype == DType::F16 {
+        Ok(xs.clamp(-F16_MAX, F16_MAX)?)
+    } else {
+        Ok(xs.clone())
     }
 }

@@ -27,7 +27,17 @@ pub fn kernels_enabled(variable: &str) -> bool {
 pub(crate) trait Element: Copy + Send + Sync {
     fn to_f32(self) -> f32;
     fn from_f32(x: f32) -> Self;
+    /// `x` rounded to the type, saturating at its largest finite value instead of
+    /// overflowing to infinity (only f16's range is narrower than f32's).
+    fn from_f32_saturating(x: f32) -> Self {
+        Self::from_f32(x)
+    }
 }
+
+/// f16's largest finite value: Gemma-2's activations outgrow it (the residual stream after
+/// its sandwich norms), so its f16 forward saturates there, as transformers' Gemma-3 fix
+/// does, instead of carrying an infinity into the next norm (inf * 0 = NaN).
+pub const F16_MAX: f32 = 65504.0;
 
 impl Element for f32 {
     fn to_f32(self) -> f32 {
@@ -53,6 +63,9 @@ impl Element for half::f16 {
     }
     fn from_f32(x: f32) -> Self {
         half::f16::from_f32(x)
+    }
+    fn from_f32_saturating(x: f32) -> Self {
+        half::f16::from_f32(x.clamp(-F16_MAX, F16_MAX))
     }
 }
 

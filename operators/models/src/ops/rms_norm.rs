@@ -36,7 +36,7 @@ impl RmsNorm {
                 for ((o, v), w) in o.iter_mut().zip(row).zip(w) {
                     let normed = v.to_f32() * r;
                     *o = if self.gemma {
-                        T::from_f32(normed * w)
+                        T::from_f32_saturating(normed * w)
                     } else {
                         T::from_f32(T::from_f32(normed).to_f32() * w)
                     };
@@ -346,6 +346,27 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Gemma's f16 output saturates at f16's largest finite value (Llama's weight is applied
+    /// in the model's dtype, as transformers does, and is not guarded).
+    #[test]
+    fn gemma_f16_saturates_instead_of_overflowing() {
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[[1.0f32, -1.0, 1.0, -1.0]], &dev)
+            .unwrap()
+            .to_dtype(DType::F16)
+            .unwrap();
+        let w = Tensor::new(&[1e5f32, 1e5, 2.0, 1.0], &dev).unwrap();
+        let out = rms_norm(&x, &w, 1e-6, true)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert_eq!(out[0][0], crate::ops::F16_MAX);
+        assert_eq!(out[0][1], -crate::ops::F16_MAX);
+        assert!((out[0][2] - 2.0).abs() < 1e-3 && (out[0][3] + 1.0).abs() < 1e-3);
     }
 
     /// The backward pass against autograd through the composed f64 definition.
