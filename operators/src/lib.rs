@@ -7,6 +7,7 @@
 //! | teacher logits (4) | `plans/teacher_logits.sql`, `plans/teacher_merge.sql` | `teacher_forward(...)` | [`teacher_forward`] | `tests/tests/teacher_forward.rs`, `tests/slt/teacher_forward.slt` |
 //! | calibration (4.5) | `plans/calibrate.sql` | `fold_logits(...)` (with the SQL functions `fit_calibration`, `calibrate`) | [`fold_tables`] | `tests/tests/recipe.rs`, `tests/slt/calibration.slt` |
 //! | fold averaging (6) | `plans/average.sql` | `average_adapters(...)` | [`average`] | `tests/tests/recipe.rs` |
+//! | quantization (7) | `plans/quantize.sql` | `quantize(...)` | [`quantize`] | `tests/tests/models.rs`, `operators/models/tests/gptq.rs` |
 //! | eval report (8) | `plans/eval_report.sql` | `fold_metrics(...)`, `COPY ... STORED AS PNG` / `MD` | [`report_files`], [`charts`] | `tests/tests/recipe.rs` |
 //! | training (1, 3, 5) | `plans/post_pretrain.sql`, `plans/train_teacher.sql`, `plans/distill.sql` | `distill_step(...)`, `with_teacher_logits(...)` | [`distill_step`] | `tests/tests/train.rs`, `operators/models/tests/training.rs` |
 //!
@@ -22,6 +23,7 @@ pub mod commits;
 pub mod distill_step;
 pub mod error;
 pub mod fold_tables;
+pub mod quantize;
 pub mod report_files;
 pub mod run_state;
 pub mod scaffold;
@@ -63,6 +65,7 @@ pub fn register(ctx: &SessionContext) {
         "average_adapters",
         Arc::new(average::AverageAdaptersFunction),
     );
+    ctx.register_udtf("quantize", Arc::new(quantize::QuantizeFunction));
     ctx.register_udtf("fold_logits", Arc::new(fold_tables::FOLD_LOGITS));
     ctx.register_udtf("fold_metrics", Arc::new(fold_tables::FOLD_METRICS));
     ctx.register_udtf(

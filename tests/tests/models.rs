@@ -323,3 +323,113 @@ fn quantize_command_writes_a_gptq_checkpoint_that_logits_reads() {
     assert!(text(&run).contains("--group-size 0"), "{}", text(&run));
     assert!(!failed.exists());
 }
+
+/// Stage 7 from its plan: `plans/quantize.sql` quantizes the tiny teacher on 16 training
+/// rows of fold 0 (through the template), records the checkpoint in the run directory and
+/// `arenaflow logits` reads it, near the float model's logits and not equal to them; run
+/// again it is up to date; a group size that does not divide a layer's width fails naming
+/// the tensor and records nothing.
+#[test]
+fn quantize_plan_writes_a_checkpoint_into_the_run_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run");
+    let train = arenaflow_tests::small_train(dir.path(), 30);
+    let run = |plan: &str, sets: &[String]| {
+        let mut args = vec![
+            "run".to_string(),
+            plan.to_string(),
+            "--run-dir".into(),
+            run_dir.display().to_string(),
+        ];
+        for set in sets {
+            args.extend(["--set".to_string(), set.clone()]);
+        }
+        arenaflow(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let ok = |plan: &str, sets: &[String]| {
+        let out = run(plan, sets);
+        assert!(out.status.success(), "{plan}: {}", text(&out));
+        text(&out)
+    };
+    ok("plans/prepare.sql", &[format!("train={}", train.display())]);
+    ok("plans/folds.sql", &["k=3".to_string()]);
+    let model = "tests/fixtures/teacher/model";
+    let sets = |model_name: &str, group_size: usize| {
+        vec![
+            format!("folds={}/folds/k3_seed2025_swaptrue/", run_dir.display()),
+            format!("model={model}"),
+            "tokenizer=tests/fixtures/teacher/tokenizer.json".to_string(),
+            format!("model_name={model_name}"),
+            "max_length=64".to_string(),
+            "rows=16".to_string(),
+            format!("group_size={group_size}"),
+            "dtype=f32".to_string(),
+        ]
+    };
+    let log = ok("plans/quantize.sql", &sets("int8", 16));
+    // 2 layers x 7 projections, 16 rows of at most 64 tokens.
+    assert!(
+        log.contains("| 14          | 8    | 16         | 16"),
+        "{log}"
+    );
+    let checkpoint = run_dir.join("quantized/int8/model");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(checkpoint.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["quantization_config"]["quant_method"], "gptq");
+    assert_eq!(config["quantization_config"]["group_size"], 16);
+    let again = ok("plans/quantize.sql", &sets("int8", 16));
+    assert!(again.contains("up to date: quantized/int8"), "{again}");
+
+    let rows: Vec<(String, Vec<i32>)> = (0..6)
+        .map(|i| {
+            (
+                format!("r{i}"),
+                (0..20).map(|t| 3 + (i * 11 + t * 7) % 250).collect(),
+            )
+        })
+        .collect();
+    let input = dir.path().join("rows.parquet");
+    write_tokens(&input, &rows);
+    let logits = |model: &Path, name: &str| {
+        let output = dir.path().join(name);
+        let out = arenaflow(&[
+            "logits",
+            "--model",
+            &model.display().to_string(),
+            "--input",
+            &input.display().to_string(),
+            "--output",
+            &output.display().to_string(),
+        ]);
+        assert!(out.status.success(), "{}", text(&out));
+        read_logits(&output)
+    };
+    let float = logits(&repo_root().join(model), "float.parquet");
+    let int8 = logits(&checkpoint, "int8.parquet");
+    let worst = float
+        .iter()
+        .zip(&int8)
+        .flat_map(|((_, a), (_, b))| a.iter().zip(b).map(|(x, y)| (x - y).abs()))
+        .fold(0.0f32, f32::max);
+    let scale = float
+        .iter()
+        .flat_map(|(_, a)| a.iter().map(|x| x.abs()))
+        .fold(0.0f32, f32::max);
+    eprintln!("quantize.sql: 8-bit logits within {worst:.5} of float (largest {scale:.3})");
+    assert!(
+        worst > 0.0 && worst < 0.05 * scale.max(0.1),
+        "{worst} (largest {scale})"
+    );
+
+    let failed = run("plans/quantize.sql", &sets("bad", 20));
+    assert!(!failed.status.success());
+    assert!(
+        text(&failed).contains("model.layers.0.self_attn.q_proj") && text(&failed).contains("20"),
+        "{}",
+        text(&failed)
+    );
+    let manifest = std::fs::read_to_string(run_dir.join("manifest.json")).unwrap();
+    assert!(!manifest.contains("quantized/bad"), "{manifest}");
+    assert!(!run_dir.join("quantized/bad/model/config.json").exists());
+}
