@@ -421,7 +421,12 @@ impl Recipe {
     /// `--folds` runs its per-fold stages for those folds only (its other stages as
     /// selected), e.g. one SLURM array task per fold with `--folds $SLURM_ARRAY_TASK_ID`.
     pub fn select_folds(&self, text: &str, runs: &[StageRun]) -> Result<BTreeSet<u32>> {
-        let Some(k) = runs.iter().filter_map(|r| r.fold).max().map(|f| f as usize + 1) else {
+        let Some(k) = runs
+            .iter()
+            .filter_map(|r| r.fold)
+            .max()
+            .map(|f| f as usize + 1)
+        else {
             return Err(recipe_error(
                 &self.file,
                 format!("--folds {text}: the recipe has no per_fold stage"),
@@ -430,7 +435,10 @@ impl Recipe {
         let folds = parse_list(text, "fold", 0, k - 1).map_err(|(part, why)| {
             recipe_error(
                 &self.file,
-                format!("--folds {text}: {part:?} {why} (folds 0-{}, e.g. 0-2,4)", k - 1),
+                format!(
+                    "--folds {text}: {part:?} {why} (folds 0-{}, e.g. 0-2,4)",
+                    k - 1
+                ),
             )
         })?;
         Ok(folds.into_iter().map(|f| f as u32).collect())
@@ -454,7 +462,9 @@ fn parse_list(
             let digits = !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit());
             match n.parse::<usize>() {
                 Ok(n) if digits && (least..=most).contains(&n) => Ok(n),
-                Ok(n) if digits && n > most => Err(bad(&format!("goes past the last {noun} ({most})"))),
+                Ok(n) if digits && n > most => {
+                    Err(bad(&format!("goes past the last {noun} ({most})")))
+                }
                 _ => Err(bad("is not a number or range")),
             }
         };
