@@ -17,6 +17,8 @@ forbid arenaflow-operators '^arenaflow-(engine|udfs)$' 'operators sit below the 
 for crate in arenaflow-operators arenaflow-models arenaflow-udfs; do
   forbid "$crate" '^arenaflow-engine$' 'nothing depends on the engine'
 done
-deps arenaflow-operators | grep -qx arenaflow-models || { echo "crate edges: arenaflow-operators does not depend on arenaflow-models"; fail=1; }
+# Not grep -q: it exits at the first match, cargo tree then dies of SIGPIPE and pipefail
+# reads that as a missing edge.
+deps arenaflow-operators | grep -x arenaflow-models >/dev/null || { echo "crate edges: arenaflow-operators does not depend on arenaflow-models"; fail=1; }
 [ "$fail" = 0 ] && echo "crate edges: ok (engine -> operators -> models, engine -> udfs)"
 exit "$fail"

@@ -3,8 +3,9 @@ unpacking the CUDA build to device/bin/arenaflow, as benches/teacher_race.sh doe
 real widths of Llama-3.1-8B or gemma-2-9b (head size 128 / 256, GQA, soft-cap 50; Gemma's
 sliding window cut to 256 so that it acts on these rows), seeded bf16 weights, and saves it;
 arenaflow loads the saved folder and computes logits for 16 real rows (up to 2,000 tokens)
-with its kernels and with candle's composed ops; PyTorch computes them in f32 (the
-reference) and in bf16 (its own error). Prints one JSON line per family.
+with its kernels and with candle's composed ops, in bf16, f16 (issue 16's point 6: V100s
+and T4s have no bf16) and f32; PyTorch computes them in f32 (the reference) and in bf16
+and f16 (its own errors). Prints one JSON line per family.
 
     python3 benches/gpu_real_dims_check.py
 """
@@ -64,10 +65,14 @@ def main():
             return np.array(out)
 
         bf16 = torch_logits(model, torch.bfloat16)
+        f16 = torch_logits(model.half(), torch.float16)
         ref = torch_logits(model.float(), torch.float32)
         result = {"family": fam, "rows": ROWS, "longest": int(max(len(r) for r in rows)),
-                  "torch_bf16_error": float(np.abs(bf16 - ref).max()), "max_abs_logit": float(np.abs(ref).max())}
+                  "torch_bf16_error": float(np.abs(bf16 - ref).max()),
+                  "torch_f16_error": float(np.nan_to_num(np.abs(f16 - ref), nan=np.inf).max()),
+                  "max_abs_logit": float(np.abs(ref).max())}
         for label, env, dtype in [("arenaflow_kernels_bf16", "on", "bf16"), ("arenaflow_composed_bf16", "off", "bf16"),
+                                  ("arenaflow_kernels_f16", "on", "f16"), ("arenaflow_composed_f16", "off", "f16"),
                                   ("arenaflow_kernels_f32", "on", "f32")]:
             out = f"device/scratch/real-{fam}-{label}.parquet"
             subprocess.run(["device/bin/arenaflow", "logits", "--model", folder, "--dtype", dtype, "--device", "cuda:0",
