@@ -3,7 +3,7 @@
 //! (scripts/cuda-toolchain.sh provides one on machines without a GPU).
 
 /// The kernel sources, one per op; `src/cuda.rs` loads each as a module of that name.
-const KERNELS: [&str; 8] = [
+const KERNELS: [&str; 9] = [
     "attention",
     "dropout",
     "attention_backward",
@@ -12,6 +12,7 @@ const KERNELS: [&str; 8] = [
     "gated",
     "optim",
     "lora",
+    "gptq",
 ];
 
 fn main() {

@@ -39,6 +39,10 @@ pub(crate) const LORA: Module = Module {
     name: "arenaflow_lora",
     ptx: include_str!(concat!(env!("OUT_DIR"), "/lora.ptx")),
 };
+pub(crate) const GPTQ: Module = Module {
+    name: "arenaflow_gptq",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/gptq.ptx")),
+};
 pub(crate) const GATED: Module = Module {
     name: "arenaflow_gated",
     ptx: include_str!(concat!(env!("OUT_DIR"), "/gated.ptx")),

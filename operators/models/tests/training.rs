@@ -889,6 +889,46 @@ fn bits(t: &Tensor) -> Vec<f32> {
         .unwrap()
 }
 
+/// A GPTQ weight dequantized on a GPU (`ops::gptq`, kernels/gptq.cu) gives the CPU's bits
+/// in every dtype, at a real width (Gemma-2-9B's down projection, act-order's scattered
+/// groups of 128).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_gptq_dequantize_matches_the_cpu() {
+    use arenaflow_models::ops::gptq::dequantize;
+    use arenaflow_models::weights::SplitMix64;
+    let gpu = Device::new_cuda(0).expect("a CUDA GPU");
+    let (out, inp, groups) = (3584, 14336, 112);
+    let mut rng = SplitMix64::new(3);
+    let codes: Vec<u8> = (0..out * inp)
+        .map(|_| (rng.next_u64() % 256) as u8)
+        .collect();
+    let scales: Vec<f32> = (0..groups * out)
+        .map(|_| (1e-3 * (1.0 + rng.next_normal().abs())) as f32)
+        .collect();
+    let zeros: Vec<f32> = (0..groups * out).map(|_| 128.0).collect();
+    let g_idx: Vec<u32> = (0..inp)
+        .map(|_| (rng.next_u64() % groups as u64) as u32)
+        .collect();
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let run = |device: &Device| {
+            let c = Tensor::from_slice(&codes, (out, inp), device).unwrap();
+            let s = Tensor::from_slice(&scales, (groups, out), device)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let z = Tensor::from_slice(&zeros, (groups, out), device)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let g = Tensor::from_slice(&g_idx, inp, device).unwrap();
+            bits(&dequantize(&c, &s, &z, &g).unwrap())
+        };
+        assert!(run(&Device::Cpu) == run(&gpu), "{dtype:?}");
+        eprintln!("gptq dequantize {dtype:?}: {out} x {inp}, GPU = CPU bit for bit");
+    }
+}
+
 /// The fused RMSNorm on a GPU against its CPU side, with a few of Gemma's (1 + w) weights
 /// large enough to overflow f16: the GPU saturates those outputs at f16's largest finite
 /// value, as the CPU does, and agrees elsewhere.

@@ -122,12 +122,7 @@ impl GptqWeight {
     /// scale · (code − zero) per weight, (out, in) in the scales' dtype: the arithmetic in
     /// f32, rounded once.
     pub fn dequantize(&self) -> candle_core::Result<Tensor> {
-        let per_column = |t: &Tensor| -> candle_core::Result<Tensor> {
-            t.to_dtype(DType::F32)?.index_select(&self.g_idx, 0)?.t()
-        };
-        let codes = self.codes.to_dtype(DType::F32)?;
-        ((codes - per_column(&self.zeros)?)? * per_column(&self.scales)?)?
-            .to_dtype(self.scales.dtype())
+        crate::ops::gptq::dequantize(&self.codes, &self.scales, &self.zeros, &self.g_idx)
     }
 }
 
@@ -177,7 +172,8 @@ impl Linear {
             LinearWeight::Dense(w) => project(xs, self.bias.as_ref(), |flat| {
                 crate::ops::frozen::frozen_matmul_t(flat, w)
             })?,
-            // The CPU path: the weight dequantized for the call, then the dense product.
+            // The weight dequantized for the call in one pass (ops::gptq), then the dense
+            // product: int8 storage, bf16 compute.
             LinearWeight::Gptq(q) => {
                 let w = q.dequantize()?;
                 project(xs, self.bias.as_ref(), |flat| {

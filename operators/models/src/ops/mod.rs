@@ -1,13 +1,14 @@
 //! arenaflow's custom candle ops, one per file, each with its CPU and CUDA sides together
 //! (candle-nn's `ops.rs` shape): the fused attention (with its backward pass), RoPE in its
-//! layout, RMSNorm, the gated activation, the frozen projection (no weight gradient) and the
-//! end of a LoRA projection. The CUDA sides launch the kernels of
-//! `kernels/<op>.cu` through [`crate::cuda`].
+//! layout, RMSNorm, the gated activation, the frozen projection (no weight gradient), the
+//! end of a LoRA projection and a GPTQ weight's dequantization. The CUDA sides launch the
+//! kernels of `kernels/<op>.cu` through [`crate::cuda`].
 
 pub mod attention;
 pub mod dropout;
 pub mod frozen;
 pub mod gated;
+pub mod gptq;
 pub mod lora;
 #[cfg(feature = "cuda")]
 pub mod optim;
