@@ -175,24 +175,13 @@ impl Operator for Averaging {
     }
 
     fn execute(&self, run: OperatorRun) -> Result<SendableRecordBatchStream> {
-        let Some(managed) = ManagedOutput::of(&run.context) else {
-            return exec_err!(
-                "{NAME} writes an averaged adapter: run it in a COPY into the run directory"
-            );
-        };
-        if managed.artifact_dir.contains("://") {
-            return exec_err!(
-                "{NAME}: the averaged adapter is written to a local folder; {} is not one",
-                managed.artifact_dir
-            );
-        }
+        let output = ManagedOutput::local_artifact_dir(&run.context, NAME, "an averaged adapter")?;
         let this = self.clone();
         let schema = run.schema.clone();
         let input = run.input;
         let stream = futures::stream::once(async move {
             let batches: Vec<RecordBatch> = input.try_collect().await?;
             let log_losses = this.fold_log_losses(&batches)?;
-            let output = PathBuf::from(&managed.artifact_dir);
             let job = this.clone();
             let losses = log_losses.clone();
             let weights = tokio::task::spawn_blocking(move || job.write(&losses, &output))

@@ -134,23 +134,13 @@ impl Operator for Quantize {
     }
 
     fn execute(&self, run: OperatorRun) -> Result<SendableRecordBatchStream> {
-        let Some(managed) = ManagedOutput::of(&run.context) else {
-            return exec_err!(
-                "{NAME} writes a GPTQ checkpoint: run it in a COPY into the run directory"
-            );
-        };
-        if managed.artifact_dir.contains("://") {
-            return exec_err!(
-                "{NAME}: the checkpoint is written to a local folder; {} is not one",
-                managed.artifact_dir
-            );
-        }
+        let output = ManagedOutput::local_artifact_dir(&run.context, NAME, "a GPTQ checkpoint")?
+            .join("model");
         let this = self.clone();
         let schema = run.schema.clone();
         let input = run.input;
         let stream = futures::stream::once(async move {
             let batches: Vec<RecordBatch> = input.try_collect().await?;
-            let output = PathBuf::from(&managed.artifact_dir).join("model");
             tokio::task::spawn_blocking(move || this.write(&batches, &output, schema))
                 .await
                 .map_err(|e| DataFusionError::External(Box::new(e)))?

@@ -65,4 +65,25 @@ impl ManagedOutput {
     pub fn of(context: &TaskContext) -> Option<Arc<Self>> {
         context.session_config().get_extension::<Self>()
     }
+
+    /// The local folder an operator that writes `what` (e.g. "an averaged adapter") puts it
+    /// in: an error outside a managed `COPY` or where the run directory is not local.
+    pub fn local_artifact_dir(
+        context: &TaskContext,
+        operator: &str,
+        what: &str,
+    ) -> datafusion::common::Result<PathBuf> {
+        let Some(managed) = Self::of(context) else {
+            return datafusion::common::exec_err!(
+                "{operator} writes {what}: run it in a COPY into the run directory"
+            );
+        };
+        if managed.artifact_dir.contains("://") {
+            return datafusion::common::exec_err!(
+                "{operator}: {what} is written to a local folder; {} is not one",
+                managed.artifact_dir
+            );
+        }
+        Ok(PathBuf::from(&managed.artifact_dir))
+    }
 }

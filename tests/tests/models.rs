@@ -23,6 +23,46 @@ fn write_tokens(path: &Path, rows: &[(String, Vec<i32>)]) {
     write_parquet(path, &[batch]);
 }
 
+/// `arenaflow logits` of `model` (with `adapter`) over the token rows of `input`, written to
+/// `output`; the rows' logits.
+fn cli_logits(
+    model: &Path,
+    adapter: Option<&Path>,
+    input: &Path,
+    output: &Path,
+) -> Vec<(String, Vec<f32>)> {
+    let s = |p: &Path| p.display().to_string();
+    let mut args = vec!["logits".to_string(), "--model".into(), s(model)];
+    if let Some(a) = adapter {
+        args.extend(["--adapter".to_string(), s(a)]);
+    }
+    args.extend([
+        "--input".to_string(),
+        s(input),
+        "--output".into(),
+        s(output),
+    ]);
+    let refs: Vec<&str> = args.iter().map(|a| a.as_str()).collect();
+    let run = arenaflow(&refs);
+    assert!(run.status.success(), "{}", text(&run));
+    read_logits(output)
+}
+
+/// The largest logit gap between two runs over the same rows, and the largest |logit| of
+/// the first.
+fn logit_gap(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> (f32, f32) {
+    let worst = a
+        .iter()
+        .zip(b)
+        .flat_map(|((_, a), (_, b))| a.iter().zip(b).map(|(x, y)| (x - y).abs()))
+        .fold(0.0f32, f32::max);
+    let scale = a
+        .iter()
+        .flat_map(|(_, a)| a.iter().map(|x| x.abs()))
+        .fold(0.0f32, f32::max);
+    (worst, scale)
+}
+
 #[test]
 fn logits_command_matches_transformers() {
     let dir = tempfile::tempdir().unwrap();
@@ -258,34 +298,14 @@ fn quantize_command_writes_a_gptq_checkpoint_that_logits_reads() {
     assert_eq!(config["quantization_config"]["bits"], 8);
     assert_eq!(config["quantization_config"]["group_size"], 24);
     assert_eq!(config["quantization_config"]["desc_act"], true);
-    let logits = |model: &Path, adapter: Option<&Path>, name: &str| {
-        let output = dir.path().join(name);
-        let mut args = vec!["logits".to_string(), "--model".into(), s(model)];
-        if let Some(a) = adapter {
-            args.extend(["--adapter".to_string(), s(a)]);
-        }
-        args.extend([
-            "--input".to_string(),
-            s(&input),
-            "--output".into(),
-            s(&output),
-        ]);
-        let refs: Vec<&str> = args.iter().map(|a| a.as_str()).collect();
-        let run = arenaflow(&refs);
-        assert!(run.status.success(), "{}", text(&run));
-        read_logits(&output)
-    };
-    let float = logits(&base, Some(&adapter), "float.parquet");
-    let int8 = logits(&out, None, "int8.parquet");
-    let worst = float
-        .iter()
-        .zip(&int8)
-        .flat_map(|((_, a), (_, b))| a.iter().zip(b).map(|(x, y)| (x - y).abs()))
-        .fold(0.0f32, f32::max);
-    let scale = float
-        .iter()
-        .flat_map(|(_, a)| a.iter().map(|x| x.abs()))
-        .fold(0.0f32, f32::max);
+    let float = cli_logits(
+        &base,
+        Some(&adapter),
+        &input,
+        &dir.path().join("float.parquet"),
+    );
+    let int8 = cli_logits(&out, None, &input, &dir.path().join("int8.parquet"));
+    let (worst, scale) = logit_gap(&float, &int8);
     eprintln!(
         "8-bit GPTQ logits within {worst:.4} of the float model's (largest logit {scale:.2})"
     );
@@ -391,31 +411,14 @@ fn quantize_plan_writes_a_checkpoint_into_the_run_directory() {
         .collect();
     let input = dir.path().join("rows.parquet");
     write_tokens(&input, &rows);
-    let logits = |model: &Path, name: &str| {
-        let output = dir.path().join(name);
-        let out = arenaflow(&[
-            "logits",
-            "--model",
-            &model.display().to_string(),
-            "--input",
-            &input.display().to_string(),
-            "--output",
-            &output.display().to_string(),
-        ]);
-        assert!(out.status.success(), "{}", text(&out));
-        read_logits(&output)
-    };
-    let float = logits(&repo_root().join(model), "float.parquet");
-    let int8 = logits(&checkpoint, "int8.parquet");
-    let worst = float
-        .iter()
-        .zip(&int8)
-        .flat_map(|((_, a), (_, b))| a.iter().zip(b).map(|(x, y)| (x - y).abs()))
-        .fold(0.0f32, f32::max);
-    let scale = float
-        .iter()
-        .flat_map(|(_, a)| a.iter().map(|x| x.abs()))
-        .fold(0.0f32, f32::max);
+    let float = cli_logits(
+        &repo_root().join(model),
+        None,
+        &input,
+        &dir.path().join("float.parquet"),
+    );
+    let int8 = cli_logits(&checkpoint, None, &input, &dir.path().join("int8.parquet"));
+    let (worst, scale) = logit_gap(&float, &int8);
     eprintln!("quantize.sql: 8-bit logits within {worst:.5} of float (largest {scale:.3})");
     assert!(
         worst > 0.0 && worst < 0.05 * scale.max(0.1),

@@ -225,12 +225,7 @@ mod tests {
             let fused = dequantize(&c, &s, &z, &g).unwrap();
             assert_eq!(fused.dtype(), dtype);
             let bits = |t: &Tensor| -> Vec<u32> {
-                t.to_dtype(DType::F32)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<f32>()
-                    .unwrap()
+                crate::test_util::values(t)
                     .iter()
                     .map(|v| v.to_bits())
                     .collect()
