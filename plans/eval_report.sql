@@ -4,7 +4,8 @@
 -- probabilities), each order calibrated out of fold (fold k's logits through a `method`
 -- fit on the other folds' held-out logits, both orders), TTA (the two orders averaged by
 -- id: what predict.sql submits) and calibrated + TTA. Writes, under report/{model_name}/:
--- cv.csv and sources.csv (the figures, one row per part and variant), reliability.png
+-- cv.csv and sources.csv (the figures, one row per part and variant), rows.parquet (every
+-- held-out row's probabilities under every variant, for compare.sql), reliability.png
 -- (TTA's reliability diagram: 10 bins per class, with the rows in each), loss_curves.png
 -- (every fold's training loss and dev log loss, from train/{model_name}/fold{k}/), and
 -- report.md (the tables, linking the pictures). Every fold 0..k-1 must have been scored.
@@ -51,19 +52,25 @@ CREATE TABLE per_order AS
 
 -- Every variant's probabilities, one row per id and variant (`rank` orders the variants).
 CREATE VIEW variants AS
-    SELECT 1 AS rank, 'ab' AS variant, fold, source, label, raw[1] AS p_a, raw[2] AS p_b, raw[3] AS p_tie
+    SELECT 1 AS rank, 'ab' AS variant, fold, id, source, label, raw[1] AS p_a, raw[2] AS p_b, raw[3] AS p_tie
     FROM per_order WHERE "order" = 'ab'
     UNION ALL
-    SELECT 2, 'ba', fold, source, label, raw[1], raw[2], raw[3] FROM per_order WHERE "order" = 'ba'
+    SELECT 2, 'ba', fold, id, source, label, raw[1], raw[2], raw[3] FROM per_order WHERE "order" = 'ba'
     UNION ALL
-    SELECT 3, 'ab calibrated', fold, source, label, cal[1], cal[2], cal[3] FROM per_order WHERE "order" = 'ab'
+    SELECT 3, 'ab calibrated', fold, id, source, label, cal[1], cal[2], cal[3] FROM per_order WHERE "order" = 'ab'
     UNION ALL
-    SELECT 4, 'ba calibrated', fold, source, label, cal[1], cal[2], cal[3] FROM per_order WHERE "order" = 'ba'
+    SELECT 4, 'ba calibrated', fold, id, source, label, cal[1], cal[2], cal[3] FROM per_order WHERE "order" = 'ba'
     UNION ALL
-    SELECT 5, 'tta', fold, source, label, p_a, p_b, p_tie FROM predictions
+    SELECT 5, 'tta', fold, id, source, label, p_a, p_b, p_tie FROM predictions
     UNION ALL
-    SELECT 6, 'calibrated tta', p.fold, p.source, p.label, c.p[1], c.p[2], c.p[3]
+    SELECT 6, 'calibrated tta', p.fold, p.id, p.source, p.label, c.p[1], c.p[2], c.p[3]
     FROM predictions p JOIN calibrated c ON p.id = c.id;
+
+-- Every row's probabilities under every variant (each order's in that order's A/B, with
+-- its label), for paired comparisons between variants and models (compare.sql).
+COPY (
+    SELECT fold, id, variant, label, p_a, p_b, p_tie FROM variants ORDER BY rank, fold, id
+) TO '${run_dir}/report/${model_name}/rows.parquet' STORED AS PARQUET;
 
 CREATE TABLE figures AS
     SELECT part, rank, variant, count(*) AS rows,

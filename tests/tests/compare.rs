@@ -1,4 +1,4 @@
-//! plans/compare.sql: two models' held-out predictions paired row by row, against the
+//! plans/compare.sql: two models' held-out predictions (eval_report.sql's rows) paired row by row, against the
 //! per-row log losses and their mean difference and standard error computed here from the
 //! definitions; rows that are not the same on both sides and unknown variants are errors.
 
@@ -15,51 +15,53 @@ type Row = (i64, &'static str, i8, [f64; 3], [f64; 3]);
 
 const UNIFORM: [f64; 3] = [1.0 / 3.0; 3];
 
-/// cv.sql's predictions layout (one file per fold) under run/cv/{model}/predictions/.
+/// eval_report.sql's rows layout (report/{model}/rows.parquet): each row under the variants
+/// `ab` (the order-ab probabilities), `tta`, and `ab calibrated` (here the TTA ones again,
+/// so that a variant's name is seen to pick its rows).
 fn predictions(run: &Path, model: &str, rows: &[Row]) {
-    let dir = run.join("cv").join(model).join("predictions");
+    let dir = run.join("report").join(model);
     std::fs::create_dir_all(&dir).unwrap();
     let schema = Arc::new(Schema::new(vec![
         Field::new("fold", DataType::Int64, false),
         Field::new("id", DataType::Utf8, false),
-        Field::new("source", DataType::Utf8, false),
+        Field::new("variant", DataType::Utf8, false),
         Field::new("label", DataType::Int8, false),
         Field::new("p_a", DataType::Float64, false),
         Field::new("p_b", DataType::Float64, false),
         Field::new("p_tie", DataType::Float64, false),
-        Field::new("ab_p_a", DataType::Float64, false),
-        Field::new("ab_p_b", DataType::Float64, false),
-        Field::new("ab_p_tie", DataType::Float64, false),
     ]));
-    for fold in [0i64, 1] {
-        let part: Vec<&Row> = rows.iter().filter(|r| r.0 == fold).collect();
-        let column = |f: &dyn Fn(&Row) -> f64| {
-            Arc::new(Float64Array::from(
-                part.iter().map(|r| f(r)).collect::<Vec<_>>(),
-            ))
-        };
-        let batch = RecordBatch::try_new(
-            schema.clone(),
-            vec![
-                Arc::new(Int64Array::from(vec![fold; part.len()])),
-                Arc::new(StringArray::from(
-                    part.iter().map(|r| r.1).collect::<Vec<_>>(),
-                )),
-                Arc::new(StringArray::from(vec!["kaggle"; part.len()])),
-                Arc::new(Int8Array::from(
-                    part.iter().map(|r| r.2).collect::<Vec<_>>(),
-                )),
-                column(&|r| r.3[0]),
-                column(&|r| r.3[1]),
-                column(&|r| r.3[2]),
-                column(&|r| r.4[0]),
-                column(&|r| r.4[1]),
-                column(&|r| r.4[2]),
-            ],
-        )
-        .unwrap();
-        write_parquet(&dir.join(format!("fold{fold}.parquet")), &[batch]);
-    }
+    let batches: Vec<RecordBatch> = [("ab", false), ("tta", true), ("ab calibrated", true)]
+        .iter()
+        .map(|&(variant, tta)| {
+            let column = |i: usize| {
+                Arc::new(Float64Array::from(
+                    rows.iter()
+                        .map(|r| if tta { r.3[i] } else { r.4[i] })
+                        .collect::<Vec<_>>(),
+                ))
+            };
+            RecordBatch::try_new(
+                schema.clone(),
+                vec![
+                    Arc::new(Int64Array::from(
+                        rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+                    )),
+                    Arc::new(StringArray::from(
+                        rows.iter().map(|r| r.1).collect::<Vec<_>>(),
+                    )),
+                    Arc::new(StringArray::from(vec![variant; rows.len()])),
+                    Arc::new(Int8Array::from(
+                        rows.iter().map(|r| r.2).collect::<Vec<_>>(),
+                    )),
+                    column(0),
+                    column(1),
+                    column(2),
+                ],
+            )
+            .unwrap()
+        })
+        .collect();
+    write_parquet(&dir.join("rows.parquet"), &batches);
 }
 
 fn model_x() -> Vec<Row> {
@@ -180,6 +182,21 @@ fn paired_differences_match_the_definition() {
     let la = losses(&model_y(), false);
     close(rows[2].1[1], la.iter().sum::<f64>() / 4.0);
     close(rows[2].1[2], lx.iter().sum::<f64>() / 4.0);
+
+    // A variant's name picks its rows: x's `ab calibrated` rows are its TTA ones here.
+    let out = compare(
+        &run,
+        &[
+            "model_a=x",
+            "variant_a=tta",
+            "model_b=x",
+            "variant_b=ab_calibrated",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let rows = figures(&run.join("report/compare/x_ab_calibrated_vs_x_tta.csv"));
+    close(rows[2].1[3], 0.0);
+    close(rows[2].1[2], lx.iter().sum::<f64>() / 4.0);
 }
 
 #[test]
@@ -202,7 +219,7 @@ fn rows_that_differ_and_unknown_variants_are_errors() {
     let out = compare(&run, &["model_a=x", "model_b=x", "variant_b=calibrated"]);
     assert!(!out.status.success());
     assert!(
-        text(&out).contains("variant_a and variant_b must be ab or tta"),
+        text(&out).contains("variant_a and variant_b must be one of ab, ba"),
         "{}",
         text(&out)
     );

@@ -135,6 +135,9 @@ fn the_main_job_runs_every_stage_from_the_recipe_and_resumes_after_kill_9() {
     ] {
         assert!(report.contains(part), "{part} not in\n{report}");
     }
+    // The report's rows (compare.sql's input) are the rows its figures are of: each
+    // variant's mean log loss over them is cv.csv's figure for all rows.
+    rows_agree_with_the_figures(&whole.join("report/student"));
     for picture in ["reliability.png", "loss_curves.png"] {
         let png = std::fs::read(whole.join("report/student").join(picture)).unwrap();
         assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "{picture}");
@@ -387,4 +390,41 @@ fn folds_runs_the_per_fold_stages_for_the_folds_it_names() {
         "{}",
         text(&out)
     );
+}
+
+/// report/{model}/rows.parquet against cv.csv: per variant, the rows' mean log loss (clipped
+/// at 1e-15, as the report's) equals the `all` figure, and every variant has every id.
+fn rows_agree_with_the_figures(report: &Path) {
+    use datafusion::arrow::array::AsArray;
+    use datafusion::arrow::datatypes::{Float64Type, Int8Type};
+    let mut losses: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+    for batch in arenaflow_tests::parquet_batches(&report.join("rows.parquet")) {
+        let column = |name: &str| batch.column_by_name(name).unwrap().clone();
+        let variant = column("variant");
+        let label = column("label");
+        let (variant, label) = (variant.as_string::<i32>(), label.as_primitive::<Int8Type>());
+        let p: Vec<_> = ["p_a", "p_b", "p_tie"].map(|c| column(c)).to_vec();
+        for r in 0..batch.num_rows() {
+            let p_label = p[label.value(r) as usize]
+                .as_primitive::<Float64Type>()
+                .value(r);
+            losses
+                .entry(variant.value(r).to_string())
+                .or_default()
+                .push(-p_label.clamp(1e-15, 1.0).ln());
+        }
+    }
+    let figures = std::fs::read_to_string(report.join("cv.csv")).unwrap();
+    let mut seen = 0;
+    for line in figures.lines().filter(|l| l.starts_with("all,")) {
+        let cells: Vec<&str> = line.split(',').collect();
+        let rows = &losses[cells[1]];
+        assert_eq!(rows.len().to_string(), cells[2], "{line}");
+        let mean = rows.iter().sum::<f64>() / rows.len() as f64;
+        let figure: f64 = cells[3].parse().unwrap();
+        assert!((mean - figure).abs() < 1e-9, "{line}: rows give {mean}");
+        seen += 1;
+    }
+    assert_eq!(seen, 6, "{figures}");
+    assert_eq!(losses.len(), 6);
 }
