@@ -403,7 +403,7 @@ fn rows_agree_with_the_figures(report: &Path) {
         let variant = column("variant");
         let label = column("label");
         let (variant, label) = (variant.as_string::<i32>(), label.as_primitive::<Int8Type>());
-        let p: Vec<_> = ["p_a", "p_b", "p_tie"].map(|c| column(c)).to_vec();
+        let p: Vec<_> = ["p_a", "p_b", "p_tie"].map(column).to_vec();
         for r in 0..batch.num_rows() {
             let p_label = p[label.value(r) as usize]
                 .as_primitive::<Float64Type>()
