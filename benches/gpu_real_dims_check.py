@@ -10,6 +10,7 @@ and f16 (its own errors). Prints one JSON line per family.
     python3 benches/gpu_real_dims_check.py
 """
 
+import copy
 import json
 import os
 import subprocess
@@ -65,7 +66,8 @@ def main():
             return np.array(out)
 
         bf16 = torch_logits(model, torch.bfloat16)
-        f16 = torch_logits(model.half(), torch.float16)
+        # A copy: rounding the bf16 weights to f16 in place would change the f32 reference.
+        f16 = torch_logits(copy.deepcopy(model).half(), torch.float16)
         ref = torch_logits(model.float(), torch.float32)
         result = {"family": fam, "rows": ROWS, "longest": int(max(len(r) for r in rows)),
                   "torch_bf16_error": float(np.abs(bf16 - ref).max()),
