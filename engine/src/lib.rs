@@ -13,6 +13,7 @@ pub mod session;
 pub mod sources;
 pub mod storage;
 pub mod train;
+pub mod workers;
 
 pub use error::{EngineError, Result, SourceError};
 pub use plan::PlanFile;

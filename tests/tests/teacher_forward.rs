@@ -588,3 +588,73 @@ fn a_missing_device_fails_the_plan() {
         "{said}"
     );
 }
+
+/// `--devices`: one worker per device over the sharded plan, side by side in one run
+/// directory; the merge finds both shards covering every row once, with the logits of a
+/// single run (the same rows batched otherwise: f32 within 1e-5). Plans that cannot be
+/// split, and a device given twice, are refused before any worker starts.
+#[test]
+fn one_worker_per_device_covers_the_fold_as_one_run_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let train = small_train(dir.path(), 30);
+    let single = dir.path().join("single");
+    prepare(&single, &train);
+    let out = arenaflow(
+        &teacher_args(&single)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let (one, _) = read_teacher(&single.join("teacher/teacher/fold0/shard=0-of-1"));
+
+    let run = dir.path().join("run");
+    prepare(&run, &train);
+    let mut args = teacher_args(&run);
+    args.extend(["--devices".to_string(), "cpu,cpu".to_string()]);
+    let out = arenaflow(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    for shard in [
+        "[shard 0/2 cpu] wrote teacher/teacher/fold0/shard=0-of-2",
+        "[shard 1/2 cpu] wrote teacher/teacher/fold0/shard=1-of-2",
+        "2 workers done",
+    ] {
+        assert!(log.contains(shard), "{shard} not in\n{log}");
+    }
+    let out = arenaflow(&[
+        "run",
+        "plans/teacher_merge.sql",
+        "--run-dir",
+        run.to_str().unwrap(),
+        "--set",
+        "shards=2",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let (merged, rows) = read_teacher(&run.join("teacher/teacher/fold0.parquet"));
+    assert_eq!(rows, 60);
+    assert_eq!(merged.len(), one.len());
+    let worst = one
+        .iter()
+        .flat_map(|(k, v)| v.iter().zip(&merged[k]).map(|(a, b)| (a - b).abs()))
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-5, "merged shards differ from one run by {worst}");
+
+    let refuse = |extra: &[&str], plan: &str, want: &str| {
+        let mut args = vec!["run", plan, "--run-dir", run.to_str().unwrap()];
+        args.extend(extra);
+        let out = arenaflow(&args);
+        assert!(!out.status.success());
+        assert!(text(&out).contains(want), "{want} not in\n{}", text(&out));
+    };
+    refuse(
+        &["--devices", "cpu,cpu"],
+        "plans/folds.sql",
+        "has no parameter device",
+    );
+    refuse(
+        &["--devices", "cuda:0,cuda:0"],
+        "plans/teacher_logits.sql",
+        "cuda:0 is listed twice",
+    );
+}

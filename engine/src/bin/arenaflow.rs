@@ -56,6 +56,11 @@ enum Command {
         /// one SLURM array task per fold with --folds $SLURM_ARRAY_TASK_ID.
         #[arg(long, value_name = "LIST")]
         folds: Option<String>,
+        /// One worker per device over a plan that splits its rows by ${shard_index}
+        /// (cuda:0,cuda:1: shard i of n on the i-th, side by side); merge with
+        /// plans/teacher_merge.sql --set shards=n.
+        #[arg(long, value_name = "LIST", conflicts_with = "shard")]
+        devices: Option<String>,
     },
     /// List a plan's parameters (with defaults) and its outputs; or a recipe's parameters
     /// and every stage's knobs with the values they get.
@@ -479,6 +484,37 @@ async fn run(
     Ok(())
 }
 
+/// `run PLAN --devices LIST`: one worker process per device, each a shard of the plan.
+fn run_on_devices(
+    plans: &[String],
+    sets: &[(String, String)],
+    run_dir: &str,
+    force: bool,
+    devices: &str,
+    selection: Option<String>,
+) -> anyhow::Result<()> {
+    let [plan] = plans else {
+        bail!("--devices runs one plan file on several devices");
+    };
+    if Recipe::is_recipe(plan) {
+        bail!("--devices runs one plan file (a sharded stage such as plans/teacher_logits.sql), not a recipe");
+    }
+    if let Some(selection) = selection {
+        bail!("--devices runs a plan file: --stages and --folds ({selection}) select parts of a recipe");
+    }
+    let devices = arenaflow_engine::workers::parse_devices(devices)?;
+    let exe = std::env::current_exe().context("cannot find this program to start its workers")?;
+    arenaflow_engine::workers::run_workers(&exe, plan, sets, run_dir, force, &devices)?;
+    println!(
+        "{plan}: {} workers done (shards 0..{} of {}); merge them with plans/teacher_merge.sql --set shards={}",
+        devices.len(),
+        devices.len() - 1,
+        devices.len(),
+        devices.len()
+    );
+    Ok(())
+}
+
 /// What of a recipe `run` runs: `--stages` and `--folds`, all when unset.
 struct Selection {
     stages: Option<String>,
@@ -727,9 +763,20 @@ fn main() -> ExitCode {
             sets,
             run_dir,
             force,
+            shard: _,
+            stages,
+            folds,
+            devices: Some(devices),
+        } => run_on_devices(&plans, &sets, &run_dir, force, &devices, stages.or(folds)),
+        Command::Run {
+            plans,
+            sets,
+            run_dir,
+            force,
             shard,
             stages,
             folds,
+            devices: None,
         } => shard_of_run(shard.as_deref()).and_then(|shard| {
             let selection = Selection { stages, folds };
             tokio::runtime::Runtime::new()
