@@ -73,7 +73,12 @@ pub fn run_workers(
             "--devices gives each worker its device: drop --set device".into(),
         ));
     }
-    let mut children = Vec::with_capacity(n);
+    let mut children: Vec<(
+        usize,
+        String,
+        std::process::Child,
+        [std::thread::JoinHandle<()>; 2],
+    )> = Vec::with_capacity(n);
     for (i, device) in devices.iter().enumerate() {
         let mut command = Command::new(exe);
         command
@@ -96,13 +101,24 @@ pub fn run_workers(
         ] {
             command.env_remove(var);
         }
-        let mut child = command
+        let mut child = match command
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| {
-                EngineError::Invalid(format!("cannot start worker {i} ({}): {e}", exe.display()))
-            })?;
+        {
+            Ok(child) => child,
+            Err(e) => {
+                // The workers already started would run on unattended: stop them.
+                for (_, _, started, _) in &mut children {
+                    let _ = started.kill();
+                    let _ = started.wait();
+                }
+                return Err(EngineError::Invalid(format!(
+                    "cannot start worker {i} ({}): {e}",
+                    exe.display()
+                )));
+            }
+        };
         let label = format!("[shard {i}/{n} {device}]");
         let out = echo(child.stdout.take(), label.clone(), false);
         let err = echo(child.stderr.take(), label, true);
