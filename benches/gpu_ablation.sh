@@ -60,7 +60,8 @@ case "${1:-}" in
       log=$v-$when
       done_folds=0
       for ((fold = 0; fold < folds; fold++)); do
-        if [ -f "$run/cv/${model[$v]}/predictions/fold$fold.parquet" ]; then
+        if python3 -c 'import json, sys; o = json.load(open(sys.argv[1]))["outputs"].get(sys.argv[2]); sys.exit(0 if o and o.get("status") == "complete" else 1)' \
+          "$run/manifest.json" "cv/${model[$v]}/predictions/fold$fold.parquet"; then
           done_folds=$((done_folds + 1))
           continue
         fi
@@ -70,7 +71,7 @@ case "${1:-}" in
       [ "$done_folds" -eq "$folds" ] || break
       step --stages "$report" || break
       if [ "$v" = ig ]; then
-        adapters=$(ls -d "$run/train/${model[$v]}"/fold*/adapter 2>/dev/null | wc -l)
+        adapters=$(find "$run/train/${model[$v]}" -mindepth 2 -maxdepth 2 -name adapter -type d 2>/dev/null | wc -l)
         if [ "$adapters" -eq "$folds" ]; then
           recipe=recipes/quality-students.toml log=average-$when
           step --stages 7-16 --set averaged=student_kd_cal_ig || break

@@ -50,6 +50,10 @@ case "${1:-}" in
     # With --keep-trained, a fold's training whose adapter stayed behind is kept (its
     # metrics, for the report's loss curves) where that fold's CV travelled: the per-fold
     # runs of benches/gpu_ablation.sh skip such folds and never make it again.
+    case "${3:-}" in
+      "" | --keep-trained) ;;
+      *) echo "gpu_recipe.sh resume RUN_DIR [--keep-trained]: not $3" >&2; exit 2 ;;
+    esac
     mkdir -p "$stash/runs"
     dest=$stash/runs/$(basename "$2")
     rm -rf "$dest"

@@ -22,7 +22,7 @@
 -- param prompt_cap: int = 256 -- the balanced truncation's prompt limit
 -- param rows: int = 128 -- calibration rows
 -- param seed: int = 2025 -- which rows calibrate
--- param bits: int = 8 -- 8 or 4 (2 to 8 work)
+-- param bits: int = 8 -- 8 or 4 (or 2: what the checkpoint format packs)
 -- param group_size: int = 128 -- input columns per scale (0: one per row)
 -- param damp_percent: float = 0.01 -- damping, a fraction of H's mean diagonal
 -- param act_order: bool = false -- quantize columns in order of decreasing H diagonal (desc_act)

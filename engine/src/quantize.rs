@@ -99,6 +99,13 @@ pub struct QuantizeStats {
 /// calibration rows and writes the checkpoint folder (whole or not at all).
 pub fn run_quantize(opts: &QuantizeOptions) -> Result<QuantizeStats> {
     let started = Instant::now();
+    // Checked before hours of work: the checkpoint format packs only these widths.
+    if ![2, 4, 8].contains(&opts.gptq.bits) {
+        return Err(EngineError::Invalid(format!(
+            "--bits {}: a GPTQ checkpoint holds 2, 4 or 8",
+            opts.gptq.bits
+        )));
+    }
     let device = parse_device(&opts.device)?;
     let mut model = load_classifier(
         &opts.model,

@@ -419,7 +419,7 @@ impl Recipe {
 
     /// The folds (0-based) of a selection such as `0-2,4` among a recipe's `runs`:
     /// `--folds` runs its per-fold stages for those folds only (its other stages as
-    /// selected), e.g. one SLURM array task per fold with `--folds $SLURM_ARRAY_TASK_ID`.
+    /// selected), e.g. one fold per call where a machine is lent for minutes at a time.
     pub fn select_folds(&self, text: &str, runs: &[StageRun]) -> Result<BTreeSet<u32>> {
         let Some(k) = runs
             .iter()

@@ -34,7 +34,12 @@ pub fn parse_devices(text: &str) -> Result<Vec<String>> {
             )));
         }
     }
-    let gpus: Vec<&String> = devices.iter().filter(|d| d.as_str() != "cpu").collect();
+    // `cuda` is `cuda:0`.
+    let gpus: Vec<&str> = devices
+        .iter()
+        .filter(|d| d.as_str() != "cpu")
+        .map(|d| if d == "cuda" { "cuda:0" } else { d.as_str() })
+        .collect();
     for (i, d) in gpus.iter().enumerate() {
         if gpus[..i].contains(d) {
             return Err(bad(format!(
@@ -125,13 +130,19 @@ pub fn run_workers(
         children.push((i, device.clone(), child, [out, err]));
     }
     let mut failed = Vec::new();
+    // Every worker is waited for: one that cannot be waited for is killed, and counts as
+    // failed.
     for (i, device, mut child, echoes) in children {
-        let status = child.wait()?;
+        let status = child.wait().inspect_err(|_| {
+            let _ = child.kill();
+        });
         for echo in echoes {
             let _ = echo.join();
         }
-        if !status.success() {
-            failed.push(format!("shard {i}/{n} on {device} ({status})"));
+        match status {
+            Ok(status) if status.success() => {}
+            Ok(status) => failed.push(format!("shard {i}/{n} on {device} ({status})")),
+            Err(e) => failed.push(format!("shard {i}/{n} on {device} (cannot wait: {e})")),
         }
     }
     if !failed.is_empty() {
@@ -176,6 +187,7 @@ mod tests {
         assert_eq!(parse_devices("cpu,cpu").unwrap(), vec!["cpu", "cpu"]);
         for (bad, why) in [
             ("cuda:0,cuda:0", "listed twice"),
+            ("cuda,cuda:0", "cuda:0 is listed twice"),
             ("gpu0", "is not a device"),
             ("cuda:", "is not a device"),
             ("cuda:0,", "is not a device"),

@@ -59,8 +59,10 @@ impl TableFunctionImpl for QuantizeFunction {
             .map(PathBuf::from);
         let rows = args.count(3, "rows")?.unwrap_or(128);
         let bits = args.integer(4, "bits", 2)?.unwrap_or(8);
-        if bits > 8 {
-            return plan_err!("{NAME}: bits {bits}; expected 2 to 8 (8 and 4 are the usual)");
+        if ![2, 4, 8].contains(&bits) {
+            return plan_err!(
+                "{NAME}: bits {bits}; a GPTQ checkpoint holds 2, 4 or 8 (8 and 4 are the usual)"
+            );
         }
         let group_size = match args.integer(5, "group_size", 0)?.unwrap_or(128) {
             0 => None,

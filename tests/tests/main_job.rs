@@ -393,7 +393,7 @@ fn folds_runs_the_per_fold_stages_for_the_folds_it_names() {
 }
 
 /// report/{model}/rows.parquet against cv.csv: per variant, the rows' mean log loss (clipped
-/// at 1e-15, as the report's) equals the `all` figure, and every variant has every id.
+/// at 1e-15, as the report's) equals the `all` figure over as many rows.
 fn rows_agree_with_the_figures(report: &Path) {
     use datafusion::arrow::array::AsArray;
     use datafusion::arrow::datatypes::{Float64Type, Int8Type};

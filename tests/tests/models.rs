@@ -51,6 +51,11 @@ fn cli_logits(
 /// The largest logit gap between two runs over the same rows, and the largest |logit| of
 /// the first.
 fn logit_gap(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> (f32, f32) {
+    let ids = |rows: &[(String, Vec<f32>)]| rows.iter().map(|r| r.0.clone()).collect::<Vec<_>>();
+    assert_eq!(ids(a), ids(b), "the two runs scored other rows");
+    for (id, logits) in a.iter().chain(b) {
+        assert!(logits.iter().all(|v| v.is_finite()), "{id}: {logits:?}");
+    }
     let worst = a
         .iter()
         .zip(b)

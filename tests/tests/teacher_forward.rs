@@ -634,6 +634,7 @@ fn one_worker_per_device_covers_the_fold_as_one_run_does() {
     let (merged, rows) = read_teacher(&run.join("teacher/teacher/fold0.parquet"));
     assert_eq!(rows, 60);
     assert_eq!(merged.len(), one.len());
+    assert!(merged.values().flatten().all(|v| v.is_finite()));
     let worst = one
         .iter()
         .flat_map(|(k, v)| v.iter().zip(&merged[k]).map(|(a, b)| (a - b).abs()))

@@ -53,7 +53,8 @@ enum Command {
         #[arg(long, value_name = "LIST")]
         stages: Option<String>,
         /// Of a recipe, run its per-fold stages for these folds only (0-based): 0-2,4; e.g.
-        /// one SLURM array task per fold with --folds $SLURM_ARRAY_TASK_ID.
+        /// one fold per call on a machine lent for minutes (runs of one run directory take
+        /// turns: its lock).
         #[arg(long, value_name = "LIST")]
         folds: Option<String>,
         /// One worker per device over a plan that splits its rows by ${shard_index}

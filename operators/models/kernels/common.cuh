@@ -17,5 +17,6 @@ template <> __device__ __forceinline__ __half from_float<__half>(float x) { retu
 // infinity: Gemma-2's f16 forward (src/ops/mod.rs, F16_MAX).
 template <typename T> __device__ __forceinline__ T from_float_saturating(float x) { return from_float<T>(x); }
 template <> __device__ __forceinline__ __half from_float_saturating<__half>(float x) {
-    return __float2half(fminf(fmaxf(x, -65504.f), 65504.f));
+    // fmaxf/fminf would turn a NaN into a bound: keep it NaN, as the CPU's clamp does.
+    return isnan(x) ? __float2half(x) : __float2half(fminf(fmaxf(x, -65504.f), 65504.f));
 }
