@@ -913,16 +913,10 @@ fn cuda_gptq_dequantize_matches_the_cpu() {
     for dtype in [DType::F32, DType::BF16, DType::F16] {
         let run = |device: &Device| {
             let c = Tensor::from_slice(&codes, (out, inp), device).unwrap();
-            let s = Tensor::from_slice(&scales, (groups, out), device)
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap();
-            let z = Tensor::from_slice(&zeros, (groups, out), device)
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap();
+            let s = Tensor::from_slice(&scales, (groups, out), device).unwrap();
+            let z = Tensor::from_slice(&zeros, (groups, out), device).unwrap();
             let g = Tensor::from_slice(&g_idx, inp, device).unwrap();
-            bits(&dequantize(&c, &s, &z, &g).unwrap())
+            bits(&dequantize(&c, &s, &z, &g, dtype).unwrap())
         };
         assert!(run(&Device::Cpu) == run(&gpu), "{dtype:?}");
         eprintln!("gptq dequantize {dtype:?}: {out} x {inp}, GPU = CPU bit for bit");

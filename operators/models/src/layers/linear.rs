@@ -34,18 +34,20 @@ impl LinearWeight {
 }
 
 /// A GPTQ-quantized weight on its device: the codes (out, in) as u8 (2 to 8 bits), and per
-/// (group, output) the scale and the zero code, in the model's dtype; `g_idx` (in) maps
+/// (group, output) the scale and the zero code, in f32; `g_idx` (in) maps
 /// each input column to its group.
 #[derive(Debug, Clone)]
 pub struct GptqWeight {
     pub codes: Tensor,
     pub scales: Tensor,
     pub zeros: Tensor,
+    /// The dequantized weight's dtype (the model's).
+    pub dtype: DType,
     pub g_idx: Tensor,
 }
 
 impl GptqWeight {
-    /// The codes of `q` on `device`, their scales and zeros in `dtype`.
+    /// The codes of `q` on `device`, dequantizing to `dtype`.
     pub fn new(
         q: &crate::gptq::QuantizedLinear,
         dtype: DType,
@@ -55,8 +57,10 @@ impl GptqWeight {
         let zeros: Vec<f32> = q.zeros.iter().map(|&z| z as f32).collect();
         Ok(Self {
             codes: Tensor::from_slice(&q.codes, (out, inp), device)?,
-            scales: Tensor::from_slice(&q.scales, (groups, out), device)?.to_dtype(dtype)?,
-            zeros: Tensor::from_slice(&zeros, (groups, out), device)?.to_dtype(dtype)?,
+            // In f32: a checkpoint's f16 scales exactly (bf16 would drop 3 bits of each).
+            scales: Tensor::from_slice(&q.scales, (groups, out), device)?.to_dtype(DType::F32)?,
+            zeros: Tensor::from_slice(&zeros, (groups, out), device)?,
+            dtype,
             g_idx: Tensor::from_slice(&q.g_idx, inp, device)?,
         })
     }
@@ -119,10 +123,16 @@ impl GptqWeight {
         Ok(Self::new(&tensors.unpack(), vb.dtype(), vb.device())?)
     }
 
-    /// scale · (code − zero) per weight, (out, in) in the scales' dtype: the arithmetic in
+    /// scale · (code − zero) per weight, (out, in) in the model's dtype: the arithmetic in
     /// f32, rounded once.
     pub fn dequantize(&self) -> candle_core::Result<Tensor> {
-        crate::ops::gptq::dequantize(&self.codes, &self.scales, &self.zeros, &self.g_idx)
+        crate::ops::gptq::dequantize(
+            &self.codes,
+            &self.scales,
+            &self.zeros,
+            &self.g_idx,
+            self.dtype,
+        )
     }
 }
 

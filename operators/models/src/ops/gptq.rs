@@ -12,9 +12,11 @@ use rayon::prelude::*;
 
 use super::{contiguous, Element};
 
-/// The op: `codes` (out, in) u8, `params` (2, groups, out) in T (the scales, then the
-/// zeros), `g_idx` (in) u32.
-struct Dequantize;
+/// The op: `codes` (out, in) u8, `params` (2, groups, out) f32 (the scales, then the
+/// zeros: a checkpoint's f16 scales held exactly), `g_idx` (in) u32; the weight in `dtype`.
+struct Dequantize {
+    dtype: DType,
+}
 
 impl Dequantize {
     /// (out, in, groups), checked.
@@ -34,7 +36,7 @@ impl Dequantize {
 
     fn cpu<T: Element>(
         codes: &[u8],
-        params: &[T],
+        params: &[f32],
         g_idx: &[u32],
         (out, inp, groups): (usize, usize, usize),
     ) -> Result<Vec<T>> {
@@ -49,7 +51,7 @@ impl Dequantize {
             .for_each(|(o, (row, codes))| {
                 for ((w, &code), &g) in row.iter_mut().zip(codes).zip(g_idx) {
                     let at = g as usize * out + o;
-                    *w = T::from_f32((code as f32 - zeros[at].to_f32()) * scales[at].to_f32());
+                    *w = T::from_f32((code as f32 - zeros[at]) * scales[at]);
                 }
             });
         Ok(w)
@@ -80,18 +82,18 @@ impl CustomOp3 for Dequantize {
         };
         let codes = contiguous(codes, cl, "gptq codes")?;
         let g_idx = contiguous(g_idx, gl, "gptq g_idx")?;
-        let pw = "gptq scales and zeros";
-        let w = match p {
-            CpuStorage::F32(p) => {
-                CpuStorage::F32(Self::cpu(codes, contiguous(p, pl, pw)?, g_idx, dims)?)
-            }
-            CpuStorage::BF16(p) => {
-                CpuStorage::BF16(Self::cpu(codes, contiguous(p, pl, pw)?, g_idx, dims)?)
-            }
-            CpuStorage::F16(p) => {
-                CpuStorage::F16(Self::cpu(codes, contiguous(p, pl, pw)?, g_idx, dims)?)
-            }
-            p => candle_core::bail!("gptq dequantize: scales in {:?}", p.dtype()),
+        let CpuStorage::F32(p) = p else {
+            candle_core::bail!(
+                "gptq dequantize: scales and zeros in {:?}, not f32",
+                p.dtype()
+            );
+        };
+        let p = contiguous(p, pl, "gptq scales and zeros")?;
+        let w = match self.dtype {
+            DType::F32 => CpuStorage::F32(Self::cpu(codes, p, g_idx, dims)?),
+            DType::BF16 => CpuStorage::BF16(Self::cpu(codes, p, g_idx, dims)?),
+            DType::F16 => CpuStorage::F16(Self::cpu(codes, p, g_idx, dims)?),
+            other => candle_core::bail!("gptq dequantize: a weight in {other:?}"),
         };
         Ok((w, cl.shape().clone()))
     }
@@ -109,7 +111,7 @@ impl CustomOp3 for Dequantize {
         crate::cuda::by_dtype!(
             self,
             "gptq dequantize",
-            p.dtype(),
+            self.dtype,
             &p.device.clone(),
             (c, cl),
             (p, pl),
@@ -134,7 +136,13 @@ impl Dequantize {
         use crate::cuda::{launch, suffix, view, GPTQ};
         use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
         let (out, inp, groups) = Self::dims(cl, pl, gl)?;
-        let (cv, pv, gv) = (view!(c, cl, u8), view!(p, pl, T), view!(g, gl, u32));
+        if p.dtype() != DType::F32 {
+            return Err(crate::cuda::fail(format!(
+                "gptq dequantize: scales and zeros in {:?}, not f32",
+                p.dtype()
+            )));
+        }
+        let (cv, pv, gv) = (view!(c, cl, u8), view!(p, pl, f32), view!(g, gl, u32));
         let n = out * inp;
         // SAFETY: the grid-stride loop writes all n elements.
         let w = unsafe { dev.alloc::<T>(n) }?;
@@ -147,7 +155,7 @@ impl Dequantize {
         // SAFETY: gptq_dequantize_* take (codes, params, g_idx, w, out, in, groups): codes
         // and w out x in, params 2 x groups x out, g_idx in (each entry below groups: the
         // loader checks it, a larger one reads zero).
-        launch!(dev, GPTQ, format!("gptq_dequantize_{}", suffix(p.dtype())?), cfg;
+        launch!(dev, GPTQ, format!("gptq_dequantize_{}", suffix(self.dtype)?), cfg;
             &cv, &pv, &gv, &w, &o, &i, &gs);
         Ok((
             candle_core::CudaStorage::wrap_cuda_slice(w, dev.clone()),
@@ -156,20 +164,24 @@ impl Dequantize {
     }
 }
 
-/// The dense (out, in) weight in the dtype of `scales` of GPTQ `codes` (out, in) u8,
-/// `scales` and `zeros` (groups, out) and `g_idx` (in) u32: scale · (code − zero), in f32,
+/// The dense (out, in) weight in `dtype` of GPTQ `codes` (out, in) u8, `scales` and
+/// `zeros` (groups, out, taken in f32) and `g_idx` (in) u32: scale · (code − zero), in f32,
 /// rounded once.
 pub fn dequantize(
     codes: &Tensor,
     scales: &Tensor,
     zeros: &Tensor,
     g_idx: &Tensor,
+    dtype: DType,
 ) -> Result<Tensor> {
-    let params = Tensor::stack(&[scales, &zeros.to_dtype(scales.dtype())?], 0)?;
+    let params = Tensor::stack(
+        &[scales.to_dtype(DType::F32)?, zeros.to_dtype(DType::F32)?],
+        0,
+    )?;
     codes.contiguous()?.apply_op3_no_bwd(
         &params.contiguous()?,
         &g_idx.to_dtype(DType::U32)?.contiguous()?,
-        &Dequantize,
+        &Dequantize { dtype },
     )
 }
 
@@ -179,8 +191,9 @@ mod tests {
     use crate::weights::SplitMix64;
     use candle_core::Device;
 
-    /// The op against the arithmetic composed from candle's ops (the path it replaces),
-    /// bit for bit, in every dtype, with act-order's scattered groups.
+    /// The op against the arithmetic composed from candle's ops in f32 (the path it
+    /// replaced, the scales kept exact), bit for bit, in every dtype, with act-order's
+    /// scattered groups.
     #[test]
     fn cpu_side_is_the_composed_arithmetic_bit_for_bit() {
         let (out, inp, groups) = (24, 64, 4);
@@ -200,29 +213,14 @@ mod tests {
         let dev = Device::Cpu;
         let c = Tensor::from_slice(&codes, (out, inp), &dev).unwrap();
         let g = Tensor::from_slice(&g_idx, inp, &dev).unwrap();
+        let s = Tensor::from_slice(&scales, (groups, out), &dev).unwrap();
+        let z = Tensor::from_slice(&zeros, (groups, out), &dev).unwrap();
+        let per_column = |t: &Tensor| t.index_select(&g, 0).unwrap().t().unwrap();
+        let exact =
+            ((c.to_dtype(DType::F32).unwrap() - per_column(&z)).unwrap() * per_column(&s)).unwrap();
         for dtype in [DType::F32, DType::BF16, DType::F16] {
-            let s = Tensor::from_slice(&scales, (groups, out), &dev)
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap();
-            let z = Tensor::from_slice(&zeros, (groups, out), &dev)
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap();
-            let per_column = |t: &Tensor| {
-                t.to_dtype(DType::F32)
-                    .unwrap()
-                    .index_select(&g, 0)
-                    .unwrap()
-                    .t()
-                    .unwrap()
-            };
-            let composed = ((c.to_dtype(DType::F32).unwrap() - per_column(&z)).unwrap()
-                * per_column(&s))
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap();
-            let fused = dequantize(&c, &s, &z, &g).unwrap();
+            let composed = exact.to_dtype(dtype).unwrap();
+            let fused = dequantize(&c, &s, &z, &g, dtype).unwrap();
             assert_eq!(fused.dtype(), dtype);
             let bits = |t: &Tensor| -> Vec<u32> {
                 crate::test_util::values(t)
@@ -233,8 +231,9 @@ mod tests {
             assert!(bits(&fused) == bits(&composed), "{dtype:?}");
         }
         let bad = Tensor::from_slice(&vec![groups as u32; inp], inp, &dev).unwrap();
-        let s = Tensor::from_slice(&scales, (groups, out), &dev).unwrap();
-        let error = dequantize(&c, &s, &s, &bad).unwrap_err().to_string();
+        let error = dequantize(&c, &s, &s, &bad, DType::F32)
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("g_idx 4 of 4 groups"), "{error}");
     }
 }
