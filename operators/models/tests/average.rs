@@ -2,7 +2,11 @@
 //! 1.5 times it, tensor by tensor; the result loads as an adapter; different configs or
 //! tensor sets fail naming the difference, and nothing is written.
 
+mod common;
+
 use std::path::{Path, PathBuf};
+
+use common::fixture_logits;
 
 use arenaflow_models::average::{average_adapters, average_merged, FoldWeights};
 use arenaflow_models::checkpoint::{load_classifier, write_safetensors};
@@ -119,22 +123,6 @@ fn adapters_of_different_configs_or_tensors_are_refused() {
     assert!(!out.exists());
 }
 
-fn logits(model: &arenaflow_models::models::classifier::SequenceClassifier) -> Vec<Vec<f32>> {
-    let rows: Vec<Vec<u32>> = vec![vec![1, 5, 9, 13, 2], vec![3, 7, 11, 4, 8, 6, 10]];
-    let refs: Vec<&[u32]> = rows.iter().map(|r| r.as_slice()).collect();
-    let batch = arenaflow_models::models::PaddedBatch::pad(
-        &refs,
-        model.pad_token_id().unwrap_or(0),
-        arenaflow_models::models::PaddingSide::Right,
-    )
-    .unwrap();
-    model
-        .forward_t(&batch, false)
-        .unwrap()
-        .to_vec2::<f32>()
-        .unwrap()
-}
-
 /// Mode `delta`: the merged mean of one adapter twice is that adapter merged (same logits
 /// as base + adapter); of an adapter and its double (B·A four times over), the projections
 /// are base + 2.5 scale·B·A, the mean of the two merged models, and the head 1.5 times.
@@ -155,10 +143,10 @@ fn delta_is_the_mean_of_the_merged_models() {
     .unwrap();
     let merged = load_classifier(same.to_str().unwrap(), None, DType::F32, &Device::Cpu).unwrap();
     let adapted = load_classifier(&base, Some(&one), DType::F32, &Device::Cpu).unwrap();
-    for (a, b) in logits(&merged)
+    for (a, b) in fixture_logits(&merged)
         .iter()
         .flatten()
-        .zip(logits(&adapted).iter().flatten())
+        .zip(fixture_logits(&adapted).iter().flatten())
     {
         assert!((a - b).abs() < 1e-5, "{a} vs {b}");
     }

@@ -5,8 +5,12 @@
 //! groups of 128, 32 and whole rows; act-order; an asymmetric grid), the integer codes,
 //! scales, zeros and g_idx, with each case's layer-output error and round-to-nearest's.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
+
+use common::{fixture_logits, logits_of, max_abs_diff};
 
 use arenaflow_models::gptq::{
     gptq, round_to_nearest, GptqConfig, GptqTensors, Hessian, QuantizedLinear,
@@ -354,15 +358,7 @@ fn a_gptq_linear_layer_computes_with_its_dequantized_weight() {
             .forward_t(&xs, false)
             .unwrap();
         assert_eq!(quantized.dims3().unwrap(), (1, 5, f.out));
-        let diff: f32 = (quantized.to_dtype(DType::F32).unwrap()
-            - reference.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+        let diff = max_abs_diff(&quantized, &reference);
         assert_eq!(diff, 0.0, "{dtype:?}");
     }
 }
@@ -447,31 +443,6 @@ fn gptq_checkpoint(
     }
 }
 
-/// The model's logits for `rows` (right-padded).
-fn logits_of(
-    model: &arenaflow_models::models::classifier::SequenceClassifier,
-    rows: &[Vec<u32>],
-) -> Vec<Vec<f32>> {
-    let refs: Vec<&[u32]> = rows.iter().map(|r| r.as_slice()).collect();
-    let batch = arenaflow_models::models::PaddedBatch::pad(
-        &refs,
-        model.pad_token_id().unwrap_or(0),
-        arenaflow_models::models::PaddingSide::Right,
-    )
-    .unwrap();
-    model
-        .forward_t(&batch, false)
-        .unwrap()
-        .to_vec2::<f32>()
-        .unwrap()
-}
-
-fn fixture_logits(
-    model: &arenaflow_models::models::classifier::SequenceClassifier,
-) -> Vec<Vec<f32>> {
-    logits_of(model, &[vec![1, 5, 9, 13, 2], vec![3, 7, 11, 4, 8, 6, 10]])
-}
-
 /// A GPTQ checkpoint (8 and 4 bits, act-order's g_idx) loads into the GPTQ weight slot and
 /// gives the logits of the dense model with its dequantized weights; bad checkpoints fail
 /// naming the tensor.
@@ -542,7 +513,7 @@ fn gptq_checkpoints_load_and_bad_ones_fail_naming_the_tensor() {
 /// crate), gives the weights arenaflow computes with, to the bit in f32.
 #[test]
 fn python_reads_the_weights_arenaflow_uses_from_the_checkpoint() {
-    use candle_core::{DType, Device};
+    use candle_core::Device;
     for bits in [8, 4] {
         let tmp = tempfile::tempdir().unwrap();
         gptq_checkpoint(tmp.path(), bits, |_, _| {});
@@ -566,15 +537,7 @@ fn python_reads_the_weights_arenaflow_uses_from_the_checkpoint() {
         .unwrap();
         assert_eq!(python.len(), 3 * 7, "{bits} bits: projections");
         for (name, theirs) in &python {
-            let ours = dense[name].to_dtype(DType::F32).unwrap();
-            let gap: f32 = (theirs - &ours)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap();
+            let gap = max_abs_diff(theirs, &dense[name]);
             assert_eq!(gap, 0.0, "{bits} bits, {name}");
         }
     }
