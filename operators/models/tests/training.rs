@@ -976,6 +976,87 @@ fn cuda_rms_norm_matches_the_cpu_and_saturates_in_f16() {
     }
 }
 
+/// The gated activation's one-pass backward (`ops::gated::gated_t`) on a GPU against its
+/// CPU side, at Llama-3.1-8B's MLP width, for each activation and dtype: the same roundings,
+/// so at most a unit in the last place apart (the GPU's `__expf`, `tanhf` and `erff`).
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_gated_backward_matches_the_cpu() {
+    use arenaflow_models::models::Activation;
+    use arenaflow_models::ops::gated::gated_t;
+    use arenaflow_models::weights::SplitMix64;
+    use candle_core::Var;
+    let gpu = Device::new_cuda(0).expect("a CUDA GPU");
+    let mut rng = SplitMix64::new(13);
+    let (rows, cols) = (5, 14336);
+    let mut draw = |scale: f64| -> Vec<f32> {
+        (0..rows * cols)
+            .map(|_| (scale * rng.next_normal()) as f32)
+            .collect()
+    };
+    let (g, u, dy) = (draw(3.0), draw(1.0), draw(1.0));
+    let run = |device: &Device, dtype: DType, activation: Activation| -> Vec<Vec<f32>> {
+        let t = |v: &[f32]| {
+            Tensor::from_slice(v, (rows, cols), device)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+        };
+        let (gv, uv) = (
+            Var::from_tensor(&t(&g)).unwrap(),
+            Var::from_tensor(&t(&u)).unwrap(),
+        );
+        let out = gated_t(gv.as_tensor(), uv.as_tensor(), activation).unwrap();
+        let grads = (&out * t(&dy))
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        [
+            out,
+            grads.get(gv.as_tensor()).unwrap().clone(),
+            grads.get(uv.as_tensor()).unwrap().clone(),
+        ]
+        .iter()
+        .map(|t| {
+            t.to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        })
+        .collect()
+    };
+    for activation in [Activation::Silu, Activation::GeluTanh, Activation::GeluErf] {
+        for (dtype, bar) in [
+            (DType::F32, 1e-5f32),
+            (DType::BF16, 8e-3),
+            (DType::F16, 1e-3),
+        ] {
+            let (cpu, cuda) = (
+                run(&Device::Cpu, dtype, activation),
+                run(&gpu, dtype, activation),
+            );
+            for (what, c, g) in ["output", "d_gate", "d_up"]
+                .iter()
+                .zip(&cpu)
+                .zip(&cuda)
+                .map(|((w, c), g)| (w, c, g))
+            {
+                let worst = c
+                    .iter()
+                    .zip(g)
+                    .map(|(a, b)| (a - b).abs() / a.abs().max(1.0))
+                    .fold(0f32, f32::max);
+                eprintln!("gated backward {activation:?} {dtype:?} {what}: GPU off the CPU by {worst:.2e}");
+                assert!(worst < bar, "{activation:?} {dtype:?} {what}: {worst}");
+            }
+        }
+    }
+}
+
 /// The end of a LoRA projection (`ops::lora::lora_add`, PEFT's one rounding of the f32 sum)
 /// on a GPU gives the CPU's bits in every model dtype, and its gradients too.
 #[test]

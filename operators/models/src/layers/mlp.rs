@@ -1,5 +1,5 @@
-//! The gated MLP: `down(act(gate(x)) * up(x))`, the activation through arenaflow's GPU
-//! kernel in inference where it runs, candle's ops otherwise.
+//! The gated MLP: `down(act(gate(x)) * up(x))`, the activation (and in training its
+//! backward) through arenaflow's GPU kernels where they run, candle's ops otherwise.
 
 use candle_core::Tensor;
 
@@ -18,7 +18,7 @@ pub struct Mlp {
     pub up: Linear,
     pub down: Linear,
     activation: Activation,
-    /// arenaflow's GPU kernel for the activation in inference.
+    /// arenaflow's GPU kernels for the activation and its backward.
     fused: bool,
 }
 
@@ -50,8 +50,13 @@ impl Mlp {
     }
 
     fn activate(&self, gate: &Tensor, up: &Tensor, train: bool) -> Result<Tensor> {
-        if self.fused && !train {
-            return Ok(crate::ops::gated::gated(gate, up, self.activation)?);
+        if self.fused {
+            let fused = if train {
+                crate::ops::gated::gated_t
+            } else {
+                crate::ops::gated::gated
+            };
+            return Ok(fused(gate, up, self.activation)?);
         }
         let gate = match self.activation {
             Activation::Silu => candle_nn::ops::silu(gate)?,
