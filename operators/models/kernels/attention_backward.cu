@@ -12,10 +12,13 @@
 //   dq_i = sum_j ds_ij k_j.
 // Three kernels: delta per query; dk and dv per key tile (looping over the queries of every
 // query head of its KV head that can see it); dq per query tile. Each output is written by
-// one thread, in a fixed order: the gradients are the same bits on every run.
+// one thread, in a fixed order: the gradients are the same bits on every run. Two versions
+// of the last two: on tensor cores (bf16 and f16, head sizes 64 and 128: mma.sync, as the
+// forward's attention_mma) and in plain f32 arithmetic (every dtype and head size).
 // Launched by src/ops/attention.rs.
 
 #include "common.cuh"
+#include "mma.cuh"
 
 __device__ __forceinline__ bool visible(int q, int k, int start, int end, int window) {
     return k <= q && k >= start && k < end && (window <= 0 || q - k < window);
@@ -306,3 +309,314 @@ GRADS(bf16_d256, __nv_bfloat16, 256, 16)
 GRADS(f16_d64, __half, 64, 32)
 GRADS(f16_d128, __half, 128, 32)
 GRADS(f16_d256, __half, 256, 16)
+
+// ---------------------------------------------------------------------------------------
+// Tensor-core backward for bf16/f16 and head sizes 64 and 128: the same arithmetic on
+// mma.sync m16n8k16 with f32 accumulators. P and dS are rounded to the element type for
+// their products with dout, q and k (as flash-attention-2 does); scores, probabilities,
+// their gradients and every sum stay f32. 4 warps a block; shared tiles padded by 8
+// elements a row (16 bytes: conflict-free fragment loads, 16-byte aligned rows for
+// ldmatrix).
+
+// The A operand (16 x 16, k-step t) of rows r0..r0+16 of a row-major shared tile.
+template <typename T, int ST>
+__device__ __forceinline__ void load_a(uint32_t* a, const T (*tile)[ST], int r0, int t) {
+    const int lane = threadIdx.x % 32;
+    const T* p0 = &tile[r0 + lane / 4][t * 16 + (lane % 4) * 2];
+    const T* p1 = p0 + 8 * ST;
+    a[0] = *reinterpret_cast<const uint32_t*>(p0);
+    a[1] = *reinterpret_cast<const uint32_t*>(p1);
+    a[2] = *reinterpret_cast<const uint32_t*>(p0 + 8);
+    a[3] = *reinterpret_cast<const uint32_t*>(p1 + 8);
+}
+
+// The B operand (16 x 8, k-step t) whose 8 columns are rows c0..c0+8 of a row-major shared
+// tile (the tile holds B transposed: one row per column of B).
+template <typename T, int ST>
+__device__ __forceinline__ void load_b(uint32_t* b, const T (*tile)[ST], int c0, int t) {
+    const int lane = threadIdx.x % 32;
+    const T* p = &tile[c0 + lane / 4][t * 16 + (lane % 4) * 2];
+    b[0] = *reinterpret_cast<const uint32_t*>(p);
+    b[1] = *reinterpret_cast<const uint32_t*>(p + 8);
+}
+
+// Rows first..first+R of a (b, s, heads, D) tensor's head `head` of row `row` into a shared
+// tile in 16-byte chunks, zeros for rows at or past `limit`.
+template <typename T, int D, int R, int ST>
+__device__ __forceinline__ void stage_rows(T (*tile)[ST], const T* __restrict__ src, int row, int s,
+                                           int heads, int head, int first, int limit) {
+    constexpr int CHUNKS = R * D / 8;
+    for (int i = threadIdx.x; i < CHUNKS; i += blockDim.x) {
+        int r = i / (D / 8), c = (i % (D / 8)) * 8;
+        int at = first + r;
+        uint4 val = make_uint4(0, 0, 0, 0);
+        if (at < limit) val = *reinterpret_cast<const uint4*>(src + (((size_t)row * s + at) * heads + head) * D + c);
+        *reinterpret_cast<uint4*>(&tile[r][c]) = val;
+    }
+}
+
+// p and ds of one score y (before scaling) and its dp, for a pair that is seen; lse and
+// delta of the pair's query.
+__device__ __forceinline__ void prob_and_grad(float y, float dp, float lse, float delta, float scale,
+                                              float softcap, float& p, float& ds) {
+    y *= scale;
+    float slope = scale;
+    if (softcap > 0.f) {
+        float th = tanhf(y / softcap);
+        y = softcap * th;
+        slope = scale * (1.f - th * th);
+    }
+    p = __expf(y - lse);
+    ds = p * (dp - delta) * slope;
+}
+
+// dk, dv of 64 keys of one KV head: blockIdx.x key tile, blockIdx.y KV head, blockIdx.z row.
+// Warp w owns keys j0 + 16w..+16 (K and V tiles staged once); the queries that see them,
+// of every query head of the group, come through shared memory 16 at a time: S^T = K Q^T
+// and dP^T = V dO^T (16 keys x 16 queries), then dV += P^T dO and dK += dS^T Q.
+template <typename T, int D>
+__device__ void attention_bwd_dkdv_mma(const T* __restrict__ q, const T* __restrict__ k,
+                                       const T* __restrict__ v, const T* __restrict__ dout,
+                                       const float* __restrict__ lse, const float* __restrict__ delta,
+                                       const uint32_t* __restrict__ bounds, T* __restrict__ dk,
+                                       T* __restrict__ dv, int s, int nh, int nkv, float scale,
+                                       float softcap, int window) {
+    constexpr int BN = 64, BM = 16, ST = D + 8, KSTEPS = D / 16, OT = D / 8;
+    __shared__ __align__(16) T ks[BN][ST];
+    __shared__ __align__(16) T vs[BN][ST];
+    __shared__ __align__(16) T qs[BM][ST];
+    __shared__ __align__(16) T dos[BM][ST];
+    __shared__ float lse_s[BM], delta_s[BM];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int j0 = blockIdx.x * BN, kvh = blockIdx.y, row = blockIdx.z;
+    const int start = bounds[2 * row], end = bounds[2 * row + 1];
+    const int group = nh / nkv;
+    const int kr0 = warp * 16;                              // the warp's keys in the tile
+    const int key0 = j0 + kr0 + lane / 4, key1 = key0 + 8;  // the thread's accumulator rows
+    float acc_k[OT][4], acc_v[OT][4];
+#pragma unroll
+    for (int j = 0; j < OT; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) acc_k[j][e] = acc_v[j][e] = 0.f;
+
+    if (j0 < end && j0 + BN > start) {
+        stage_rows<T, D, BN, ST>(ks, k, row, s, nkv, kvh, j0, s);
+        stage_rows<T, D, BN, ST>(vs, v, row, s, nkv, kvh, j0, s);
+        // Queries that see some key of the tile: [max(j0, start), qhi).
+        const int qlo = max(j0, start);
+        int qhi = end;
+        if (window > 0) qhi = min(qhi, j0 + BN - 1 + window);
+        for (int h = 0; h < group; h++) {
+            const int head = kvh * group + h;
+            const float* lse_h = lse + ((size_t)row * nh + head) * s;
+            const float* delta_h = delta + ((size_t)row * nh + head) * s;
+            for (int i0 = qlo; i0 < qhi; i0 += BM) {
+                __syncthreads();  // the previous query tile is no longer read
+                stage_rows<T, D, BM, ST>(qs, q, row, s, nh, head, i0, qhi);
+                stage_rows<T, D, BM, ST>(dos, dout, row, s, nh, head, i0, qhi);
+                for (int r = threadIdx.x; r < BM; r += blockDim.x) {
+                    bool real = i0 + r < qhi;
+                    lse_s[r] = real ? lse_h[i0 + r] : 0.f;
+                    delta_s[r] = real ? delta_h[i0 + r] : 0.f;
+                }
+                __syncthreads();
+                float st[2][4], dpt[2][4];
+#pragma unroll
+                for (int n = 0; n < 2; n++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) st[n][e] = dpt[n][e] = 0.f;
+#pragma unroll
+                for (int t = 0; t < KSTEPS; t++) {
+                    uint32_t ka[4], va[4];
+                    load_a<T, ST>(ka, ks, kr0, t);
+                    load_a<T, ST>(va, vs, kr0, t);
+#pragma unroll
+                    for (int n = 0; n < 2; n++) {
+                        uint32_t qb[2], db[2];
+                        load_b<T, ST>(qb, qs, n * 8, t);
+                        load_b<T, ST>(db, dos, n * 8, t);
+                        Mma<T>::run(st[n], ka, qb);
+                        Mma<T>::run(dpt[n], va, db);
+                    }
+                }
+                // P^T into st, dS^T into dpt; zero for the pairs not seen.
+#pragma unroll
+                for (int n = 0; n < 2; n++) {
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const int key = e < 2 ? key0 : key1;
+                        const int qi = n * 8 + (lane % 4) * 2 + (e % 2);
+                        const int query = i0 + qi;
+                        float p = 0.f, ds = 0.f;
+                        if (query < qhi && visible(query, key, start, end, window))
+                            prob_and_grad(st[n][e], dpt[n][e], lse_s[qi], delta_s[qi], scale, softcap, p, ds);
+                        st[n][e] = p;
+                        dpt[n][e] = ds;
+                    }
+                }
+                // The accumulators' layout is the A operand's (16 keys x 16 queries).
+                uint32_t pa[4] = {Mma<T>::pack(st[0][0], st[0][1]), Mma<T>::pack(st[0][2], st[0][3]),
+                                  Mma<T>::pack(st[1][0], st[1][1]), Mma<T>::pack(st[1][2], st[1][3])};
+                uint32_t sa[4] = {Mma<T>::pack(dpt[0][0], dpt[0][1]), Mma<T>::pack(dpt[0][2], dpt[0][3]),
+                                  Mma<T>::pack(dpt[1][0], dpt[1][1]), Mma<T>::pack(dpt[1][2], dpt[1][3])};
+#pragma unroll
+                for (int j = 0; j < OT; j++) {
+                    uint32_t b[2];
+                    ldmatrix_x2_trans(b, &dos[lane % 16][j * 8]);
+                    Mma<T>::run(acc_v[j], pa, b);
+                    ldmatrix_x2_trans(b, &qs[lane % 16][j * 8]);
+                    Mma<T>::run(acc_k[j], sa, b);
+                }
+            }
+        }
+    }
+    const size_t kv_stride = (size_t)nkv * D;
+#pragma unroll
+    for (int j = 0; j < OT; j++) {
+        const int c = j * 8 + (lane % 4) * 2;
+        if (key0 < s) {
+            size_t at = ((size_t)row * s + key0) * kv_stride + (size_t)kvh * D + c;
+            *reinterpret_cast<uint32_t*>(dk + at) = Mma<T>::pack(acc_k[j][0], acc_k[j][1]);
+            *reinterpret_cast<uint32_t*>(dv + at) = Mma<T>::pack(acc_v[j][0], acc_v[j][1]);
+        }
+        if (key1 < s) {
+            size_t at = ((size_t)row * s + key1) * kv_stride + (size_t)kvh * D + c;
+            *reinterpret_cast<uint32_t*>(dk + at) = Mma<T>::pack(acc_k[j][2], acc_k[j][3]);
+            *reinterpret_cast<uint32_t*>(dv + at) = Mma<T>::pack(acc_v[j][2], acc_v[j][3]);
+        }
+    }
+}
+
+// dq of 64 queries of one head: blockIdx.x query tile (heaviest first), blockIdx.y head,
+// blockIdx.z row. Warp w owns queries m0 + 16w..+16, their q and dout as A operands in
+// registers; the keys they see come through shared memory 64 at a time: S = Q K^T and
+// dP = dO V^T 16 keys at a time, then dQ += dS K.
+template <typename T, int D>
+__device__ void attention_bwd_dq_mma(const T* __restrict__ q, const T* __restrict__ k,
+                                     const T* __restrict__ v, const T* __restrict__ dout,
+                                     const float* __restrict__ lse, const float* __restrict__ delta,
+                                     const uint32_t* __restrict__ bounds, T* __restrict__ dq, int s,
+                                     int nh, int nkv, float scale, float softcap, int window) {
+    constexpr int BM = 64, BN = 64, ST = D + 8, KSTEPS = D / 16, OT = D / 8;
+    __shared__ __align__(16) T ks[BN][ST];
+    __shared__ __align__(16) T vs[BN][ST];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int qblock = gridDim.x - 1 - blockIdx.x;
+    const int head = blockIdx.y, row = blockIdx.z;
+    const int kvh = head / (nh / nkv);
+    const int start = bounds[2 * row], end = bounds[2 * row + 1];
+    const int m0 = qblock * BM;
+    const int qrow0 = m0 + warp * 16 + lane / 4, qrow1 = qrow0 + 8;
+    const size_t q_stride = (size_t)nh * D;
+    float acc[OT][4];
+#pragma unroll
+    for (int j = 0; j < OT; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+
+    if (m0 < end && m0 + BM > start) {
+        uint32_t qa[KSTEPS][4], da[KSTEPS][4];
+        {
+            const size_t r0 = ((size_t)row * s + min(qrow0, s - 1)) * q_stride + (size_t)head * D;
+            const size_t r1 = ((size_t)row * s + min(qrow1, s - 1)) * q_stride + (size_t)head * D;
+            const int c = (lane % 4) * 2;
+#pragma unroll
+            for (int t = 0; t < KSTEPS; t++) {
+                qa[t][0] = *reinterpret_cast<const uint32_t*>(q + r0 + t * 16 + c);
+                qa[t][1] = *reinterpret_cast<const uint32_t*>(q + r1 + t * 16 + c);
+                qa[t][2] = *reinterpret_cast<const uint32_t*>(q + r0 + t * 16 + c + 8);
+                qa[t][3] = *reinterpret_cast<const uint32_t*>(q + r1 + t * 16 + c + 8);
+                da[t][0] = *reinterpret_cast<const uint32_t*>(dout + r0 + t * 16 + c);
+                da[t][1] = *reinterpret_cast<const uint32_t*>(dout + r1 + t * 16 + c);
+                da[t][2] = *reinterpret_cast<const uint32_t*>(dout + r0 + t * 16 + c + 8);
+                da[t][3] = *reinterpret_cast<const uint32_t*>(dout + r1 + t * 16 + c + 8);
+            }
+        }
+        const bool real0 = qrow0 >= start && qrow0 < end, real1 = qrow1 >= start && qrow1 < end;
+        const float* lse_h = lse + ((size_t)row * nh + head) * s;
+        const float* delta_h = delta + ((size_t)row * nh + head) * s;
+        const float lse0 = real0 ? lse_h[qrow0] : 0.f, lse1 = real1 ? lse_h[qrow1] : 0.f;
+        const float delta0 = real0 ? delta_h[qrow0] : 0.f, delta1 = real1 ? delta_h[qrow1] : 0.f;
+        // Keys the block's queries see: [lo, hi), lo rounded down to a tile.
+        int lo = start;
+        if (window > 0 && m0 - window + 1 > lo) lo = m0 - window + 1;
+        const int hi = min(end, m0 + BM);
+        lo = (lo / BN) * BN;
+        for (int n0 = lo; n0 < hi; n0 += BN) {
+            __syncthreads();  // the previous key tile is no longer read
+            stage_rows<T, D, BN, ST>(ks, k, row, s, nkv, kvh, n0, s);
+            stage_rows<T, D, BN, ST>(vs, v, row, s, nkv, kvh, n0, s);
+            __syncthreads();
+#pragma unroll
+            for (int c = 0; c < BN / 16; c++) {
+                float sc[2][4], dp[2][4];
+#pragma unroll
+                for (int n = 0; n < 2; n++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) sc[n][e] = dp[n][e] = 0.f;
+#pragma unroll
+                for (int t = 0; t < KSTEPS; t++) {
+#pragma unroll
+                    for (int n = 0; n < 2; n++) {
+                        uint32_t kb[2], vb[2];
+                        load_b<T, ST>(kb, ks, c * 16 + n * 8, t);
+                        load_b<T, ST>(vb, vs, c * 16 + n * 8, t);
+                        Mma<T>::run(sc[n], qa[t], kb);
+                        Mma<T>::run(dp[n], da[t], vb);
+                    }
+                }
+                // dS into sc; zero for the pairs not seen.
+#pragma unroll
+                for (int n = 0; n < 2; n++) {
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const bool hi_row = e >= 2;
+                        const int query = hi_row ? qrow1 : qrow0;
+                        const int key = n0 + c * 16 + n * 8 + (lane % 4) * 2 + (e % 2);
+                        float p = 0.f, ds = 0.f;
+                        if ((hi_row ? real1 : real0) && visible(query, key, start, end, window))
+                            prob_and_grad(sc[n][e], dp[n][e], hi_row ? lse1 : lse0,
+                                          hi_row ? delta1 : delta0, scale, softcap, p, ds);
+                        sc[n][e] = ds;
+                    }
+                }
+                uint32_t sa[4] = {Mma<T>::pack(sc[0][0], sc[0][1]), Mma<T>::pack(sc[0][2], sc[0][3]),
+                                  Mma<T>::pack(sc[1][0], sc[1][1]), Mma<T>::pack(sc[1][2], sc[1][3])};
+#pragma unroll
+                for (int j = 0; j < OT; j++) {
+                    uint32_t b[2];
+                    ldmatrix_x2_trans(b, &ks[c * 16 + lane % 16][j * 8]);
+                    Mma<T>::run(acc[j], sa, b);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < OT; j++) {
+        const int c = j * 8 + (lane % 4) * 2;
+        if (qrow0 < s)
+            *reinterpret_cast<uint32_t*>(dq + ((size_t)row * s + qrow0) * q_stride + (size_t)head * D + c) =
+                Mma<T>::pack(acc[j][0], acc[j][1]);
+        if (qrow1 < s)
+            *reinterpret_cast<uint32_t*>(dq + ((size_t)row * s + qrow1) * q_stride + (size_t)head * D + c) =
+                Mma<T>::pack(acc[j][2], acc[j][3]);
+    }
+}
+
+#define GRADS_MMA(SUFFIX, T, D)                                                                \
+    extern "C" __global__ void __launch_bounds__(128) attention_bwd_dkdv_mma_##SUFFIX(          \
+        const T* q, const T* k, const T* v, const T* dout, const float* lse,                    \
+        const float* delta, const uint32_t* bounds, T* dk, T* dv, int s, int nh, int nkv,       \
+        float scale, float softcap, int window) {                                              \
+        attention_bwd_dkdv_mma<T, D>(q, k, v, dout, lse, delta, bounds, dk, dv, s, nh, nkv,     \
+                                     scale, softcap, window);                                  \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(128) attention_bwd_dq_mma_##SUFFIX(            \
+        const T* q, const T* k, const T* v, const T* dout, const float* lse,                    \
+        const float* delta, const uint32_t* bounds, T* dq, int s, int nh, int nkv, float scale, \
+        float softcap, int window) {                                                           \
+        attention_bwd_dq_mma<T, D>(q, k, v, dout, lse, delta, bounds, dq, s, nh, nkv, scale,    \
+                                   softcap, window);                                           \
+    }
+GRADS_MMA(bf16_d64, __nv_bfloat16, 64)
+GRADS_MMA(bf16_d128, __nv_bfloat16, 128)
+GRADS_MMA(f16_d64, __half, 64)
+GRADS_MMA(f16_d128, __half, 128)

@@ -522,18 +522,26 @@ impl AttentionBackward {
 
         let (nq, nk) = (b * s * nh * d, b * s * nkv * d);
         let mut grads = dev.alloc_zeros::<T>(nq + 2 * nk)?;
+        // Tensor cores for bf16/f16 at head sizes 64 and 128 (64 keys or queries a block of
+        // 128 threads); the f32 kernels otherwise, their tile sizes those of
+        // attention_backward.cu's GRADS lines.
+        let mma = dtype != "f32" && (d == 64 || d == 128);
         let dm = match d {
             0..=64 => 64,
             65..=128 => 128,
             _ => 256,
         };
-        // The kernels' tile sizes (attention_backward.cu's GRADS lines).
-        let tile: usize = match (dtype, dm) {
-            ("f32", 64) => 32,
-            ("f32", 128) => 16,
-            ("f32", _) => 8,
-            (_, 256) => 16,
-            _ => 32,
+        let (kernel, tile, threads): (String, usize, u32) = if mma {
+            (format!("mma_{dtype}_d{d}"), 64, 128)
+        } else {
+            let tile = match (dtype, dm) {
+                ("f32", 64) => 32,
+                ("f32", 128) => 16,
+                ("f32", _) => 8,
+                (_, 256) => 16,
+                _ => 32,
+            };
+            (format!("{dtype}_d{dm}"), tile, 256)
         };
         let lse = &*self.lse;
         {
@@ -541,19 +549,35 @@ impl AttentionBackward {
             let (mut dk, mut dv) = rest.split_at_mut(nk);
             let cfg = |heads: usize| LaunchConfig {
                 grid_dim: (s.div_ceil(tile) as u32, heads as u32, b as u32),
-                block_dim: (256, 1, 1),
+                block_dim: (threads, 1, 1),
                 shared_mem_bytes: 0,
             };
-            // SAFETY: attention_bwd_dkdv_* take (q, k, v, dout, lse, delta, bounds, dk, dv, s,
-            // nh, nkv, d, scale, softcap, window) and write dk, dv (b, s, nkv, d) whole.
-            launch!(dev, ATTENTION_BACKWARD, format!("attention_bwd_dkdv_{dtype}_d{dm}"), cfg(nkv);
-                &qv, &kv, &vv, &dout, lse, &delta, &bounds, &mut dk, &mut dv, &si, &nhi, &nkvi,
-                &di, &scale, &softcap, &window);
-            // SAFETY: attention_bwd_dq_* take (q, k, v, dout, lse, delta, bounds, dq, s, nh,
-            // nkv, d, scale, softcap, window) and write dq (b, s, nh, d) whole.
-            launch!(dev, ATTENTION_BACKWARD, format!("attention_bwd_dq_{dtype}_d{dm}"), cfg(nh);
-                &qv, &kv, &vv, &dout, lse, &delta, &bounds, &mut dq, &si, &nhi, &nkvi, &di,
-                &scale, &softcap, &window);
+            // The tensor-core kernels take no head-size argument (it is their template's).
+            if mma {
+                // SAFETY: attention_bwd_dkdv_mma_* take (q, k, v, dout, lse, delta, bounds,
+                // dk, dv, s, nh, nkv, scale, softcap, window) and write dk, dv (b, s, nkv, d)
+                // whole, d being the kernel's head size.
+                launch!(dev, ATTENTION_BACKWARD, format!("attention_bwd_dkdv_{kernel}"), cfg(nkv);
+                    &qv, &kv, &vv, &dout, lse, &delta, &bounds, &mut dk, &mut dv, &si, &nhi,
+                    &nkvi, &scale, &softcap, &window);
+                // SAFETY: attention_bwd_dq_mma_* take (q, k, v, dout, lse, delta, bounds, dq,
+                // s, nh, nkv, scale, softcap, window) and write dq (b, s, nh, d) whole.
+                launch!(dev, ATTENTION_BACKWARD, format!("attention_bwd_dq_{kernel}"), cfg(nh);
+                    &qv, &kv, &vv, &dout, lse, &delta, &bounds, &mut dq, &si, &nhi, &nkvi,
+                    &scale, &softcap, &window);
+            } else {
+                // SAFETY: attention_bwd_dkdv_* take (q, k, v, dout, lse, delta, bounds, dk,
+                // dv, s, nh, nkv, d, scale, softcap, window) and write dk, dv (b, s, nkv, d)
+                // whole.
+                launch!(dev, ATTENTION_BACKWARD, format!("attention_bwd_dkdv_{kernel}"), cfg(nkv);
+                    &qv, &kv, &vv, &dout, lse, &delta, &bounds, &mut dk, &mut dv, &si, &nhi,
+                    &nkvi, &di, &scale, &softcap, &window);
+                // SAFETY: attention_bwd_dq_* take (q, k, v, dout, lse, delta, bounds, dq, s,
+                // nh, nkv, d, scale, softcap, window) and write dq (b, s, nh, d) whole.
+                launch!(dev, ATTENTION_BACKWARD, format!("attention_bwd_dq_{kernel}"), cfg(nh);
+                    &qv, &kv, &vv, &dout, lse, &delta, &bounds, &mut dq, &si, &nhi, &nkvi, &di,
+                    &scale, &softcap, &window);
+            }
         }
         Ok((
             candle_core::CudaStorage::wrap_cuda_slice(grads, dev.clone()),
