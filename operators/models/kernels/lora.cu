@@ -1,6 +1,7 @@
 // The end of a LoRA projection, as PEFT computes it: out = T(f32(result) + update * scaling),
 // one rounding to the model's type (PyTorch promotes the sum to f32 and PEFT casts it back
-// once). Launched by src/ops/lora.rs.
+// once); and its backward's gradient of the update, f32(grad) * scaling. Launched by
+// src/ops/lora.rs.
 
 #include "common.cuh"
 
@@ -21,3 +22,20 @@ __device__ void lora_add(const T* __restrict__ result, const float* __restrict__
 LORA_ADD(lora_add_f32, float)
 LORA_ADD(lora_add_bf16, __nv_bfloat16)
 LORA_ADD(lora_add_f16, __half)
+
+// out = f32(x) * scaling: the update's gradient in one pass.
+template <typename T>
+__device__ void scaled_f32(const T* __restrict__ x, float* __restrict__ out, size_t n, float scaling) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        out[i] = __fmul_rn(to_float(x[i]), scaling);
+    }
+}
+
+#define SCALED_F32(NAME, T)                                                                    \
+    extern "C" __global__ void NAME(const T* x, float* out, size_t n, float scaling) {         \
+        scaled_f32<T>(x, out, n, scaling);                                                     \
+    }
+SCALED_F32(scaled_f32_f32, float)
+SCALED_F32(scaled_f32_bf16, __nv_bfloat16)
+SCALED_F32(scaled_f32_f16, __half)

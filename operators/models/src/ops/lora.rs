@@ -85,7 +85,9 @@ impl CustomOp2 for LoraAdd {
         _out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let update = (grad.to_dtype(DType::F32)? * self.scaling as f64)?;
+        let update = grad.contiguous()?.apply_op1_no_bwd(&ScaledF32 {
+            scaling: self.scaling,
+        })?;
         Ok((Some(grad.clone()), Some(update)))
     }
 }
@@ -133,6 +135,77 @@ impl LoraAdd {
         Ok((
             candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone()),
             rl.shape().clone(),
+        ))
+    }
+}
+
+/// The update's gradient: f32(grad) * scaling in one pass (composed, a cast and a scaling:
+/// two passes and an f32 temporary of the output's size).
+pub struct ScaledF32 {
+    pub scaling: f32,
+}
+
+impl ScaledF32 {
+    fn cpu<T: Element>(&self, x: &[T]) -> Vec<f32> {
+        x.par_iter().map(|v| v.to_f32() * self.scaling).collect()
+    }
+}
+
+impl candle_core::CustomOp1 for ScaledF32 {
+    fn name(&self) -> &'static str {
+        "arenaflow-scaled-f32"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let what = "scaled f32: input";
+        let out = match x {
+            CpuStorage::F32(x) => self.cpu(contiguous(x, xl, what)?),
+            CpuStorage::BF16(x) => self.cpu(contiguous(x, xl, what)?),
+            CpuStorage::F16(x) => self.cpu(contiguous(x, xl, what)?),
+            x => candle_core::bail!("scaled f32 takes f32, bf16 or f16, not {:?}", x.dtype()),
+        };
+        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::by_dtype!(self, "scaled_f32", x.dtype(), &x.device.clone(), (x, xl))
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl ScaledF32 {
+    fn launch<T>(
+        &self,
+        dev: &candle_core::cuda_backend::CudaDevice,
+        (x, xl): (&candle_core::CudaStorage, &Layout),
+    ) -> Result<(candle_core::CudaStorage, Shape)>
+    where
+        T: candle_core::cuda_backend::CudaDType
+            + candle_core::cuda_backend::cudarc::driver::DeviceRepr,
+    {
+        use crate::cuda::{launch, suffix, view, LORA};
+        use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
+        let n = xl.shape().elem_count();
+        let xv = view!(x, xl, T);
+        // SAFETY: the grid-stride loop writes all n elements.
+        let out = unsafe { dev.alloc::<f32>(n) }?;
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(256).clamp(1, 132 * 16) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let count = n as u64;
+        // SAFETY: scaled_f32_* take (x, out, n, scaling), both n elements long.
+        launch!(dev, LORA, format!("scaled_f32_{}", suffix(x.dtype())?), cfg;
+            &xv, &out, &count, &self.scaling);
+        Ok((
+            candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            xl.shape().clone(),
         ))
     }
 }
