@@ -523,9 +523,12 @@ impl AttentionBackward {
         let (nq, nk) = (b * s * nh * d, b * s * nkv * d);
         let mut grads = dev.alloc_zeros::<T>(nq + 2 * nk)?;
         // Tensor cores for bf16/f16 at head sizes 64 and 128 (64 keys or queries a block of
-        // 128 threads); the f32 kernels otherwise, their tile sizes those of
-        // attention_backward.cu's GRADS lines.
-        let mma = dtype != "f32" && (d == 64 || d == 128);
+        // 128 threads) where ARENAFLOW_ATTENTION_BACKWARD=mma asks for them (they are not
+        // yet checked on a GPU: `cuda_attention_backward_matches_composed_autograd`); the
+        // f32 kernels otherwise, their tile sizes those of attention_backward.cu's GRADS lines.
+        let mma = dtype != "f32"
+            && (d == 64 || d == 128)
+            && std::env::var("ARENAFLOW_ATTENTION_BACKWARD").as_deref() == Ok("mma");
         let dm = match d {
             0..=64 => 64,
             65..=128 => 128,
