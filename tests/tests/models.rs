@@ -430,6 +430,37 @@ fn quantize_plan_writes_a_checkpoint_into_the_run_directory() {
         "{worst} (largest {scale})"
     );
 
+    // Stage 8 through the quantized checkpoint: predict.sql takes its folder as `model`.
+    let log = ok(
+        "plans/predict.sql",
+        &[
+            format!("comparisons={}", train.display()),
+            format!("model={}", checkpoint.display()),
+            "model_name=int8".to_string(),
+            "tokenizer=tests/fixtures/teacher/tokenizer.json".to_string(),
+            "max_length=64".to_string(),
+            "dtype=f32".to_string(),
+        ],
+    );
+    let submission = std::fs::read_to_string(run_dir.join("predict/int8/submission.csv")).unwrap();
+    let lines: Vec<&str> = submission.lines().collect();
+    assert_eq!(
+        lines[0], "id,winner_model_a,winner_model_b,winner_tie",
+        "{log}"
+    );
+    assert_eq!(lines.len(), 31, "30 rows and the header: {log}");
+    for line in &lines[1..] {
+        let p: Vec<f64> = line
+            .split(',')
+            .skip(1)
+            .map(|x| x.parse().unwrap())
+            .collect();
+        assert!(
+            p.iter().all(|x| (0.0..=1.0).contains(x)) && (p.iter().sum::<f64>() - 1.0).abs() < 1e-5,
+            "{line}"
+        );
+    }
+
     let failed = run("plans/quantize.sql", &sets("bad", 20));
     assert!(!failed.status.success());
     assert!(
