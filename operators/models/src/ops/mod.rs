@@ -1,8 +1,9 @@
 //! arenaflow's custom candle ops, one per file, each with its CPU and CUDA sides together
 //! (candle-nn's `ops.rs` shape): the fused attention (with its backward pass), RoPE in its
-//! layout, RMSNorm, the gated activation, the frozen projection (no weight gradient), the
-//! end of a LoRA projection and a GPTQ weight's dequantization. The CUDA sides launch the
-//! kernels of `kernels/<op>.cu` through [`crate::cuda`].
+//! layout, RMSNorm, the gated activation (with its backward pass), the frozen projection
+//! (no weight gradient), the end of a LoRA projection, a GPTQ weight's dequantization and a
+//! backward pass's seed. The CUDA sides launch the kernels of `kernels/<op>.cu` through
+//! [`crate::cuda`].
 
 pub mod attention;
 pub mod dropout;
@@ -14,6 +15,7 @@ pub mod lora;
 pub mod optim;
 pub mod rms_norm;
 pub mod rope;
+pub mod seed;
 
 /// Whether the fused kernels of a device kind are on: `ARENAFLOW_GPU_KERNELS` /
 /// `ARENAFLOW_CPU_KERNELS` set to `off`, `0` or `false` switch to candle's composed ops.

@@ -448,9 +448,9 @@ impl Trainer {
                 };
                 let x = input.as_ref().map_or(&inputs[l], |v| v.as_tensor());
                 let out = dropout::with_key(layer_key(l), || layer.forward_t(x, &state, true))?;
-                // The vector-Jacobian product: d/dθ Σ (out ⊙ upstream).
-                let surrogate = (out * &upstream)?.sum_all()?;
-                let store = surrogate.backward()?;
+                // The vector-Jacobian product d/dθ Σ (out ⊙ upstream): the layer's backward
+                // seeded with upstream.
+                let store = crate::ops::seed::seeded(&out, &upstream)?.backward()?;
                 collect(&store)?;
                 if let Some(input) = &input {
                     upstream = store
