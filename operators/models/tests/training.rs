@@ -297,6 +297,99 @@ fn a_distill_step_matches_the_torch_formula() {
 
 /// A run stopped after any step and continued from its checkpoint ends bitwise where the
 /// uninterrupted run ends (f32 CPU, dropout on, shuffled, dev evaluations, `keep = best`).
+/// Data parallelism on the CPU: two ranks (threads joined over TCP, as two processes would
+/// be) each take half of every step's rows and sum their gradients; after 6 steps (2
+/// epochs, steps of 3-4 rows in micro-batches under 20 tokens, checkpointing) both ranks
+/// hold the same adapter, and it is the one process's within f32 rounding (1e-5 relative):
+/// the global batch and the data order are one process's.
+#[test]
+fn two_data_parallel_ranks_end_where_one_process_does() {
+    use arenaflow_models::train::Rendezvous;
+    let meta = meta();
+    let tokens = ids(&meta["steps"]["rows"]);
+    let labels: Vec<u32> = serde_json::from_value(meta["steps"]["labels"].clone()).unwrap();
+    let all = rows(&tokens, &labels, None);
+    let config = TrainConfig {
+        lr: 5e-3,
+        epochs: 2,
+        batch_rows: 4,
+        max_batch_tokens: 20,
+        gradient_checkpointing: true,
+        ..Default::default()
+    };
+    let adapter = |t: Trainer| -> Vec<f32> {
+        let (model, _) = t.finish().unwrap();
+        model
+            .trainable_vars()
+            .iter()
+            .flat_map(|(_, v)| {
+                v.as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let losses = |t: &Trainer| -> Vec<f64> {
+        t.events()
+            .iter()
+            .filter_map(|e| match e {
+                arenaflow_models::train::Event::Step(m) => Some(m.terms.loss),
+                _ => None,
+            })
+            .collect()
+    };
+    let mut one = trainer("llama", all.clone(), config.clone());
+    one.run(&mut |_, _| Ok(())).unwrap();
+    let (want_losses, want) = (losses(&one), adapter(one));
+    let port = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let ranks: Vec<_> = (0..2)
+        .map(|rank| {
+            let (all, config) = (all.clone(), config.clone());
+            std::thread::spawn(move || {
+                let collective = Rendezvous {
+                    rank,
+                    world: 2,
+                    local_rank: rank,
+                    master_addr: "127.0.0.1".into(),
+                    master_port: port,
+                }
+                .connect(std::time::Duration::from_secs(30))
+                .unwrap();
+                let mut t = trainer("llama", all, config).with_collective(Box::new(collective));
+                assert_eq!(t.rank(), (rank, 2));
+                t.run(&mut |_, _| Ok(())).unwrap();
+                let steps = t.events().len();
+                (losses(&t), steps, adapter(t))
+            })
+        })
+        .collect();
+    let results: Vec<_> = ranks.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!(results[0].2, results[1].2, "the two ranks' adapters differ");
+    assert_eq!(results[0].1, 6, "6 steps");
+    let norm = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let worst = results[0]
+        .2
+        .iter()
+        .zip(&want)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+        / norm;
+    eprintln!(
+        "data parallel, 2 ranks: adapter within {worst:.2e} of one process (relative); losses {:?} vs {:?}",
+        results[0].0, want_losses
+    );
+    assert!(worst < 1e-5, "{worst}");
+    assert!(worst > 0.0 || results[0].2 == want);
+    for (a, b) in results[0].0.iter().zip(&want_losses) {
+        assert!((a - b).abs() < 1e-5 * b.abs().max(1.0), "{a} vs {b}");
+    }
+}
+
 #[test]
 fn a_resumed_run_ends_bitwise_where_the_uninterrupted_one_does() {
     let meta = meta();

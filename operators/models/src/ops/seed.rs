@@ -5,6 +5,7 @@
 //! the forward and, in the backward, a tensor of ones of the output's size and another
 //! product (the same gradient: 1 * upstream = upstream).
 
+#[cfg(feature = "cuda")]
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 

@@ -2,9 +2,11 @@
 //! base frozen) with the recipe's distillation loss ([`loss`]), torch's AdamW, gradient
 //! clipping and transformers' schedules ([`optim`]), information-gain sample weights
 //! ([`info_gain`]), per-layer gradient checkpointing, and checkpoints that resume bitwise
-//! ([`state`]). [`Trainer`] runs the loop; the operators crate feeds it rows and turns its
-//! [`Event`]s into record batches.
+//! ([`state`]), and data-parallel ranks that sum their gradients ([`collective`]).
+//! [`Trainer`] runs the loop; the operators crate feeds it rows and turns its [`Event`]s
+//! into record batches.
 
+pub mod collective;
 pub mod info_gain;
 pub mod loss;
 pub mod optim;
@@ -13,6 +15,7 @@ mod trainer;
 
 use serde::{Deserialize, Serialize};
 
+pub use collective::{Collective, Rendezvous, Single, TcpCollective};
 pub use info_gain::{InfoGain, InfoGainConfig, InfoGainMode};
 pub use loss::{LossConfig, LossTerms};
 pub use optim::{AdamW, AdamWConfig, Schedule};

@@ -1,12 +1,15 @@
 //! The training loop: the data order of every epoch, steps of `batch_rows` rows (both
 //! orders of an id together), micro-batches under `max_batch_tokens` whose gradients sum to
 //! the step's, per-layer recomputation when checkpointing, clipping, AdamW, evaluation.
+//! With data-parallel ranks each takes its share of a step's rows and the ranks sum their
+//! gradients before the optimizer step ([`super::collective`]).
 
 use std::collections::HashMap;
 use std::time::Instant;
 
 use candle_core::{DType, Tensor, Var};
 
+use super::collective::{Collective, Single};
 use super::info_gain::InfoGain;
 use super::loss::{distill_loss, LossTerms};
 use super::optim::AdamW;
@@ -63,6 +66,8 @@ pub struct Trainer {
     pub(super) best: Option<Best>,
     /// Every event so far (a resumed run reports the earlier ones too).
     pub(super) events: Vec<Event>,
+    /// The data-parallel ranks this trainer is one of ([`Single`]: alone).
+    collective: std::sync::Mutex<Box<dyn Collective>>,
 }
 
 impl Trainer {
@@ -150,7 +155,25 @@ impl Trainer {
             info_gain,
             best: None,
             events: Vec::new(),
+            collective: std::sync::Mutex::new(Box::new(Single)),
         })
+    }
+
+    /// This trainer as one rank of a data-parallel run: every step it computes the
+    /// gradient of its share of the step's rows (every world-th row by length, from its
+    /// rank on) and sums it with the other ranks' through `collective`, so that every rank
+    /// takes the step one process over all the rows would. The ranks must be given the same
+    /// rows and configuration. With dropout the masks differ from one process's (they are
+    /// drawn per micro-batch); without, the adapters agree within float rounding.
+    pub fn with_collective(mut self, collective: Box<dyn Collective>) -> Self {
+        self.collective = std::sync::Mutex::new(collective);
+        self
+    }
+
+    /// (rank, world) of this trainer's data-parallel run.
+    pub fn rank(&self) -> (usize, usize) {
+        let c = self.collective.lock().expect("the collective's lock");
+        (c.rank(), c.world())
     }
 
     pub fn total_steps(&self) -> usize {
@@ -324,11 +347,30 @@ impl Trainer {
         let mut grads: Vec<Option<Tensor>> = vec![None; self.vars.len()];
         let mut terms = LossTerms::default();
         let mut tokens = 0;
-        let micro = micro_batches(&rows, self.config.max_batch_tokens);
+        let (rank, world) = self.rank();
+        // This rank's rows of the step (all of them alone), as indices into `rows`.
+        let share: Vec<usize> = if world == 1 {
+            (0..rows.len()).collect()
+        } else {
+            longest_first(&rows)
+                .into_iter()
+                .skip(rank)
+                .step_by(world)
+                .collect()
+        };
+        let share_rows: Vec<&TrainRow> = share.iter().map(|&i| rows[i]).collect();
+        let micro: Vec<Vec<usize>> = micro_batches(&share_rows, self.config.max_batch_tokens)
+            .into_iter()
+            .map(|m| m.into_iter().map(|j| share[j]).collect())
+            .collect();
         let mut student_logits = vec![[0f32; 3]; rows.len()];
         let (mut forward_seconds, mut backward_seconds) = (0.0, 0.0);
         for (m, members) in micro.iter().enumerate() {
-            let key = dropout::key(&[self.config.seed, index as u64, m as u64]);
+            let key = if world == 1 {
+                dropout::key(&[self.config.seed, index as u64, m as u64])
+            } else {
+                dropout::key(&[self.config.seed, index as u64, rank as u64, m as u64])
+            };
             let scales: Vec<f64> = members.iter().map(|&i| weights[i] / total_weight).collect();
             let part: Vec<&TrainRow> = members.iter().map(|&i| rows[i]).collect();
             tokens += part.iter().map(|r| r.input_ids.len()).sum::<usize>();
@@ -346,20 +388,78 @@ impl Trainer {
                 student_logits[i] = z;
             }
         }
-        let grads: Vec<Tensor> = grads
+        let mut grads: Vec<Tensor> = grads
             .into_iter()
             .zip(&self.vars)
             .map(|(g, v)| g.map_or_else(|| v.as_tensor().zeros_like(), Ok))
             .collect::<candle_core::Result<_>>()?;
+        let mut micro_batches = micro.len();
+        if world > 1 {
+            let mut counts = [tokens as f64, micro_batches as f64];
+            self.all_reduce(&mut grads, &mut terms, &mut student_logits, &mut counts)?;
+            (tokens, micro_batches) = (counts[0] as usize, counts[1] as usize);
+        }
         Ok(StepGradients {
             terms,
             grads,
             logits: student_logits,
             tokens,
-            micro_batches: micro.len(),
+            micro_batches,
             forward_seconds,
             backward_seconds,
         })
+    }
+
+    /// Sums a step's gradients, loss terms, row logits (each row's from the one rank that
+    /// computed it, zeros elsewhere) and `counts` over the data-parallel ranks, in one
+    /// exchange through the host.
+    fn all_reduce(
+        &self,
+        grads: &mut [Tensor],
+        terms: &mut LossTerms,
+        logits: &mut [[f32; 3]],
+        counts: &mut [f64],
+    ) -> Result<()> {
+        let teachers = self.teachers;
+        terms.kl.resize(teachers, 0.0);
+        terms.cos.resize(teachers, 0.0);
+        let mut flat: Vec<f64> = Vec::new();
+        for g in grads.iter() {
+            flat.extend(g.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?);
+        }
+        let scalars = flat.len();
+        flat.push(terms.loss);
+        flat.push(terms.ce);
+        flat.extend(&terms.kl);
+        flat.extend(&terms.cos);
+        flat.extend(logits.iter().flatten().map(|&z| z as f64));
+        flat.extend(counts.iter());
+        self.collective
+            .lock()
+            .map_err(|_| ModelError::Input("the collective's lock is poisoned".into()))?
+            .all_reduce_sum(&mut flat)?;
+        let mut at = 0;
+        for g in grads.iter_mut() {
+            let n = g.elem_count();
+            let summed = Tensor::from_slice(&flat[at..at + n], g.shape(), g.device())?;
+            *g = summed.to_dtype(g.dtype())?;
+            at += n;
+        }
+        debug_assert_eq!(at, scalars);
+        let mut rest = flat[at..].iter().copied();
+        let mut next = || rest.next().expect("the reduced buffer holds every part");
+        terms.loss = next();
+        terms.ce = next();
+        for t in terms.kl.iter_mut().chain(terms.cos.iter_mut()) {
+            *t = next();
+        }
+        for z in logits.iter_mut().flatten() {
+            *z = next() as f32;
+        }
+        for c in counts.iter_mut() {
+            *c = next();
+        }
+        Ok(())
     }
 
     /// Loss terms, the gradient of each variable, the rows' logits and the seconds of the
@@ -602,9 +702,8 @@ fn plan_steps(rows: &[TrainRow], config: &TrainConfig) -> Vec<PlannedStep> {
     plan
 }
 
-/// A step's rows split into micro-batches whose padded size (rows × longest row) stays
-/// under `max_tokens` (a longer row goes alone): rows sorted by length, longest first.
-fn micro_batches(rows: &[&TrainRow], max_tokens: usize) -> Vec<Vec<usize>> {
+/// The indices of `rows`, longest row first (ties by id and order).
+fn longest_first(rows: &[&TrainRow]) -> Vec<usize> {
     let mut order: Vec<usize> = (0..rows.len()).collect();
     order.sort_by(|&a, &b| {
         rows[b]
@@ -614,9 +713,15 @@ fn micro_batches(rows: &[&TrainRow], max_tokens: usize) -> Vec<Vec<usize>> {
             .then_with(|| rows[a].id.cmp(&rows[b].id))
             .then_with(|| rows[a].order.cmp(&rows[b].order))
     });
+    order
+}
+
+/// A step's rows split into micro-batches whose padded size (rows × longest row) stays
+/// under `max_tokens` (a longer row goes alone): rows sorted by length, longest first.
+fn micro_batches(rows: &[&TrainRow], max_tokens: usize) -> Vec<Vec<usize>> {
     let mut batches: Vec<Vec<usize>> = Vec::new();
     let mut longest = 0;
-    for i in order {
+    for i in longest_first(rows) {
         let len = rows[i].input_ids.len();
         match batches.last_mut() {
             Some(b) if (b.len() + 1) * longest.max(len) <= max_tokens => {
