@@ -74,12 +74,18 @@ pub async fn run_train(opts: &TrainOptions) -> Result<Vec<RecordBatch>> {
     let frame = ctx.sql("SELECT * FROM training").await?;
     let plan = frame.into_unoptimized_plan();
     let executed = execute(ctx.state(), plan).await.map_err(with_file)?;
-    let metrics = opts.output.join("metrics.parquet");
-    if let Some(first) = executed.batches.first() {
-        write_parquet(&metrics, first.schema(), &executed.batches)?;
-    }
-    if checkpoint.exists() {
-        std::fs::remove_dir_all(&checkpoint).map_err(|e| invalid(&checkpoint, e))?;
+    // Data-parallel ranks (torchrun's or SLURM's environment): rank 0 writes the outputs.
+    let leader = arenaflow_operators::distill_step::exec::data_parallel_rank()
+        .map_err(|e| invalid(&opts.output, e))?
+        .is_none_or(|rv| rv.rank == 0);
+    if leader {
+        let metrics = opts.output.join("metrics.parquet");
+        if let Some(first) = executed.batches.first() {
+            write_parquet(&metrics, first.schema(), &executed.batches)?;
+        }
+        if checkpoint.exists() {
+            std::fs::remove_dir_all(&checkpoint).map_err(|e| invalid(&checkpoint, e))?;
+        }
     }
     Ok(executed.batches)
 }

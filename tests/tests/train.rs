@@ -1,12 +1,14 @@
 //! Training through the plans and the CLI on the CPU (the tiny teacher of
 //! tests/fixtures/teacher, f32): a killed run continues from its checkpoint and ends with
 //! the adapter an uninterrupted run writes, byte for byte; `arenaflow train` does the same;
-//! bad settings and rows fail with messages naming them.
+//! two data-parallel `arenaflow train` processes end with one process's adapter; bad
+//! settings and rows fail with messages naming them.
 
 use std::path::Path;
 
 use arenaflow_tests::{
-    arenaflow, kill_at_pause, parquet_batches, parquet_files, small_train, text,
+    arenaflow, arenaflow_bin, kill_at_pause, parquet_batches, parquet_files, repo_root,
+    small_train, text,
 };
 
 const MODEL: &str = "tests/fixtures/teacher/model";
@@ -361,4 +363,144 @@ fn distill_joins_every_named_teacher_and_names_the_one_a_row_lacks() {
         "{said}"
     );
     assert!(!run_dir.join("train/student2/fold0/adapter").exists());
+}
+
+/// The f32 tensors of a safetensors file, by name (the format: an 8-byte header length, a
+/// JSON header of dtype, shape and data offsets, the data).
+fn safetensors_f32(path: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
+    let bytes = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let data = &bytes[8 + n..];
+    header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(k, v)| {
+            assert_eq!(v["dtype"], "F32", "{k}");
+            let (a, b) = (
+                v["data_offsets"][0].as_u64().unwrap() as usize,
+                v["data_offsets"][1].as_u64().unwrap() as usize,
+            );
+            let values = data[a..b]
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            (k.clone(), values)
+        })
+        .collect()
+}
+
+/// `arenaflow train` under a launcher's environment (torchrun's variables): two processes,
+/// one command line, each a rank that trains on half of every step's rows; rank 0 writes the
+/// adapter (rank 1 says it did not), and it is the one process's within f32 rounding (1e-4
+/// relative, per tensor).
+#[test]
+fn two_data_parallel_train_processes_write_one_process_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run_dir = tmp.path().join("run");
+    prepare(&run_dir, 20);
+    run_ok(&[
+        "run".into(),
+        "plans/tokenize.sql".into(),
+        "--run-dir".into(),
+        run_dir.display().to_string(),
+        "--set".into(),
+        format!("tokenizer={TOKENIZER}"),
+        "--set".into(),
+        "model_name=tiny".into(),
+        "--set".into(),
+        "max_length=64".into(),
+    ]);
+    let rows = run_dir.join("tokenize/tiny_blackpearl_64_balanced/tokens.parquet");
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "train",
+            "--model",
+            MODEL,
+            "--input",
+            rows.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            "--dtype",
+            "f32",
+            "--lora-r",
+            "4",
+            "--batch-rows",
+            "8",
+            "--max-batch-tokens",
+            "200",
+            "--max-steps",
+            "4",
+            "--no-shuffle",
+            "--lora-dropout",
+            "0",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let alone = tmp.path().join("alone");
+    run_ok(&args(&alone));
+    let port = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let together = tmp.path().join("together");
+    let ranks: Vec<std::process::Child> = (0..2)
+        .map(|rank| {
+            std::process::Command::new(arenaflow_bin())
+                .args(args(&together))
+                .current_dir(repo_root())
+                .env("WORLD_SIZE", "2")
+                .env("RANK", rank.to_string())
+                .env("LOCAL_RANK", rank.to_string())
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", port.to_string())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let logs: Vec<String> = ranks
+        .into_iter()
+        .map(|child| {
+            let out = child.wait_with_output().unwrap();
+            let log = text(&out);
+            assert!(out.status.success(), "{log}");
+            log
+        })
+        .collect();
+    assert!(
+        logs[0].contains("rank 0 of 2, joining rank 0"),
+        "{}",
+        logs[0]
+    );
+    assert!(logs[0].contains("metrics.parquet: 4 rows"), "{}", logs[0]);
+    assert!(
+        logs[1].contains("rank 1 of 2: done; rank 0 writes"),
+        "{}",
+        logs[1]
+    );
+    let (want, got) = (
+        safetensors_f32(&alone.join("adapter_model.safetensors")),
+        safetensors_f32(&together.join("adapter_model.safetensors")),
+    );
+    assert_eq!(
+        want.keys().collect::<Vec<_>>(),
+        got.keys().collect::<Vec<_>>()
+    );
+    let mut worst = 0f32;
+    for (name, w) in &want {
+        let g = &got[name];
+        let norm = w.iter().fold(1e-12f32, |m, x| m.max(x.abs()));
+        let diff = w.iter().zip(g).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        worst = worst.max(diff / norm);
+    }
+    // 7.3e-6 (per tensor, relative to its largest value): the sums' order differs.
+    eprintln!("two data-parallel processes: adapter within {worst:.2e} of one process");
+    assert!(worst < 1e-4, "{worst}");
 }

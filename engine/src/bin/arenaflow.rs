@@ -111,7 +111,10 @@ enum Command {
     /// ids (Parquet: `id`, `input_ids`, `label`; optional `order`, `weight`, `split`
     /// ('train'/'dev') and teacher logit columns): the `distill_step` operator, as the
     /// plans run it. Writes a PEFT folder with `metrics.parquet`; after kill -9 the same
-    /// command continues from its last checkpoint.
+    /// command continues from its last checkpoint. Under torchrun or srun (WORLD_SIZE,
+    /// RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT, or SLURM's task variables) each process
+    /// is a data-parallel rank: it trains on its share of every step's rows, the ranks sum
+    /// their gradients, and rank 0 writes the output.
     Train(TrainArgs),
     /// GPTQ (8 bits, groups of 128 by default) of a model, its adapter merged first: the
     /// first --rows rows of a Parquet file of token ids (`input_ids`, list<int32>: training
@@ -331,10 +334,18 @@ fn train(args: TrainArgs) -> anyhow::Result<()> {
         "{}",
         datafusion::arrow::util::pretty::pretty_format_batches(&batches)?
     );
-    println!(
-        "wrote {} (adapter_config.json, adapter_model.safetensors, metrics.parquet: {rows} rows)",
-        options.output.display()
-    );
+    match arenaflow_operators::distill_step::exec::data_parallel_rank()? {
+        Some(rv) if rv.rank > 0 => println!(
+            "rank {} of {}: done; rank 0 writes {}",
+            rv.rank,
+            rv.world,
+            options.output.display()
+        ),
+        _ => println!(
+            "wrote {} (adapter_config.json, adapter_model.safetensors, metrics.parquet: {rows} rows)",
+            options.output.display()
+        ),
+    }
     Ok(())
 }
 

@@ -35,7 +35,7 @@ use crate::run_state::ManagedOutput;
 use crate::scaffold::{Operator, OperatorRun, OperatorTable};
 use crate::teacher_forward::Progress;
 use crate::token_rows::{input_error, row_keys, token_rows, ID, INPUT_IDS, ORDER};
-use arenaflow_models::train::{state, Event, TrainRow, Trainer};
+use arenaflow_models::train::{state, Event, Rendezvous, TrainRow, Trainer};
 
 const NAME: &str = "distill_step";
 const LABEL: &str = "label";
@@ -172,6 +172,7 @@ impl Operator for DistillStep {
         };
         let job = Job {
             settings: self.settings.clone(),
+            managed: managed.is_some(),
             schema: run.schema.clone(),
             checkpoint,
             adapter,
@@ -219,6 +220,8 @@ type Sender = tokio::sync::mpsc::Sender<Result<RecordBatch>>;
 
 struct Job {
     settings: TrainSettings,
+    /// Run inside a plan's run directory (not `arenaflow train`'s output folder).
+    managed: bool,
     schema: SchemaRef,
     checkpoint: Option<PathBuf>,
     adapter: PathBuf,
@@ -236,7 +239,21 @@ impl Job {
             ))));
         }
         arenaflow_models::device::reset_peak();
-        let settings = self.settings.clone();
+        let mut settings = self.settings.clone();
+        let rendezvous = data_parallel_rank().map_err(external)?;
+        if let Some(rv) = &rendezvous {
+            if self.managed {
+                return Err(external(OperatorError::Config(format!(
+                    "{NAME}: data-parallel ranks (WORLD_SIZE {}) train through `arenaflow train`; \
+                     inside a plan they would share the run directory",
+                    rv.world
+                ))));
+            }
+            // Each rank takes the GPU of its local rank unless the device names one.
+            if settings.device == "cuda" {
+                settings.device = format!("cuda:{}", rv.local_rank);
+            }
+        }
         let model = tokio::task::spawn_blocking(move || load_model(&settings))
             .await
             .map_err(|e| DataFusionError::External(Box::new(e)))?
@@ -262,21 +279,40 @@ impl Job {
         let job = Arc::new(self);
         let worker = job.clone();
         let train_sender = sender.clone();
-        tokio::task::spawn_blocking(move || worker.train(model, rows, &train_sender))
+        tokio::task::spawn_blocking(move || worker.train(model, rows, rendezvous, &train_sender))
             .await
             .map_err(|e| DataFusionError::External(Box::new(e)))?
     }
 
     /// Builds the trainer (resuming from the checkpoint where there is one), runs it,
     /// sends each event as a row, commits checkpoints, writes the adapter.
+    /// With `rendezvous` the trainer is one rank of a data-parallel run; only rank 0 writes
+    /// checkpoints, the adapter and the loss curve (every rank resumes from rank 0's
+    /// checkpoint).
     fn train(
         &self,
         model: arenaflow_models::models::SequenceClassifier,
         rows: Vec<TrainRow>,
+        rendezvous: Option<Rendezvous>,
         sender: &Sender,
     ) -> Result<()> {
         let mut trainer = Trainer::new(model, self.settings.train.clone(), rows)
             .map_err(|e| external(e.into()))?;
+        let leader = rendezvous.as_ref().is_none_or(|rv| rv.rank == 0);
+        if let Some(rv) = &rendezvous {
+            let timeout = std::env::var("ARENAFLOW_RENDEZVOUS_TIMEOUT")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(600);
+            eprintln!(
+                "{NAME}: rank {} of {}, joining rank 0 at {}:{} (up to {timeout} s)",
+                rv.rank, rv.world, rv.master_addr, rv.master_port
+            );
+            let collective = rv
+                .connect(std::time::Duration::from_secs(timeout))
+                .map_err(|e| external(e.into()))?;
+            trainer = trainer.with_collective(Box::new(collective));
+        }
         if let Some(dir) = &self.checkpoint {
             if state::exists(dir) {
                 state::restore(&mut trainer, dir).map_err(|e| external(e.into()))?;
@@ -320,7 +356,8 @@ impl Job {
                 Event::Step(m) => {
                     progress.set_note(format!("loss {:.4}", m.terms.loss));
                     progress.advance(1, m.tokens as u64);
-                    if let (Some(dir), true) = (&self.checkpoint, every > 0 && m.step % every == 0)
+                    if let (Some(dir), true) =
+                        (&self.checkpoint, leader && every > 0 && m.step % every == 0)
                     {
                         state::save(t, dir)?;
                         pause_for_tests(m.step);
@@ -346,7 +383,7 @@ impl Job {
         }
         result.map_err(|e| external(e.into()))?;
         let computed = trainer.steps_done() - resumed_at;
-        if let Some(dir) = &self.checkpoint {
+        if let (Some(dir), true) = (&self.checkpoint, leader) {
             state::save(&trainer, dir).map_err(|e| external(e.into()))?;
         }
         let peak = arenaflow_models::device::peak_memory(trainer.model.device());
@@ -360,15 +397,22 @@ impl Job {
         if let Some((step, loss)) = best {
             eprintln!("{NAME}: keeping the adapter of step {step} (dev log loss {loss:.4})");
         }
-        write_adapter(&model, &self.adapter).map_err(external)?;
-        write_loss_curve(&events, &self.loss_curve).map_err(external)?;
         let stats = self.stats(&events, (train_rows, dev_rows, steps), computed, best, peak);
-        eprintln!(
-            "{NAME}: wrote {} and {}; {}",
-            self.adapter.display(),
-            self.loss_curve.display(),
-            stats.summary()
-        );
+        if leader {
+            write_adapter(&model, &self.adapter).map_err(external)?;
+            write_loss_curve(&events, &self.loss_curve).map_err(external)?;
+            eprintln!(
+                "{NAME}: wrote {} and {}; {}",
+                self.adapter.display(),
+                self.loss_curve.display(),
+                stats.summary()
+            );
+        } else {
+            eprintln!(
+                "{NAME}: done (rank 0 writes the adapter); {}",
+                stats.summary()
+            );
+        }
         *self.figures.lock() = Some(stats);
         Ok(())
     }
@@ -603,6 +647,12 @@ pub fn training_figures(plan: &Arc<dyn ExecutionPlan>) -> Vec<TrainingStats> {
         .into_iter()
         .filter_map(|exec| exec.operator().figures())
         .collect()
+}
+
+/// This process's rank in a data-parallel run, from the launcher's environment (torchrun's
+/// or SLURM's; `train::Rendezvous`); `None` alone.
+pub fn data_parallel_rank() -> std::result::Result<Option<Rendezvous>, OperatorError> {
+    Rendezvous::from_env(|k| std::env::var(k).ok()).map_err(OperatorError::from)
 }
 
 /// `ARENAFLOW_TEST_PAUSE_AFTER_STEPS=N`: after the checkpoint of step N, say so and stop
