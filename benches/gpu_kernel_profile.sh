@@ -7,7 +7,9 @@
 #
 #   smol:    SmolLM2-135M on the parity rows (benches/train_parity.sh rows; the GGUF staged by
 #            benches/gpu_recipe.sh stage), 16 rows x 512 tokens a step, dropout 0.05
-#   llama8b: the race's shape (benches/train_race.sh prepare), random weights, r 64
+#   llama8b: the race's shape and settings (benches/train_race.sh prepare; --lora-autocast as
+#            the race, since 2026-12-04's sixth session: its first profile ran the adapters
+#            in f32), random weights, r 64
 #
 #   benches/gpu_kernel_profile.sh smol|llama8b [STEPS]
 set -euo pipefail
@@ -27,7 +29,7 @@ case "${1:-}" in
   llama8b)
     cmd=("$bin" train --model benches/configs/llama-3.1-8b.json --random-weights 0
       --input device/train_race/llama3.parquet --output "$work/adapter" --dtype bf16
-      --device cuda:0 --lora-r 64 --lora-alpha 128 --lora-dropout 0 --batch-rows 8
+      --device cuda:0 --lora-r 64 --lora-alpha 128 --lora-dropout 0 --lora-autocast --batch-rows 8
       --max-batch-tokens 8192 --max-steps "$steps" --gradient-checkpointing --no-shuffle
       --checkpoint-every 0 --lr 1e-4 --adam-beta2 0.95 --warmup-steps 0)
     ;;
