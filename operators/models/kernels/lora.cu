@@ -1,7 +1,8 @@
 // The end of a LoRA projection, as PEFT computes it: out = T(f32(result) + update * scaling),
 // one rounding to the model's type (PyTorch promotes the sum to f32 and PEFT casts it back
-// once); and its backward's gradient of the update, f32(grad) * scaling. Launched by
-// src/ops/lora.rs.
+// once); under autocast, with the update in T: out = T(result + T(update * scaling)). And
+// the backward's gradient of the update, f32(grad) * scaling (in f32 or rounded to T).
+// Launched by src/ops/lora.rs.
 
 #include "common.cuh"
 
@@ -39,3 +40,38 @@ __device__ void scaled_f32(const T* __restrict__ x, float* __restrict__ out, siz
 SCALED_F32(scaled_f32_f32, float)
 SCALED_F32(scaled_f32_bf16, __nv_bfloat16)
 SCALED_F32(scaled_f32_f16, __half)
+
+// Autocast's order: the scaled update rounded to T, then the sum.
+template <typename T>
+__device__ void lora_add_rounded(const T* __restrict__ result, const T* __restrict__ update,
+                                 T* __restrict__ out, size_t n, float scaling) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        float scaled = to_float(from_float<T>(__fmul_rn(to_float(update[i]), scaling)));
+        out[i] = from_float<T>(__fadd_rn(to_float(result[i]), scaled));
+    }
+}
+
+#define LORA_ADD_ROUNDED(NAME, T)                                                              \
+    extern "C" __global__ void NAME(const T* result, const T* update, T* out, size_t n,        \
+                                    float scaling) {                                           \
+        lora_add_rounded<T>(result, update, out, n, scaling);                                  \
+    }
+LORA_ADD_ROUNDED(lora_add_rounded_bf16, __nv_bfloat16)
+LORA_ADD_ROUNDED(lora_add_rounded_f16, __half)
+
+// out = T(f32(x) * scaling): autocast's update gradient.
+template <typename T>
+__device__ void scaled_same(const T* __restrict__ x, T* __restrict__ out, size_t n, float scaling) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        out[i] = from_float<T>(__fmul_rn(to_float(x[i]), scaling));
+    }
+}
+
+#define SCALED_SAME(NAME, T)                                                                   \
+    extern "C" __global__ void NAME(const T* x, T* out, size_t n, float scaling) {             \
+        scaled_same<T>(x, out, n, scaling);                                                    \
+    }
+SCALED_SAME(scaled_same_bf16, __nv_bfloat16)
+SCALED_SAME(scaled_same_f16, __half)

@@ -1178,13 +1178,20 @@ fn cuda_lora_add_matches_the_cpu() {
             .collect()
     };
     let (r, u, w) = (draw(3.0), draw(0.01), draw(1.0));
-    let run = |device: &Device, dtype: DType| -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    // `autocast`: the update in the model's dtype (autocast's rounded order).
+    let run = |device: &Device, dtype: DType, autocast: bool| -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let rt = Tensor::from_slice(&r, (rows, cols), device)
             .unwrap()
             .to_dtype(dtype)
             .unwrap();
         let rv = Var::from_tensor(&rt).unwrap();
-        let uv = Var::from_tensor(&Tensor::from_slice(&u, (rows, cols), device).unwrap()).unwrap();
+        let ut = Tensor::from_slice(&u, (rows, cols), device).unwrap();
+        let ut = if autocast {
+            ut.to_dtype(dtype).unwrap()
+        } else {
+            ut
+        };
+        let uv = Var::from_tensor(&ut).unwrap();
         let wt = Tensor::from_slice(&w, (rows, cols), device)
             .unwrap()
             .to_dtype(dtype)
@@ -1197,14 +1204,26 @@ fn cuda_lora_add_matches_the_cpu() {
             bits(grads.get(uv.as_tensor()).unwrap()),
         )
     };
-    for dtype in [DType::F32, DType::BF16, DType::F16] {
-        let cpu = run(&Device::Cpu, dtype);
-        let cuda = run(&gpu, dtype);
-        assert!(cpu.0 == cuda.0, "{dtype:?}: output");
-        assert!(cpu.1 == cuda.1, "{dtype:?}: the result's gradient");
-        assert!(cpu.2 == cuda.2, "{dtype:?}: the update's gradient");
+    for (dtype, autocast) in [
+        (DType::F32, false),
+        (DType::BF16, false),
+        (DType::F16, false),
+        (DType::BF16, true),
+        (DType::F16, true),
+    ] {
+        let cpu = run(&Device::Cpu, dtype, autocast);
+        let cuda = run(&gpu, dtype, autocast);
+        assert!(cpu.0 == cuda.0, "{dtype:?} autocast {autocast}: output");
+        assert!(
+            cpu.1 == cuda.1,
+            "{dtype:?} autocast {autocast}: the result's gradient"
+        );
+        assert!(
+            cpu.2 == cuda.2,
+            "{dtype:?} autocast {autocast}: the update's gradient"
+        );
         eprintln!(
-            "lora_add {dtype:?}: {} elements, GPU = CPU bit for bit",
+            "lora_add {dtype:?} autocast {autocast}: {} elements, GPU = CPU bit for bit",
             rows * cols
         );
     }

@@ -213,8 +213,8 @@ impl Linear {
             };
             let (a, b) = (a.to_dtype(dtype)?, b.to_dtype(dtype)?);
             let update = linear(&linear(&x, &a, None)?, &b, None)?;
-            let scaled = (update.to_dtype(DType::F32)? * lora.scaling)?.to_dtype(dtype)?;
-            return base + scaled;
+            // T(base + T(update * scaling)) in one pass.
+            return crate::ops::lora::lora_add(&base, &update, lora.scaling);
         }
         // PEFT runs the adapter in its own (f32) dtype and adds the result in the model's.
         let x = lora_input(xs.to_dtype(a.dtype())?, lora.dropout, train)?;
