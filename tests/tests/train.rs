@@ -365,6 +365,15 @@ fn distill_joins_every_named_teacher_and_names_the_one_a_row_lacks() {
     assert!(!run_dir.join("train/student2/fold0/adapter").exists());
 }
 
+/// A port nobody listens on now (bound, then released): rank 0's.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind(("127.0.0.1", 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// The f32 tensors of a safetensors file, by name (the format: an 8-byte header length, a
 /// JSON header of dtype, shape and data offsets, the data).
 fn safetensors_f32(path: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
@@ -444,11 +453,7 @@ fn two_data_parallel_train_processes_write_one_process_adapter() {
     };
     let alone = tmp.path().join("alone");
     run_ok(&args(&alone));
-    let port = std::net::TcpListener::bind(("127.0.0.1", 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let launch = |out: &Path, rank: usize, port: u16, pause: Option<usize>| {
         let mut command = std::process::Command::new(arenaflow_bin());
         command
@@ -514,11 +519,7 @@ fn two_data_parallel_train_processes_write_one_process_adapter() {
     // step 3's sum and is killed, then rank 0 (a launcher takes every rank down). The same
     // command again resumes both from rank 0's checkpoint and ends with the uninterrupted
     // run's adapter, byte for byte.
-    let port = std::net::TcpListener::bind(("127.0.0.1", 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let resumed = tmp.path().join("resumed");
     let mut leader = launch(&resumed, 0, port, Some(2));
     let mut follower = launch(&resumed, 1, port, None);
