@@ -35,6 +35,24 @@ fn prepare(run_dir: &Path, rows: usize) {
     ]);
 }
 
+/// 20 prepared rows tokenized at 64 tokens for the tiny teacher: `arenaflow train`'s input.
+fn tokenized_rows(run_dir: &Path) -> std::path::PathBuf {
+    prepare(run_dir, 20);
+    run_ok(&[
+        "run".into(),
+        "plans/tokenize.sql".into(),
+        "--run-dir".into(),
+        run_dir.display().to_string(),
+        "--set".into(),
+        format!("tokenizer={TOKENIZER}"),
+        "--set".into(),
+        "model_name=tiny".into(),
+        "--set".into(),
+        "max_length=64".into(),
+    ]);
+    run_dir.join("tokenize/tiny_blackpearl_64_balanced/tokens.parquet")
+}
+
 fn train_args(run_dir: &Path) -> Vec<String> {
     let mut args: Vec<String> = vec![
         "run".into(),
@@ -167,21 +185,7 @@ fn a_killed_training_run_continues_and_ends_with_the_same_adapter() {
 #[test]
 fn arenaflow_train_resumes_and_refuses_bad_settings() {
     let tmp = tempfile::tempdir().unwrap();
-    let run_dir = tmp.path().join("run");
-    prepare(&run_dir, 20);
-    run_ok(&[
-        "run".into(),
-        "plans/tokenize.sql".into(),
-        "--run-dir".into(),
-        run_dir.display().to_string(),
-        "--set".into(),
-        format!("tokenizer={TOKENIZER}"),
-        "--set".into(),
-        "model_name=tiny".into(),
-        "--set".into(),
-        "max_length=64".into(),
-    ]);
-    let rows = run_dir.join("tokenize/tiny_blackpearl_64_balanced/tokens.parquet");
+    let rows = tokenized_rows(&tmp.path().join("run"));
     let args = |out: &Path| -> Vec<String> {
         [
             "train",
@@ -409,21 +413,7 @@ fn safetensors_f32(path: &Path) -> std::collections::BTreeMap<String, Vec<f32>> 
 #[test]
 fn two_data_parallel_train_processes_write_one_process_adapter() {
     let tmp = tempfile::tempdir().unwrap();
-    let run_dir = tmp.path().join("run");
-    prepare(&run_dir, 20);
-    run_ok(&[
-        "run".into(),
-        "plans/tokenize.sql".into(),
-        "--run-dir".into(),
-        run_dir.display().to_string(),
-        "--set".into(),
-        format!("tokenizer={TOKENIZER}"),
-        "--set".into(),
-        "model_name=tiny".into(),
-        "--set".into(),
-        "max_length=64".into(),
-    ]);
-    let rows = run_dir.join("tokenize/tiny_blackpearl_64_balanced/tokens.parquet");
+    let rows = tokenized_rows(&tmp.path().join("run"));
     let args = |out: &Path| -> Vec<String> {
         [
             "train",
