@@ -341,16 +341,17 @@ __device__ __forceinline__ void load_b(uint32_t* b, const T (*tile)[ST], int c0,
 }
 
 // Rows first..first+R of a (b, s, heads, D) tensor's head `head` of row `row` into a shared
-// tile in 16-byte chunks, zeros for rows at or past `limit`.
+// tile in 16-byte chunks, zeros for rows before `lower` or at or past `limit` (padding
+// positions never reach a product, even as 0 x their values).
 template <typename T, int D, int R, int ST>
 __device__ __forceinline__ void stage_rows(T (*tile)[ST], const T* __restrict__ src, int row, int s,
-                                           int heads, int head, int first, int limit) {
+                                           int heads, int head, int first, int lower, int limit) {
     constexpr int CHUNKS = R * D / 8;
     for (int i = threadIdx.x; i < CHUNKS; i += blockDim.x) {
         int r = i / (D / 8), c = (i % (D / 8)) * 8;
         int at = first + r;
         uint4 val = make_uint4(0, 0, 0, 0);
-        if (at < limit) val = *reinterpret_cast<const uint4*>(src + (((size_t)row * s + at) * heads + head) * D + c);
+        if (at >= lower && at < limit) val = *reinterpret_cast<const uint4*>(src + (((size_t)row * s + at) * heads + head) * D + c);
         *reinterpret_cast<uint4*>(&tile[r][c]) = val;
     }
 }
@@ -400,8 +401,8 @@ __device__ void attention_bwd_dkdv_mma(const T* __restrict__ q, const T* __restr
         for (int e = 0; e < 4; e++) acc_k[j][e] = acc_v[j][e] = 0.f;
 
     if (j0 < end && j0 + BN > start) {
-        stage_rows<T, D, BN, ST>(ks, k, row, s, nkv, kvh, j0, s);
-        stage_rows<T, D, BN, ST>(vs, v, row, s, nkv, kvh, j0, s);
+        stage_rows<T, D, BN, ST>(ks, k, row, s, nkv, kvh, j0, start, end);
+        stage_rows<T, D, BN, ST>(vs, v, row, s, nkv, kvh, j0, start, end);
         // Queries that see some key of the tile: [max(j0, start), qhi).
         const int qlo = max(j0, start);
         int qhi = end;
@@ -412,8 +413,8 @@ __device__ void attention_bwd_dkdv_mma(const T* __restrict__ q, const T* __restr
             const float* delta_h = delta + ((size_t)row * nh + head) * s;
             for (int i0 = qlo; i0 < qhi; i0 += BM) {
                 __syncthreads();  // the previous query tile is no longer read
-                stage_rows<T, D, BM, ST>(qs, q, row, s, nh, head, i0, qhi);
-                stage_rows<T, D, BM, ST>(dos, dout, row, s, nh, head, i0, qhi);
+                stage_rows<T, D, BM, ST>(qs, q, row, s, nh, head, i0, qlo, qhi);
+                stage_rows<T, D, BM, ST>(dos, dout, row, s, nh, head, i0, qlo, qhi);
                 for (int r = threadIdx.x; r < BM; r += blockDim.x) {
                     bool real = i0 + r < qhi;
                     lse_s[r] = real ? lse_h[i0 + r] : 0.f;
@@ -542,8 +543,8 @@ __device__ void attention_bwd_dq_mma(const T* __restrict__ q, const T* __restric
         lo = (lo / BN) * BN;
         for (int n0 = lo; n0 < hi; n0 += BN) {
             __syncthreads();  // the previous key tile is no longer read
-            stage_rows<T, D, BN, ST>(ks, k, row, s, nkv, kvh, n0, s);
-            stage_rows<T, D, BN, ST>(vs, v, row, s, nkv, kvh, n0, s);
+            stage_rows<T, D, BN, ST>(ks, k, row, s, nkv, kvh, n0, start, end);
+            stage_rows<T, D, BN, ST>(vs, v, row, s, nkv, kvh, n0, start, end);
             __syncthreads();
 #pragma unroll
             for (int c = 0; c < BN / 16; c++) {
