@@ -53,6 +53,32 @@ fn tokenized_rows(run_dir: &Path) -> std::path::PathBuf {
     run_dir.join("tokenize/tiny_blackpearl_64_balanced/tokens.parquet")
 }
 
+/// `arenaflow train` on `rows` into `out`: the tiny teacher in f32, LoRA r 4, steps of 8
+/// rows in file order, then `extra`.
+fn cli_train_args(rows: &Path, out: &Path, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "train",
+        "--model",
+        MODEL,
+        "--input",
+        rows.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--dtype",
+        "f32",
+        "--lora-r",
+        "4",
+        "--batch-rows",
+        "8",
+        "--no-shuffle",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
 fn train_args(run_dir: &Path) -> Vec<String> {
     let mut args: Vec<String> = vec![
         "run".into(),
@@ -186,31 +212,8 @@ fn a_killed_training_run_continues_and_ends_with_the_same_adapter() {
 fn arenaflow_train_resumes_and_refuses_bad_settings() {
     let tmp = tempfile::tempdir().unwrap();
     let rows = tokenized_rows(&tmp.path().join("run"));
-    let args = |out: &Path| -> Vec<String> {
-        [
-            "train",
-            "--model",
-            MODEL,
-            "--input",
-            rows.to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-            "--dtype",
-            "f32",
-            "--lora-r",
-            "4",
-            "--batch-rows",
-            "8",
-            "--max-steps",
-            "5",
-            "--checkpoint-every",
-            "1",
-            "--no-shuffle",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
-    };
+    let args =
+        |out: &Path| cli_train_args(&rows, out, &["--max-steps", "5", "--checkpoint-every", "1"]);
     let whole = tmp.path().join("whole");
     let log = run_ok(&args(&whole));
     assert!(log.contains("metrics.parquet: 5 rows"), "{log}");
@@ -414,32 +417,19 @@ fn safetensors_f32(path: &Path) -> std::collections::BTreeMap<String, Vec<f32>> 
 fn two_data_parallel_train_processes_write_one_process_adapter() {
     let tmp = tempfile::tempdir().unwrap();
     let rows = tokenized_rows(&tmp.path().join("run"));
-    let args = |out: &Path| -> Vec<String> {
-        [
-            "train",
-            "--model",
-            MODEL,
-            "--input",
-            rows.to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-            "--dtype",
-            "f32",
-            "--lora-r",
-            "4",
-            "--batch-rows",
-            "8",
-            "--max-batch-tokens",
-            "200",
-            "--max-steps",
-            "4",
-            "--no-shuffle",
-            "--lora-dropout",
-            "0",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+    let args = |out: &Path| {
+        cli_train_args(
+            &rows,
+            out,
+            &[
+                "--max-batch-tokens",
+                "200",
+                "--max-steps",
+                "4",
+                "--lora-dropout",
+                "0",
+            ],
+        )
     };
     let alone = tmp.path().join("alone");
     run_ok(&args(&alone));

@@ -66,6 +66,16 @@ macro_rules! launch {
 }
 pub(crate) use launch;
 
+/// The launch of an element-wise grid-stride kernel over `n` elements: 256 threads a block,
+/// at most 16 blocks per SM of an H100/H200 (132), at least one.
+pub(crate) fn grid_stride(n: usize) -> candle_core::cuda_backend::cudarc::driver::LaunchConfig {
+    candle_core::cuda_backend::cudarc::driver::LaunchConfig {
+        grid_dim: (n.div_ceil(256).clamp(1, 132 * 16) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 pub(crate) fn fail(message: String) -> candle_core::Error {
     candle_core::Error::Cuda(message.into())
 }

@@ -158,7 +158,6 @@ impl Gated {
             + candle_core::cuda_backend::cudarc::driver::DeviceRepr,
     {
         use crate::cuda::{fail, launch, suffix, view, GATED};
-        use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
         if gl.shape() != ul.shape() {
             return Err(fail(format!("gated: {:?} vs {:?}", gl.shape(), ul.shape())));
         }
@@ -166,11 +165,7 @@ impl Gated {
         let (gv, uv) = (view!(g, gl, T), view!(u, ul, T));
         // SAFETY: the grid-stride loop writes all n elements.
         let out = unsafe { dev.alloc::<T>(n) }?;
-        let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(256).min(132 * 16) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = crate::cuda::grid_stride(n);
         let (count, kind) = (n as u64, self.activation as i32);
         // SAFETY: gated_* take (gate, up, out, n, kind), all n elements long.
         launch!(dev, GATED, format!("gated_{}", suffix(g.dtype())?), cfg;
@@ -323,7 +318,6 @@ impl GatedBackward {
             + candle_core::cuda_backend::cudarc::driver::DeviceRepr,
     {
         use crate::cuda::{fail, launch, suffix, view, GATED};
-        use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
         if gl.shape() != ul.shape() || gl.shape() != dl.shape() {
             return Err(fail(format!(
                 "gated backward: {:?}, {:?}, {:?}",
@@ -336,11 +330,7 @@ impl GatedBackward {
         let (gv, uv, dv) = (view!(g, gl, T), view!(u, ul, T), view!(d, dl, T));
         // SAFETY: the grid-stride loop writes all 2n elements (i and n + i for each i < n).
         let out = unsafe { dev.alloc::<T>(2 * n) }?;
-        let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(256).min(132 * 16) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = crate::cuda::grid_stride(n);
         let (count, kind) = (n as u64, self.activation as i32);
         // SAFETY: gated_backward_* take (gate, up, grad, out, n, kind): three inputs n long
         // and out 2n long.

@@ -134,7 +134,6 @@ impl Dequantize {
             + candle_core::cuda_backend::cudarc::driver::DeviceRepr,
     {
         use crate::cuda::{launch, suffix, view, GPTQ};
-        use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
         let (out, inp, groups) = Self::dims(cl, pl, gl)?;
         if p.dtype() != DType::F32 {
             return Err(crate::cuda::fail(format!(
@@ -146,11 +145,7 @@ impl Dequantize {
         let n = out * inp;
         // SAFETY: the grid-stride loop writes all n elements.
         let w = unsafe { dev.alloc::<T>(n) }?;
-        let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(256).clamp(1, 132 * 16) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = crate::cuda::grid_stride(n);
         let (o, i, gs) = (out as u32, inp as u32, groups as u32);
         // SAFETY: gptq_dequantize_* take (codes, params, g_idx, w, out, in, groups): codes
         // and w out x in, params 2 x groups x out, g_idx in (each entry below groups: the

@@ -134,7 +134,6 @@ impl LoraAdd {
             + candle_core::cuda_backend::cudarc::driver::DeviceRepr,
     {
         use crate::cuda::{fail, launch, suffix, view, LORA};
-        use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
         if rl.shape() != ul.shape() {
             return Err(fail(format!(
                 "lora_add: {:?} vs {:?}",
@@ -146,11 +145,7 @@ impl LoraAdd {
         let rv = view!(r, rl, T);
         // SAFETY: the grid-stride loop writes all n elements.
         let out = unsafe { dev.alloc::<T>(n) }?;
-        let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(256).clamp(1, 132 * 16) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = crate::cuda::grid_stride(n);
         let count = n as u64;
         if u.dtype() == DType::F32 {
             let uv = view!(u, ul, f32);
@@ -234,14 +229,9 @@ impl Scaled {
             + candle_core::cuda_backend::cudarc::driver::DeviceRepr,
     {
         use crate::cuda::{launch, suffix, view, LORA};
-        use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
         let n = xl.shape().elem_count();
         let xv = view!(x, xl, T);
-        let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(256).clamp(1, 132 * 16) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = crate::cuda::grid_stride(n);
         let count = n as u64;
         let dtype = suffix(x.dtype())?;
         let storage = if self.to_f32 || x.dtype() == DType::F32 {
