@@ -16,7 +16,7 @@ arenaflow_bin
 OUT=${OUT:-/tmp}
 work=$(mktemp -d)
 args=(train --model benches/configs/llama-3.1-8b.json --random-weights 0
-  --input device/train_race/llama3.parquet --dtype bf16 --lora-r 16 --lora-alpha 32
+  --input device/train_race/llama3_fixed.parquet --dtype bf16 --lora-r 16 --lora-alpha 32
   --lora-dropout 0 --lora-autocast --batch-rows 8 --max-batch-tokens 8192 --max-steps 4
   --gradient-checkpointing --no-shuffle --checkpoint-every 0 --lr 1e-4 --warmup-steps 0)
 {

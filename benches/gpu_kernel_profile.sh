@@ -28,7 +28,7 @@ case "${1:-}" in
     ;;
   llama8b)
     cmd=("$bin" train --model benches/configs/llama-3.1-8b.json --random-weights 0
-      --input device/train_race/llama3.parquet --output "$work/adapter" --dtype bf16
+      --input device/train_race/llama3_fixed.parquet --output "$work/adapter" --dtype bf16
       --device cuda:0 --lora-r 64 --lora-alpha 128 --lora-dropout 0 --lora-autocast --batch-rows 8
       --max-batch-tokens 8192 --max-steps "$steps" --gradient-checkpointing --no-shuffle
       --checkpoint-every 0 --lr 1e-4 --adam-beta2 0.95 --warmup-steps 0)

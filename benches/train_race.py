@@ -1,9 +1,10 @@
 """The PyTorch side of the training race (benches/train_race.sh runs it on the GPU
 machine): transformers' *ForSequenceClassification in bf16 with random weights and a real
 config, PEFT LoRA (r, alpha on all seven projections, dropout 0, score head trained),
-torch.optim.AdamW, gradient checkpointing on, over the same rows as arenaflow (8 x 1,024
-random tokens per step by default). Times each optimizer step after one warm-up step and
-prints one JSON line (median step, tokens/s, peak memory).
+torch.optim.AdamW, gradient checkpointing on, over the same rows as arenaflow (8 rows a
+step, padded to the step's longest on the right). Times each optimizer step after one
+warm-up step and prints one JSON line: the median step, tokens/s as the timed steps'
+unpadded tokens over their seconds, each step's time and tokens, peak memory.
 
     python3 benches/train_race.py --config benches/configs/llama-3.1-8b.json --attn sdpa \
         --rows rows.npz --steps 5 --r 64 --alpha 128
@@ -87,25 +88,26 @@ def main():
     step(0)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    times, tokens = [], 0
+    times, tokens = [], []
     for k in range(1, args.steps + 1):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         n, _ = step(k)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-        tokens = n
+        tokens.append(n)
     median = statistics.median(times)
     print(json.dumps({
         "side": "torch+peft", "label": args.label, "attn": args.attn,
         "checkpointing": not args.no_checkpointing, "r": args.r,
-        "median_step_s": median, "tokens_per_step": tokens, "tokens_per_s": tokens / median,
+        "median_step_s": median, "tokens_per_step": statistics.median(tokens),
+        "tokens_per_s": sum(tokens) / sum(times),
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
         # What arenaflow reports is the device's memory in use (as nvidia-smi counts it:
         # context and allocator caches included); torch's nearest figures are these two.
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
         "device_in_use_gib": (lambda f, t: (t - f) / 2**30)(*torch.cuda.mem_get_info()),
-        "steps": times,
+        "steps": times, "step_tokens": tokens,
     }))
 
 
