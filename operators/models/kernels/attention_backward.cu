@@ -13,8 +13,8 @@
 // Three kernels: delta per query; dk and dv per key tile (looping over the queries of every
 // query head of its KV head that can see it); dq per query tile. Each output is written by
 // one thread, in a fixed order: the gradients are the same bits on every run. Two versions
-// of the last two: on tensor cores (bf16 and f16, head sizes 64 and 128: mma.sync, as the
-// forward's attention_mma) and in plain f32 arithmetic (every dtype and head size).
+// of the last two: on tensor cores (bf16 and f16, head sizes 64, 128 and 256: mma.sync, as
+// the forward's attention_mma) and in plain f32 arithmetic (every dtype and head size).
 // Launched by src/ops/attention.rs.
 
 #include "common.cuh"
@@ -311,12 +311,41 @@ GRADS(f16_d128, __half, 128, 32)
 GRADS(f16_d256, __half, 256, 16)
 
 // ---------------------------------------------------------------------------------------
-// Tensor-core backward for bf16/f16 and head sizes 64 and 128: the same arithmetic on
+// Tensor-core backward for bf16/f16 and head sizes 64, 128 and 256: the same arithmetic on
 // mma.sync m16n8k16 with f32 accumulators. P and dS are rounded to the element type for
 // their products with dout, q and k (as flash-attention-2 does); scores, probabilities,
-// their gradients and every sum stay f32. 4 warps a block; shared tiles padded by 8
-// elements a row (16 bytes: conflict-free fragment loads, 16-byte aligned rows for
-// ldmatrix).
+// their gradients and every sum stay f32. 4 warps a block; the tiles in dynamic shared
+// memory (MmaTiles: over 48 KiB at head size 256, where the launch raises the function's
+// limit), rows padded by 8 elements (16 bytes: conflict-free fragment loads, 16-byte
+// aligned rows for ldmatrix). At head size 256 a thread cannot hold the accumulators of
+// both dK and dV (256 floats): they are two launches (PARTS), the dK one recomputing S;
+// and the dq kernel reads q's and dout's fragments from shared tiles, not registers.
+
+// The tiles of the tensor-core kernels, in elements; src/ops/attention.rs sizes the launch's
+// dynamic shared memory by the same numbers (mma_shared_bytes), and each kernel traps
+// where it got less (need_shared).
+template <int D> struct MmaTiles {
+    static constexpr int ST = D + 8;  // a row, padded
+    // dk/dv: 64 keys a block (16 a warp), the queries 16 at a time; tiles k, v, q, dout.
+    static constexpr int KV_BN = 64, KV_BM = 16;
+    static constexpr int KV_ELEMS = (2 * KV_BN + 2 * KV_BM) * ST;
+    // dq: 64 queries a block (16 a warp), the keys Q_BN at a time; tiles k, v and, at head
+    // size 256, the block's q and dout.
+    static constexpr bool Q_IN_SHARED = D > 128;
+    static constexpr int Q_BM = 64, Q_BN = D > 128 ? 32 : 64;
+    static constexpr int Q_ELEMS = (2 * Q_BN + (Q_IN_SHARED ? 2 * Q_BM : 0)) * ST;
+};
+
+// Which gradients a dk/dv launch computes.
+constexpr int PART_DV = 1, PART_DK = 2, PART_BOTH = 3;
+
+// A launch with less dynamic shared memory than the kernel's tiles traps instead of
+// reading past it.
+__device__ __forceinline__ void need_shared(uint32_t bytes) {
+    uint32_t have;
+    asm volatile("mov.u32 %0, %%dynamic_smem_size;" : "=r"(have));
+    if (have < bytes) __trap();
+}
 
 // The A operand (16 x 16, k-step t) of rows r0..r0+16 of a row-major shared tile.
 template <typename T, int ST>
@@ -374,19 +403,25 @@ __device__ __forceinline__ void prob_and_grad(float y, float dp, float lse, floa
 // dk, dv of 64 keys of one KV head: blockIdx.x key tile, blockIdx.y KV head, blockIdx.z row.
 // Warp w owns keys j0 + 16w..+16 (K and V tiles staged once); the queries that see them,
 // of every query head of the group, come through shared memory 16 at a time: S^T = K Q^T
-// and dP^T = V dO^T (16 keys x 16 queries), then dV += P^T dO and dK += dS^T Q.
-template <typename T, int D>
+// and dP^T = V dO^T (16 keys x 16 queries), then dV += P^T dO and dK += dS^T Q. PARTS says
+// which of dK and dV this launch computes and writes (the dV-only launch needs no V and
+// no dP).
+template <typename T, int D, int PARTS>
 __device__ void attention_bwd_dkdv_mma(const T* __restrict__ q, const T* __restrict__ k,
                                        const T* __restrict__ v, const T* __restrict__ dout,
                                        const float* __restrict__ lse, const float* __restrict__ delta,
                                        const uint32_t* __restrict__ bounds, T* __restrict__ dk,
                                        T* __restrict__ dv, int s, int nh, int nkv, float scale,
                                        float softcap, int window) {
-    constexpr int BN = 64, BM = 16, ST = D + 8, KSTEPS = D / 16, OT = D / 8;
-    __shared__ __align__(16) T ks[BN][ST];
-    __shared__ __align__(16) T vs[BN][ST];
-    __shared__ __align__(16) T qs[BM][ST];
-    __shared__ __align__(16) T dos[BM][ST];
+    using Tiles = MmaTiles<D>;
+    constexpr int BN = Tiles::KV_BN, BM = Tiles::KV_BM, ST = Tiles::ST, KSTEPS = D / 16, OT = D / 8;
+    constexpr bool DV = (PARTS & PART_DV) != 0, DK = (PARTS & PART_DK) != 0;
+    need_shared(Tiles::KV_ELEMS * sizeof(T));
+    extern __shared__ __align__(16) unsigned char smem[];
+    T(*ks)[ST] = reinterpret_cast<T(*)[ST]>(smem);
+    T(*vs)[ST] = ks + BN;
+    T(*qs)[ST] = vs + BN;
+    T(*dos)[ST] = qs + BM;
     __shared__ float lse_s[BM], delta_s[BM];
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int j0 = blockIdx.x * BN, kvh = blockIdx.y, row = blockIdx.z;
@@ -394,15 +429,18 @@ __device__ void attention_bwd_dkdv_mma(const T* __restrict__ q, const T* __restr
     const int group = nh / nkv;
     const int kr0 = warp * 16;                              // the warp's keys in the tile
     const int key0 = j0 + kr0 + lane / 4, key1 = key0 + 8;  // the thread's accumulator rows
-    float acc_k[OT][4], acc_v[OT][4];
+    float acc_k[DK ? OT : 1][4], acc_v[DV ? OT : 1][4];
 #pragma unroll
     for (int j = 0; j < OT; j++)
 #pragma unroll
-        for (int e = 0; e < 4; e++) acc_k[j][e] = acc_v[j][e] = 0.f;
+        for (int e = 0; e < 4; e++) {
+            if constexpr (DK) acc_k[j][e] = 0.f;
+            if constexpr (DV) acc_v[j][e] = 0.f;
+        }
 
     if (j0 < end && j0 + BN > start) {
         stage_rows<T, D, BN, ST>(ks, k, row, s, nkv, kvh, j0, start, end);
-        stage_rows<T, D, BN, ST>(vs, v, row, s, nkv, kvh, j0, start, end);
+        if constexpr (DK) stage_rows<T, D, BN, ST>(vs, v, row, s, nkv, kvh, j0, start, end);
         // Queries that see some key of the tile: [max(j0, start), qhi).
         const int qlo = max(j0, start);
         int qhi = end;
@@ -430,14 +468,16 @@ __device__ void attention_bwd_dkdv_mma(const T* __restrict__ q, const T* __restr
                 for (int t = 0; t < KSTEPS; t++) {
                     uint32_t ka[4], va[4];
                     load_a<T, ST>(ka, ks, kr0, t);
-                    load_a<T, ST>(va, vs, kr0, t);
+                    if constexpr (DK) load_a<T, ST>(va, vs, kr0, t);
 #pragma unroll
                     for (int n = 0; n < 2; n++) {
                         uint32_t qb[2], db[2];
                         load_b<T, ST>(qb, qs, n * 8, t);
-                        load_b<T, ST>(db, dos, n * 8, t);
                         Mma<T>::run(st[n], ka, qb);
-                        Mma<T>::run(dpt[n], va, db);
+                        if constexpr (DK) {
+                            load_b<T, ST>(db, dos, n * 8, t);
+                            Mma<T>::run(dpt[n], va, db);
+                        }
                     }
                 }
                 // P^T into st, dS^T into dpt; zero for the pairs not seen.
@@ -463,10 +503,14 @@ __device__ void attention_bwd_dkdv_mma(const T* __restrict__ q, const T* __restr
 #pragma unroll
                 for (int j = 0; j < OT; j++) {
                     uint32_t b[2];
-                    ldmatrix_x2_trans(b, &dos[lane % 16][j * 8]);
-                    Mma<T>::run(acc_v[j], pa, b);
-                    ldmatrix_x2_trans(b, &qs[lane % 16][j * 8]);
-                    Mma<T>::run(acc_k[j], sa, b);
+                    if constexpr (DV) {
+                        ldmatrix_x2_trans(b, &dos[lane % 16][j * 8]);
+                        Mma<T>::run(acc_v[j], pa, b);
+                    }
+                    if constexpr (DK) {
+                        ldmatrix_x2_trans(b, &qs[lane % 16][j * 8]);
+                        Mma<T>::run(acc_k[j], sa, b);
+                    }
                 }
             }
         }
@@ -477,30 +521,37 @@ __device__ void attention_bwd_dkdv_mma(const T* __restrict__ q, const T* __restr
         const int c = j * 8 + (lane % 4) * 2;
         if (key0 < s) {
             size_t at = ((size_t)row * s + key0) * kv_stride + (size_t)kvh * D + c;
-            *reinterpret_cast<uint32_t*>(dk + at) = Mma<T>::pack(acc_k[j][0], acc_k[j][1]);
-            *reinterpret_cast<uint32_t*>(dv + at) = Mma<T>::pack(acc_v[j][0], acc_v[j][1]);
+            if constexpr (DK) *reinterpret_cast<uint32_t*>(dk + at) = Mma<T>::pack(acc_k[j][0], acc_k[j][1]);
+            if constexpr (DV) *reinterpret_cast<uint32_t*>(dv + at) = Mma<T>::pack(acc_v[j][0], acc_v[j][1]);
         }
         if (key1 < s) {
             size_t at = ((size_t)row * s + key1) * kv_stride + (size_t)kvh * D + c;
-            *reinterpret_cast<uint32_t*>(dk + at) = Mma<T>::pack(acc_k[j][2], acc_k[j][3]);
-            *reinterpret_cast<uint32_t*>(dv + at) = Mma<T>::pack(acc_v[j][2], acc_v[j][3]);
+            if constexpr (DK) *reinterpret_cast<uint32_t*>(dk + at) = Mma<T>::pack(acc_k[j][2], acc_k[j][3]);
+            if constexpr (DV) *reinterpret_cast<uint32_t*>(dv + at) = Mma<T>::pack(acc_v[j][2], acc_v[j][3]);
         }
     }
 }
 
 // dq of 64 queries of one head: blockIdx.x query tile (heaviest first), blockIdx.y head,
 // blockIdx.z row. Warp w owns queries m0 + 16w..+16, their q and dout as A operands in
-// registers; the keys they see come through shared memory 64 at a time: S = Q K^T and
-// dP = dO V^T 16 keys at a time, then dQ += dS K.
+// registers (at head size 256: in shared tiles, loaded a k-step at a time); the keys they
+// see come through shared memory Q_BN at a time: S = Q K^T and dP = dO V^T 16 keys at a
+// time, then dQ += dS K.
 template <typename T, int D>
 __device__ void attention_bwd_dq_mma(const T* __restrict__ q, const T* __restrict__ k,
                                      const T* __restrict__ v, const T* __restrict__ dout,
                                      const float* __restrict__ lse, const float* __restrict__ delta,
                                      const uint32_t* __restrict__ bounds, T* __restrict__ dq, int s,
                                      int nh, int nkv, float scale, float softcap, int window) {
-    constexpr int BM = 64, BN = 64, ST = D + 8, KSTEPS = D / 16, OT = D / 8;
-    __shared__ __align__(16) T ks[BN][ST];
-    __shared__ __align__(16) T vs[BN][ST];
+    using Tiles = MmaTiles<D>;
+    constexpr int BM = Tiles::Q_BM, BN = Tiles::Q_BN, ST = Tiles::ST, KSTEPS = D / 16, OT = D / 8;
+    constexpr bool QS = Tiles::Q_IN_SHARED;
+    need_shared(Tiles::Q_ELEMS * sizeof(T));
+    extern __shared__ __align__(16) unsigned char smem[];
+    T(*ks)[ST] = reinterpret_cast<T(*)[ST]>(smem);
+    T(*vs)[ST] = ks + BN;
+    T(*qs)[ST] = vs + BN;   // QS: the block's q rows
+    T(*dos)[ST] = qs + BM;  // QS: its dout rows
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int qblock = gridDim.x - 1 - blockIdx.x;
     const int head = blockIdx.y, row = blockIdx.z;
@@ -514,8 +565,12 @@ __device__ void attention_bwd_dq_mma(const T* __restrict__ q, const T* __restric
     for (int j = 0; j < OT; j++) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
 
     if (m0 < end && m0 + BM > start) {
-        uint32_t qa[KSTEPS][4], da[KSTEPS][4];
-        {
+        uint32_t qa[QS ? 1 : KSTEPS][4], da[QS ? 1 : KSTEPS][4];  // !QS
+        if constexpr (QS) {
+            // Read by every warp after the key loop's first barrier.
+            stage_rows<T, D, BM, ST>(qs, q, row, s, nh, head, m0, start, end);
+            stage_rows<T, D, BM, ST>(dos, dout, row, s, nh, head, m0, start, end);
+        } else {
             const size_t r0 = ((size_t)row * s + min(qrow0, s - 1)) * q_stride + (size_t)head * D;
             const size_t r1 = ((size_t)row * s + min(qrow1, s - 1)) * q_stride + (size_t)head * D;
             const int c = (lane % 4) * 2;
@@ -555,13 +610,21 @@ __device__ void attention_bwd_dq_mma(const T* __restrict__ q, const T* __restric
                     for (int e = 0; e < 4; e++) sc[n][e] = dp[n][e] = 0.f;
 #pragma unroll
                 for (int t = 0; t < KSTEPS; t++) {
+                    uint32_t qf[4], df[4];
+                    if constexpr (QS) {
+                        load_a<T, ST>(qf, qs, warp * 16, t);
+                        load_a<T, ST>(df, dos, warp * 16, t);
+                    } else {
+#pragma unroll
+                        for (int e = 0; e < 4; e++) qf[e] = qa[t][e], df[e] = da[t][e];
+                    }
 #pragma unroll
                     for (int n = 0; n < 2; n++) {
                         uint32_t kb[2], vb[2];
                         load_b<T, ST>(kb, ks, c * 16 + n * 8, t);
                         load_b<T, ST>(vb, vs, c * 16 + n * 8, t);
-                        Mma<T>::run(sc[n], qa[t], kb);
-                        Mma<T>::run(dp[n], da[t], vb);
+                        Mma<T>::run(sc[n], qf, kb);
+                        Mma<T>::run(dp[n], df, vb);
                     }
                 }
                 // dS into sc; zero for the pairs not seen.
@@ -602,14 +665,15 @@ __device__ void attention_bwd_dq_mma(const T* __restrict__ q, const T* __restric
     }
 }
 
-#define GRADS_MMA(SUFFIX, T, D)                                                                \
-    extern "C" __global__ void __launch_bounds__(128) attention_bwd_dkdv_mma_##SUFFIX(          \
+#define KV_MMA(NAME, SUFFIX, T, D, PARTS)                                                      \
+    extern "C" __global__ void __launch_bounds__(128) attention_bwd_##NAME##_mma_##SUFFIX(      \
         const T* q, const T* k, const T* v, const T* dout, const float* lse,                    \
         const float* delta, const uint32_t* bounds, T* dk, T* dv, int s, int nh, int nkv,       \
         float scale, float softcap, int window) {                                              \
-        attention_bwd_dkdv_mma<T, D>(q, k, v, dout, lse, delta, bounds, dk, dv, s, nh, nkv,     \
-                                     scale, softcap, window);                                  \
-    }                                                                                          \
+        attention_bwd_dkdv_mma<T, D, PARTS>(q, k, v, dout, lse, delta, bounds, dk, dv, s, nh,   \
+                                            nkv, scale, softcap, window);                      \
+    }
+#define Q_MMA(SUFFIX, T, D)                                                                    \
     extern "C" __global__ void __launch_bounds__(128) attention_bwd_dq_mma_##SUFFIX(            \
         const T* q, const T* k, const T* v, const T* dout, const float* lse,                    \
         const float* delta, const uint32_t* bounds, T* dq, int s, int nh, int nkv, float scale, \
@@ -617,7 +681,18 @@ __device__ void attention_bwd_dq_mma(const T* __restrict__ q, const T* __restric
         attention_bwd_dq_mma<T, D>(q, k, v, dout, lse, delta, bounds, dq, s, nh, nkv, scale,    \
                                    softcap, window);                                           \
     }
+// Head sizes 64 and 128: dk and dv in one launch (attention_bwd_dkdv_mma_*); 256: two
+// (attention_bwd_dv_mma_*, then attention_bwd_dk_mma_*).
+#define GRADS_MMA(SUFFIX, T, D)         \
+    KV_MMA(dkdv, SUFFIX, T, D, PART_BOTH) \
+    Q_MMA(SUFFIX, T, D)
+#define GRADS_MMA_SPLIT(SUFFIX, T, D)   \
+    KV_MMA(dv, SUFFIX, T, D, PART_DV)   \
+    KV_MMA(dk, SUFFIX, T, D, PART_DK)   \
+    Q_MMA(SUFFIX, T, D)
 GRADS_MMA(bf16_d64, __nv_bfloat16, 64)
 GRADS_MMA(bf16_d128, __nv_bfloat16, 128)
+GRADS_MMA_SPLIT(bf16_d256, __nv_bfloat16, 256)
 GRADS_MMA(f16_d64, __half, 64)
 GRADS_MMA(f16_d128, __half, 128)
+GRADS_MMA_SPLIT(f16_d256, __half, 256)

@@ -66,6 +66,28 @@ macro_rules! launch {
 }
 pub(crate) use launch;
 
+/// Lets kernel `name` of `module` take `bytes` of dynamic shared memory a block: past
+/// 48 KiB a function must ask for it (an H200 gives up to 227 KiB).
+pub(crate) fn allow_shared(
+    dev: &candle_core::CudaDevice,
+    module: Module,
+    name: &str,
+    bytes: u32,
+) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum as Attribute;
+    use candle_core::cuda_backend::WrapErr as _;
+    if bytes <= 48 * 1024 {
+        return Ok(());
+    }
+    let func = dev.get_or_load_custom_func(name, module.name, module.ptx)?;
+    func.set_attribute(
+        Attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        bytes as i32,
+    )
+    .w()?;
+    Ok(())
+}
+
 /// The launch of an element-wise grid-stride kernel over `n` elements: 256 threads a block,
 /// at most 16 blocks per SM of an H100/H200 (132), at least one.
 pub(crate) fn grid_stride(n: usize) -> candle_core::cuda_backend::cudarc::driver::LaunchConfig {

@@ -474,7 +474,7 @@ impl AttentionBackward {
             + candle_core::cuda_backend::cudarc::driver::DeviceRepr
             + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits,
     {
-        use crate::cuda::{fail, launch, suffix, view, ATTENTION_BACKWARD};
+        use crate::cuda::{allow_shared, fail, launch, suffix, view, ATTENTION_BACKWARD};
         use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
         use candle_core::Storage;
         let Dims { b, s, nh, nkv, d } = Dims::of(ql, kl, vl)?;
@@ -522,12 +522,13 @@ impl AttentionBackward {
 
         let (nq, nk) = (b * s * nh * d, b * s * nkv * d);
         let mut grads = dev.alloc_zeros::<T>(nq + 2 * nk)?;
-        // Tensor cores for bf16/f16 at head sizes 64 and 128 (64 keys or queries a block of
-        // 128 threads) where ARENAFLOW_ATTENTION_BACKWARD=mma asks for them (they are not
-        // yet checked on a GPU: `cuda_attention_backward_matches_composed_autograd`); the
-        // f32 kernels otherwise, their tile sizes those of attention_backward.cu's GRADS lines.
+        // Tensor cores for bf16/f16 at head sizes 64, 128 and 256 (64 keys or queries a
+        // block of 128 threads) where ARENAFLOW_ATTENTION_BACKWARD=mma asks for them (they
+        // are not yet checked on a GPU: `cuda_attention_backward_matches_composed_autograd`);
+        // the f32 kernels otherwise, their tile sizes those of attention_backward.cu's GRADS
+        // lines.
         let mma = dtype != "f32"
-            && (d == 64 || d == 128)
+            && matches!(d, 64 | 128 | 256)
             && std::env::var("ARENAFLOW_ATTENTION_BACKWARD").as_deref() == Ok("mma");
         let dm = match d {
             0..=64 => 64,
@@ -550,34 +551,46 @@ impl AttentionBackward {
         {
             let (mut dq, mut rest) = grads.split_at_mut(nq);
             let (mut dk, mut dv) = rest.split_at_mut(nk);
-            let cfg = |heads: usize| LaunchConfig {
+            let cfg = |heads: usize, shared: u32| LaunchConfig {
                 grid_dim: (s.div_ceil(tile) as u32, heads as u32, b as u32),
                 block_dim: (threads, 1, 1),
-                shared_mem_bytes: 0,
+                shared_mem_bytes: shared,
             };
-            // The tensor-core kernels take no head-size argument (it is their template's).
+            // The tensor-core kernels take no head-size argument (it is their template's),
+            // and their tiles in dynamic shared memory.
             if mma {
-                // SAFETY: attention_bwd_dkdv_mma_* take (q, k, v, dout, lse, delta, bounds,
-                // dk, dv, s, nh, nkv, scale, softcap, window) and write dk, dv (b, s, nkv, d)
-                // whole, d being the kernel's head size.
-                launch!(dev, ATTENTION_BACKWARD, format!("attention_bwd_dkdv_{kernel}"), cfg(nkv);
-                    &qv, &kv, &vv, &dout, lse, &delta, &bounds, &mut dk, &mut dv, &si, &nhi,
-                    &nkvi, &scale, &softcap, &window);
+                let (kv_shared, q_shared) = mma_backward_shared(d);
+                // Head size 256: dv, then dk, each launch computing one (a thread cannot hold
+                // both's accumulators); one launch for both below.
+                let kv_kernels: &[&str] = if d == 256 { &["dv", "dk"] } else { &["dkdv"] };
+                for part in kv_kernels {
+                    let name = format!("attention_bwd_{part}_{kernel}");
+                    allow_shared(dev, ATTENTION_BACKWARD, &name, kv_shared)?;
+                    // SAFETY: attention_bwd_{dkdv,dv,dk}_mma_* take (q, k, v, dout, lse,
+                    // delta, bounds, dk, dv, s, nh, nkv, scale, softcap, window) and write
+                    // dk and/or dv (b, s, nkv, d) whole, d being the kernel's head size; the
+                    // shared memory is the kernel's MmaTiles (it traps on less).
+                    launch!(dev, ATTENTION_BACKWARD, name, cfg(nkv, kv_shared);
+                        &qv, &kv, &vv, &dout, lse, &delta, &bounds, &mut dk, &mut dv, &si, &nhi,
+                        &nkvi, &scale, &softcap, &window);
+                }
+                let name = format!("attention_bwd_dq_{kernel}");
+                allow_shared(dev, ATTENTION_BACKWARD, &name, q_shared)?;
                 // SAFETY: attention_bwd_dq_mma_* take (q, k, v, dout, lse, delta, bounds, dq,
                 // s, nh, nkv, scale, softcap, window) and write dq (b, s, nh, d) whole.
-                launch!(dev, ATTENTION_BACKWARD, format!("attention_bwd_dq_{kernel}"), cfg(nh);
+                launch!(dev, ATTENTION_BACKWARD, name, cfg(nh, q_shared);
                     &qv, &kv, &vv, &dout, lse, &delta, &bounds, &mut dq, &si, &nhi, &nkvi,
                     &scale, &softcap, &window);
             } else {
                 // SAFETY: attention_bwd_dkdv_* take (q, k, v, dout, lse, delta, bounds, dk,
                 // dv, s, nh, nkv, d, scale, softcap, window) and write dk, dv (b, s, nkv, d)
                 // whole.
-                launch!(dev, ATTENTION_BACKWARD, format!("attention_bwd_dkdv_{kernel}"), cfg(nkv);
+                launch!(dev, ATTENTION_BACKWARD, format!("attention_bwd_dkdv_{kernel}"), cfg(nkv, 0);
                     &qv, &kv, &vv, &dout, lse, &delta, &bounds, &mut dk, &mut dv, &si, &nhi,
                     &nkvi, &di, &scale, &softcap, &window);
                 // SAFETY: attention_bwd_dq_* take (q, k, v, dout, lse, delta, bounds, dq, s,
                 // nh, nkv, d, scale, softcap, window) and write dq (b, s, nh, d) whole.
-                launch!(dev, ATTENTION_BACKWARD, format!("attention_bwd_dq_{kernel}"), cfg(nh);
+                launch!(dev, ATTENTION_BACKWARD, format!("attention_bwd_dq_{kernel}"), cfg(nh, 0);
                     &qv, &kv, &vv, &dout, lse, &delta, &bounds, &mut dq, &si, &nhi, &nkvi, &di,
                     &scale, &softcap, &window);
             }
@@ -587,6 +600,23 @@ impl AttentionBackward {
             Shape::from(nq + 2 * nk),
         ))
     }
+}
+
+/// The tensor-core backward's dynamic shared memory in bytes at head size `d`, (the dk/dv
+/// kernels', the dq kernel's): `MmaTiles` of attention_backward.cu in 2-byte elements, rows
+/// of d + 8. dk/dv: k and v tiles of 64 keys, q and dout tiles of 16 queries. dq: k and v
+/// tiles of 64 keys (32 at head size 256, where q and dout of the block's 64 queries are
+/// tiles too).
+#[cfg(feature = "cuda")]
+fn mma_backward_shared(d: usize) -> (u32, u32) {
+    let row = (d + 8) * 2;
+    let kv = (2 * 64 + 2 * 16) * row;
+    let q = if d > 128 {
+        (2 * 32 + 2 * 64) * row
+    } else {
+        2 * 64 * row
+    };
+    (kv as u32, q as u32)
 }
 
 /// Differentiable fused attention (a GPU's kernels; see [`TrainAttention`]).
