@@ -267,3 +267,15 @@ pub struct LoraWeights {
     /// dtype, is scaled in f32 and rounded, then added and rounded (PyTorch's order).
     pub autocast: bool,
 }
+
+impl LoraWeights {
+    /// The dtype of the adapter's matmuls in a model of dtype `model`: the model's under
+    /// autocast, else the adapter's own.
+    pub fn adapter_dtype(&self, model: candle_core::DType) -> candle_core::DType {
+        if self.autocast {
+            model
+        } else {
+            self.a.dtype()
+        }
+    }
+}

@@ -1230,6 +1230,86 @@ fn cuda_lora_add_matches_the_cpu() {
     }
 }
 
+/// Training's one-op LoRA projection (`ops::lora_linear`) on a GPU gives the bits of the
+/// composed ops it replaces there (cuBLAS's products in the same layouts, the same casts,
+/// lora_add), output and gradients, at a Llama projection's width: bf16 and f16 with the
+/// adapter in f32 (PEFT) and under autocast, and f32.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_lora_projection_is_the_composed_ops_bit_for_bit() {
+    use arenaflow_models::layers::linear::{Linear, LinearWeight};
+    use arenaflow_models::lora::LoraWeights;
+    use arenaflow_models::weights::SplitMix64;
+    use candle_core::Var;
+    let gpu = Device::new_cuda(0).expect("a CUDA GPU");
+    let mut rng = SplitMix64::new(13);
+    let (rows, seq, k, n, r) = (3, 171, 1024, 1536, 64);
+    let mut draw = |len: usize, scale: f64| -> Vec<f32> {
+        (0..len)
+            .map(|_| (scale * rng.next_normal()) as f32)
+            .collect()
+    };
+    let (x, w, a, b, up) = (
+        draw(rows * seq * k, 1.0),
+        draw(n * k, 0.02),
+        draw(r * k, 0.02),
+        draw(n * r, 0.02),
+        draw(rows * seq * n, 1.0),
+    );
+    for (dtype, autocast) in [
+        (DType::F32, false),
+        (DType::BF16, false),
+        (DType::BF16, true),
+        (DType::F16, true),
+    ] {
+        let run = |one_op: bool| {
+            let t = |v: &[f32], shape: &[usize]| Tensor::from_slice(v, shape, &gpu).unwrap();
+            let xv = Var::from_tensor(&t(&x, &[rows, seq, k]).to_dtype(dtype).unwrap()).unwrap();
+            let (av, bv) = (
+                Var::from_tensor(&t(&a, &[r, k])).unwrap(),
+                Var::from_tensor(&t(&b, &[n, r])).unwrap(),
+            );
+            let layer = Linear {
+                weight: LinearWeight::Dense(t(&w, &[n, k]).to_dtype(dtype).unwrap()),
+                bias: None,
+                tap: None,
+                lora: Some(LoraWeights {
+                    a: av.clone(),
+                    b: bv.clone(),
+                    scaling: 2.0,
+                    dropout: 0.0,
+                    autocast,
+                }),
+            };
+            let out = if one_op {
+                layer.forward_t(xv.as_tensor(), true).unwrap()
+            } else {
+                layer.composed(xv.as_tensor(), true).unwrap()
+            };
+            let grads = (out.to_dtype(DType::F32).unwrap() * t(&up, &[rows, seq, n]))
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            [
+                bits(&out),
+                bits(grads.get(xv.as_tensor()).unwrap()),
+                bits(grads.get(av.as_tensor()).unwrap()),
+                bits(grads.get(bv.as_tensor()).unwrap()),
+            ]
+        };
+        let (one, composed) = (run(true), run(false));
+        for (what, (o, c)) in ["output", "dx", "dA", "dB"]
+            .iter()
+            .zip(one.iter().zip(&composed))
+        {
+            assert!(o == c, "{dtype:?} autocast {autocast}: {what} differs");
+        }
+        eprintln!("lora projection {dtype:?} autocast {autocast}: one op = composed, bit for bit");
+    }
+}
+
 /// The frozen projection (`ops::frozen::frozen_matmul_t`) on a GPU is cuBLAS's `x W^T` as
 /// candle's matmul calls it, bit for bit, with the same input gradient and none for W.
 #[test]

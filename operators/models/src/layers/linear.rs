@@ -178,6 +178,48 @@ impl Linear {
                 .map_err(|_| candle_core::Error::Msg("a GPTQ tap's lock is poisoned".into()))?
                 .push(xs.detach());
         }
+        if let Some((w, lora, adapter_dtype)) = self.one_op(xs, train) {
+            // One op whose graph keeps x and the output only (ops::lora_linear); the same
+            // bits as the composed ops of `composed`.
+            return project(xs, None, |flat| {
+                crate::ops::lora_linear::lora_linear(
+                    flat,
+                    w,
+                    lora.a.as_tensor(),
+                    lora.b.as_tensor(),
+                    lora.scaling,
+                    adapter_dtype,
+                )
+            });
+        }
+        self.composed(xs, train)
+    }
+
+    /// Where training's projection runs as one op (ops::lora_linear): its frozen weight,
+    /// adapter and the adapter's matmul dtype. Only where that op's arithmetic is the
+    /// composed one's: training, a dense weight, no bias (added before the update), no
+    /// dropout (on the adapter's input alone), dtypes the op takes, rows to project.
+    pub(crate) fn one_op(
+        &self,
+        xs: &Tensor,
+        train: bool,
+    ) -> Option<(&Tensor, &LoraWeights, DType)> {
+        let (true, Some(lora), None, LinearWeight::Dense(w)) =
+            (train, &self.lora, &self.bias, &self.weight)
+        else {
+            return None;
+        };
+        let adapter_dtype = lora.adapter_dtype(xs.dtype());
+        (lora.dropout == 0.0
+            && crate::ops::lora_linear::takes(xs.dtype(), adapter_dtype)
+            && xs.elem_count() > 0)
+            .then_some((w, lora, adapter_dtype))
+    }
+
+    /// The projection and its LoRA update composed of candle's ops (and arenaflow's frozen
+    /// product and LoRA sum): what `forward_t` runs where the one op does not apply, and
+    /// the reference the one op is checked against.
+    pub fn composed(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
         let base = match &self.weight {
             LinearWeight::Dense(w) => project(xs, self.bias.as_ref(), |flat| {
                 crate::ops::frozen::frozen_matmul_t(flat, w)
@@ -368,5 +410,115 @@ mod tests {
         );
         assert_eq!(run(DType::BF16, true).0, values(&want));
         assert_ne!(run(DType::BF16, true).0, run(DType::BF16, false).0);
+    }
+
+    /// Training's one-op LoRA projection (ops::lora_linear), which the layer takes here,
+    /// against the composed ops it replaces: the output and the gradients of x, A and B the
+    /// same bits, for an f32 model, bf16 and f16 models with the adapter in f32 (PEFT) and
+    /// in the model's dtype (autocast), on a 3-D input.
+    #[test]
+    fn the_one_op_projection_matches_the_composed_ops_bit_for_bit() {
+        const SCALING: f64 = 16.0 / 12.0;
+        let mut rng = SplitMix64::new(9);
+        let (rows, seq, k, n, r) = (2, 5, 48, 40, 6);
+        let x32 = draw(&mut rng, (rows * seq, k), 1.0)
+            .reshape((rows, seq, k))
+            .unwrap();
+        let (w32, a32, b32) = (
+            draw(&mut rng, (n, k), 0.2),
+            draw(&mut rng, (r, k), 0.2),
+            draw(&mut rng, (n, r), 0.2),
+        );
+        let up = draw(&mut rng, (rows * seq, n), 1.0)
+            .reshape((rows, seq, n))
+            .unwrap();
+        for (dtype, autocast) in [
+            (DType::F32, false),
+            (DType::F32, true),
+            (DType::BF16, false),
+            (DType::BF16, true),
+            (DType::F16, false),
+            (DType::F16, true),
+        ] {
+            let run = |fused: bool| {
+                let x = Var::from_tensor(&x32.to_dtype(dtype).unwrap()).unwrap();
+                let (a, b) = (
+                    Var::from_tensor(&a32).unwrap(),
+                    Var::from_tensor(&b32).unwrap(),
+                );
+                let layer = Linear {
+                    weight: LinearWeight::Dense(w32.to_dtype(dtype).unwrap()),
+                    bias: None,
+                    tap: None,
+                    lora: Some(LoraWeights {
+                        a: a.clone(),
+                        b: b.clone(),
+                        scaling: SCALING,
+                        dropout: 0.0,
+                        autocast,
+                    }),
+                };
+                assert!(layer.one_op(x.as_tensor(), true).is_some());
+                assert!(layer.one_op(x.as_tensor(), false).is_none());
+                let out = if fused {
+                    layer.forward_t(x.as_tensor(), true).unwrap()
+                } else {
+                    layer.composed(x.as_tensor(), true).unwrap()
+                };
+                let loss = (out.to_dtype(DType::F32).unwrap() * &up)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap();
+                let grads = loss.backward().unwrap();
+                let grad = |v: &Var| {
+                    let g = grads.get(v.as_tensor()).unwrap();
+                    (g.dtype(), g.dims().to_vec(), values(g))
+                };
+                (values(&out), grad(&x), grad(&a), grad(&b))
+            };
+            let (fused, composed) = (run(true), run(false));
+            let what = format!("{dtype:?}, autocast {autocast}");
+            assert_eq!(fused.0, composed.0, "{what}: output");
+            assert_eq!(fused.1, composed.1, "{what}: dx");
+            assert_eq!(fused.2, composed.2, "{what}: dA");
+            assert_eq!(fused.3, composed.3, "{what}: dB");
+            assert_eq!(fused.2 .0, DType::F32, "{what}: dA's dtype");
+        }
+    }
+
+    /// Where the one op's arithmetic is not the composed one's (a bias, added before the
+    /// update; dropout on the adapter's input) the layer keeps the composed ops: the same
+    /// output as `composed` (with dropout, under one dropout key).
+    #[test]
+    fn a_bias_or_dropout_keeps_the_composed_ops() {
+        let mut rng = SplitMix64::new(4);
+        let x = draw(&mut rng, (3, 8), 1.0);
+        let (w, a, b) = (
+            draw(&mut rng, (4, 8), 0.2),
+            draw(&mut rng, (2, 8), 0.2),
+            draw(&mut rng, (4, 2), 0.2),
+        );
+        let bias = draw(&mut rng, (1, 4), 1.0).flatten_all().unwrap();
+        for (bias, dropout) in [(Some(bias), 0.0), (None, 0.3)] {
+            let layer = Linear {
+                weight: LinearWeight::Dense(w.clone()),
+                bias,
+                tap: None,
+                lora: Some(LoraWeights {
+                    a: Var::from_tensor(&a).unwrap(),
+                    b: Var::from_tensor(&b).unwrap(),
+                    scaling: 2.0,
+                    dropout,
+                    autocast: false,
+                }),
+            };
+            assert!(layer.one_op(&x, true).is_none(), "dropout {dropout}");
+            let run = |f: &dyn Fn() -> Tensor| values(&super::super::dropout::with_key(7, f));
+            assert_eq!(
+                run(&|| layer.forward_t(&x, true).unwrap()),
+                run(&|| layer.composed(&x, true).unwrap()),
+                "dropout {dropout}"
+            );
+        }
     }
 }

@@ -1,8 +1,8 @@
 //! arenaflow's custom candle ops, one per file, each with its CPU and CUDA sides together
 //! (candle-nn's `ops.rs` shape): the fused attention (with its backward pass), RoPE in its
 //! layout, RMSNorm, the gated activation (with its backward pass), the frozen projection
-//! (no weight gradient), the end of a LoRA projection, a GPTQ weight's dequantization and a
-//! backward pass's seed. The CUDA sides launch the kernels of `kernels/<op>.cu` through
+//! (no weight gradient), the end of a LoRA projection, a whole LoRA projection in training, a
+//! GPTQ weight's dequantization and a backward pass's seed. The CUDA sides launch the kernels of `kernels/<op>.cu` through
 //! [`crate::cuda`].
 
 pub mod attention;
@@ -11,6 +11,7 @@ pub mod frozen;
 pub mod gated;
 pub mod gptq;
 pub mod lora;
+pub mod lora_linear;
 #[cfg(feature = "cuda")]
 pub mod optim;
 pub mod rms_norm;
