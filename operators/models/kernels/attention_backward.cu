@@ -322,7 +322,7 @@ GRADS(f16_d256, __half, 256, 16)
 // and the dq kernel reads q's and dout's fragments from shared tiles, not registers.
 
 // The tiles of the tensor-core kernels, in elements; src/ops/attention.rs sizes the launch's
-// dynamic shared memory by the same numbers (mma_shared_bytes), and each kernel traps
+// dynamic shared memory by the same numbers (mma_backward_shared), and each kernel traps
 // where it got less (need_shared).
 template <int D> struct MmaTiles {
     static constexpr int ST = D + 8;  // a row, padded

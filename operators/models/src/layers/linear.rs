@@ -472,6 +472,9 @@ mod tests {
                 let grads = loss.backward().unwrap();
                 let grad = |v: &Var| {
                     let g = grads.get(v.as_tensor()).unwrap();
+                    // No graph behind a variable's gradient: it would keep the layer's
+                    // tensors alive in the optimizer's state, step after step.
+                    assert!(!g.track_op(), "fused {fused}: a gradient keeps a graph");
                     (g.dtype(), g.dims().to_vec(), values(g))
                 };
                 (values(&out), grad(&x), grad(&a), grad(&b))

@@ -150,6 +150,10 @@ impl CustomOp3 for LoraLinear {
         _out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // Detached: a gradient computed from the graph's tensors would keep their graph (x's
+        // layer, step after step in the optimizer's state); candle detaches each node's
+        // gradient as it reaches it, but never a variable's, and A and B are variables.
+        let (x, a, b) = (x.detach(), a.detach(), b.detach());
         let (xc, at, bt) = (
             x.to_dtype(self.dtype)?,
             a.to_dtype(self.dtype)?.t()?,
