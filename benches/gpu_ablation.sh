@@ -4,7 +4,7 @@
 # `benches/gpu_recipe.sh resume runs/gpu/quality`): the CE-only baseline `raw` (stages 1-6),
 # the student from raw teacher logits `kd` (1-3, 7-9) and the student with information-gain
 # weights `ig` (1-3, 10-12). After `ig`, its 5 fold adapters are averaged and scored on
-# PandaLM (recipes/quality-students.toml stages 7-16 with averaged=student_kd_cal_ig).
+# PandaLM (recipes/quality-students.toml stages 7-18 with averaged=student_kd_cal_ig: the int8 delta model too).
 #
 # One after the other, not side by side: three runs side by side made 7,400 tokens/s each,
 # 22,000 together, against 18,800-19,600 for one run alone (2026-12-04, fourth session). One
@@ -74,7 +74,7 @@ case "${1:-}" in
         adapters=$(find "$run/train/${model[$v]}" -mindepth 2 -maxdepth 2 -name adapter -type d 2>/dev/null | wc -l)
         if [ "$adapters" -eq "$folds" ]; then
           recipe=recipes/quality-students.toml log=average-$when
-          step --stages 7-16 --set averaged=student_kd_cal_ig || break
+          step --stages 7-18 --set averaged=student_kd_cal_ig || break
         else
           echo "averaging skipped: $adapters of $folds adapters on this machine" | tee -a "${OUT:-.}/$log.txt"
         fi

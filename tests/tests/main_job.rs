@@ -298,7 +298,7 @@ fn describe_lists_every_knob_of_the_recipe() {
     for (recipe, runs) in [
         ("recipes/smollm2-gpu.toml", 31),
         ("recipes/quality-teachers.toml", 30),
-        ("recipes/quality-students.toml", 28),
+        ("recipes/quality-students.toml", 30),
         ("recipes/quality-ablation.toml", 40),
     ] {
         let gpu = arenaflow(&["describe", recipe]);

@@ -1292,6 +1292,10 @@ fn cuda_lora_projection_is_the_composed_ops_bit_for_bit() {
                 .unwrap()
                 .backward()
                 .unwrap();
+            for v in [&xv, &av, &bv] {
+                let g = grads.get(v.as_tensor()).unwrap();
+                assert!(!g.track_op(), "one op {one_op}: a gradient keeps a graph");
+            }
             [
                 bits(&out),
                 bits(grads.get(xv.as_tensor()).unwrap()),
