@@ -1237,6 +1237,7 @@ fn cuda_lora_add_matches_the_cpu() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn cuda_lora_projection_is_the_composed_ops_bit_for_bit() {
+    std::env::remove_var("ARENAFLOW_LORA_EPILOGUE");
     use arenaflow_models::layers::linear::{Linear, LinearWeight};
     use arenaflow_models::lora::LoraWeights;
     use arenaflow_models::weights::SplitMix64;
@@ -1311,6 +1312,102 @@ fn cuda_lora_projection_is_the_composed_ops_bit_for_bit() {
             assert!(o == c, "{dtype:?} autocast {autocast}: {what} differs");
         }
         eprintln!("lora projection {dtype:?} autocast {autocast}: one op = composed, bit for bit");
+    }
+}
+
+/// The one-op projection with cuBLAS's epilogue (`ARENAFLOW_LORA_EPILOGUE=1`: the update
+/// and the input gradient's two terms summed inside the products, the scaling in their
+/// alpha) under autocast, bf16 and f16 at a Llama projection's width: as close to the f32
+/// computation as the composed ops are (it rounds less often), output and the gradients
+/// of x, A and B, none of them carrying a graph.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_lora_epilogue_tracks_the_composed_ops() {
+    use arenaflow_models::layers::linear::{Linear, LinearWeight};
+    use arenaflow_models::lora::LoraWeights;
+    use arenaflow_models::weights::SplitMix64;
+    use candle_core::Var;
+    let gpu = Device::new_cuda(0).expect("a CUDA GPU");
+    let mut rng = SplitMix64::new(17);
+    let (rows, seq, k, n, r) = (2, 300, 1024, 1536, 64);
+    let mut draw = |len: usize, scale: f64| -> Vec<f32> {
+        (0..len)
+            .map(|_| (scale * rng.next_normal()) as f32)
+            .collect()
+    };
+    let (x, w, a, b, up) = (
+        draw(rows * seq * k, 1.0),
+        draw(n * k, 0.03),
+        draw(r * k, 0.03),
+        draw(n * r, 0.03),
+        draw(rows * seq * n, 1.0),
+    );
+    // (output, dx, dA, dB) as f32 tensors on the CPU. The variable is read where the op is
+    // made (run these GPU tests with --test-threads 1: cuda_lora_projection_is_the_...
+    // reads it too).
+    let run = |dtype: DType, epilogue: bool| -> Vec<Tensor> {
+        std::env::set_var("ARENAFLOW_LORA_EPILOGUE", if epilogue { "1" } else { "0" });
+        let t = |v: &[f32], shape: &[usize]| Tensor::from_slice(v, shape, &gpu).unwrap();
+        let xv = Var::from_tensor(&t(&x, &[rows, seq, k]).to_dtype(dtype).unwrap()).unwrap();
+        let (av, bv) = (
+            Var::from_tensor(&t(&a, &[r, k])).unwrap(),
+            Var::from_tensor(&t(&b, &[n, r])).unwrap(),
+        );
+        let layer = Linear {
+            weight: LinearWeight::Dense(t(&w, &[n, k]).to_dtype(dtype).unwrap()),
+            bias: None,
+            tap: None,
+            lora: Some(LoraWeights {
+                a: av.clone(),
+                b: bv.clone(),
+                scaling: 16.0 / 12.0,
+                dropout: 0.0,
+                autocast: true,
+            }),
+        };
+        let out = layer.forward_t(xv.as_tensor(), true).unwrap();
+        let grads = (out.to_dtype(DType::F32).unwrap() * t(&up, &[rows, seq, n]))
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let mut all = vec![out
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_device(&Device::Cpu)
+            .unwrap()];
+        for v in [&xv, &av, &bv] {
+            let g = grads.get(v.as_tensor()).unwrap();
+            assert!(!g.track_op(), "a gradient keeps a graph");
+            all.push(
+                g.to_dtype(DType::F32)
+                    .unwrap()
+                    .to_device(&Device::Cpu)
+                    .unwrap(),
+            );
+        }
+        std::env::remove_var("ARENAFLOW_LORA_EPILOGUE");
+        all
+    };
+    let exact = run(DType::F32, false);
+    for dtype in [DType::BF16, DType::F16] {
+        let (composed, epilogue) = (run(dtype, false), run(dtype, true));
+        assert!(
+            values(&epilogue[0]) != values(&composed[0]),
+            "{dtype:?}: the epilogue's output is the composed one's bits: was it taken?"
+        );
+        for (i, what) in ["output", "dx", "dA", "dB"].iter().enumerate() {
+            let (c, e) = (
+                norm_relative_error(&composed[i], &exact[i]),
+                norm_relative_error(&epilogue[i], &exact[i]),
+            );
+            eprintln!("lora epilogue {dtype:?} {what}: off f32 by {e:.2e} (composed ops {c:.2e})");
+            assert!(
+                e <= 1.5 * c + 1e-3,
+                "{dtype:?} {what}: {e:.2e} against the composed {c:.2e}"
+            );
+        }
     }
 }
 

@@ -24,6 +24,10 @@ struct LoraLinear {
     weight: Tensor,
     scaling: f32,
     dtype: DType,
+    /// cuBLAS's epilogue instead of the composed arithmetic (`epilogue`): the GPU under
+    /// autocast, where `ARENAFLOW_LORA_EPILOGUE=1` asks for it.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    epilogue: bool,
 }
 
 /// The projection's (m, k, n, r) for x (m, k), A (r, k), B (n, r) and W (n, k).
@@ -131,6 +135,9 @@ impl CustomOp3 for LoraLinear {
         let candle_core::Storage::Cuda(w) = &*w else {
             candle_core::bail!("lora projection: the frozen weight is not on the GPU");
         };
+        if self.epilogue {
+            return epilogue::forward(self, (x, xl), (a, al), (b, bl), (w, wl));
+        }
         let add = LoraAdd {
             scaling: self.scaling,
         };
@@ -154,6 +161,10 @@ impl CustomOp3 for LoraLinear {
         // layer, step after step in the optimizer's state); candle detaches each node's
         // gradient as it reaches it, but never a variable's, and A and B are variables.
         let (x, a, b) = (x.detach(), a.detach(), b.detach());
+        #[cfg(feature = "cuda")]
+        if self.epilogue {
+            return epilogue::backward(self, &x, &a, &b, grad);
+        }
         let (xc, at, bt) = (
             x.to_dtype(self.dtype)?,
             a.to_dtype(self.dtype)?.t()?,
@@ -192,6 +203,15 @@ pub fn lora_linear(
     scaling: f64,
     dtype: DType,
 ) -> Result<Tensor> {
+    // cuBLAS's epilogue: autocast (the adapter's products in the model's bf16 or f16) on a
+    // GPU, asked for.
+    let epilogue = x.device().is_cuda()
+        && dtype == x.dtype()
+        && matches!(dtype, DType::BF16 | DType::F16)
+        && matches!(
+            std::env::var("ARENAFLOW_LORA_EPILOGUE").as_deref(),
+            Ok("1") | Ok("on")
+        );
     x.apply_op3(
         a,
         b,
@@ -199,6 +219,363 @@ pub fn lora_linear(
             weight: weight.clone(),
             scaling: scaling as f32,
             dtype,
+            epilogue,
         },
     )
+}
+
+/// The projection on cuBLAS with the update and the input gradient's two terms summed in
+/// the products' epilogues (`beta = 1`) and the scaling in their `alpha`: no pass over the
+/// output or the input of its own (LoraAdd's sum, Scaled's gradient, the gradient's add);
+/// the second product is accumulated in f32 onto the first's rounded result and rounded
+/// once more. Under autocast only (the adapter's products in the
+/// model's dtype), on a GPU, where `ARENAFLOW_LORA_EPILOGUE=1` asks for it: it rounds
+/// less often than PyTorch's autocast (which rounds the update, the scaled update and the
+/// sum, and each term of the input gradient), so its bits are not the composed path's; `cuda_lora_epilogue_tracks_the_composed_ops`
+/// holds it within bf16's rounding of them. Backward: dA and dB come out of their products
+/// in the model's dtype and are cast to the adapter's f32, as under autocast.
+#[cfg(feature = "cuda")]
+mod epilogue {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::cublas::result::gemm_ex;
+    use candle_core::cuda_backend::cudarc::cublas::sys::{
+        cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType,
+    };
+    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
+    use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
+    use candle_core::{CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+
+    use super::{dims, LoraLinear};
+
+    /// C = alpha op(A) op(B) + beta C for row-major matrices (C m x n, op(A) m x k, op(B)
+    /// k x n; `lda`, `ldb`, `ldc` their stored rows' lengths): cuBLAS's column-major call
+    /// on the transposes, C^T = op(B)^T op(A)^T. f32 arithmetic, elements of `dtype`.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm<A: DevicePtr<T>, B: DevicePtr<T>, C: DevicePtrMut<T>, T>(
+        dev: &CudaDevice,
+        dtype: DType,
+        (ta, tb): (bool, bool),
+        (m, n, k): (usize, usize, usize),
+        alpha: f32,
+        (a, lda): (&A, usize),
+        (b, ldb): (&B, usize),
+        beta: f32,
+        (c, ldc): (&mut C, usize),
+    ) -> Result<()> {
+        let element = match dtype {
+            DType::BF16 => cudaDataType::CUDA_R_16BF,
+            DType::F16 => cudaDataType::CUDA_R_16F,
+            other => candle_core::bail!("lora epilogue: {other:?}"),
+        };
+        let op = |t: bool| {
+            if t {
+                cublasOperation_t::CUBLAS_OP_T
+            } else {
+                cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        let blas = dev.cublas_handle();
+        let stream = dev.cuda_stream();
+        let (a, _ra) = a.device_ptr(&stream);
+        let (b, _rb) = b.device_ptr(&stream);
+        let (c, _rc) = c.device_ptr_mut(&stream);
+        // SAFETY: the caller passes matrices of the shapes and leading dimensions named,
+        // on the device's stream (the handle's).
+        unsafe {
+            gemm_ex(
+                *blas.handle(),
+                op(tb),
+                op(ta),
+                n as i32,
+                m as i32,
+                k as i32,
+                (&alpha) as *const f32 as *const _,
+                b as *const _,
+                element,
+                ldb as i32,
+                a as *const _,
+                element,
+                lda as i32,
+                (&beta) as *const f32 as *const _,
+                c as *mut _,
+                element,
+                ldc as i32,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .w()
+    }
+
+    /// A contiguous operand's storage in the model's dtype: cast (A and B from f32) where
+    /// it is not.
+    fn in_dtype(s: &CudaStorage, l: &Layout, dtype: DType) -> Result<(CudaStorage, Layout)> {
+        let cast = s.to_dtype(l, dtype)?;
+        Ok((cast, Layout::contiguous(l.shape())))
+    }
+
+    macro_rules! by_type {
+        ($dtype:expr, $f:ident ($($arg:expr),*)) => {
+            match $dtype {
+                DType::BF16 => $f::<half::bf16>($($arg),*),
+                DType::F16 => $f::<half::f16>($($arg),*),
+                other => candle_core::bail!("lora epilogue: {other:?}"),
+            }
+        };
+    }
+
+    /// out = x W^T, then out += scaling (x A^T) B^T in the product's epilogue.
+    pub(super) fn forward(
+        op: &LoraLinear,
+        (x, xl): (&CudaStorage, &Layout),
+        (a, al): (&CudaStorage, &Layout),
+        (b, bl): (&CudaStorage, &Layout),
+        (w, wl): (&CudaStorage, &Layout),
+    ) -> Result<(CudaStorage, Shape)> {
+        fn run<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
+            op: &LoraLinear,
+            (x, xl): (&CudaStorage, &Layout),
+            (a, al): (&CudaStorage, &Layout),
+            (b, bl): (&CudaStorage, &Layout),
+            (w, wl): (&CudaStorage, &Layout),
+        ) -> Result<(CudaStorage, Shape)> {
+            let (m, k, n, r) = dims(xl, al, bl, wl)?;
+            let dev = &x.device;
+            let ((a, al), (b, bl)) = (in_dtype(a, al, op.dtype)?, in_dtype(b, bl, op.dtype)?);
+            let xv = crate::cuda::view!(x, xl, T);
+            let wv = crate::cuda::view!(w, wl, T);
+            let av = crate::cuda::view!(a, &al, T);
+            let bv = crate::cuda::view!(b, &bl, T);
+            // SAFETY: both are written whole by the products below before any read.
+            let mut out = unsafe { dev.alloc::<T>(m * n) }?;
+            let mut xa = unsafe { dev.alloc::<T>(m * r) }?;
+            let d = op.dtype;
+            gemm(
+                dev,
+                d,
+                (false, true),
+                (m, n, k),
+                1.0,
+                (&xv, k),
+                (&wv, k),
+                0.0,
+                (&mut out, n),
+            )?;
+            gemm(
+                dev,
+                d,
+                (false, true),
+                (m, r, k),
+                1.0,
+                (&xv, k),
+                (&av, k),
+                0.0,
+                (&mut xa, r),
+            )?;
+            gemm(
+                dev,
+                d,
+                (false, true),
+                (m, n, r),
+                op.scaling,
+                (&xa, r),
+                (&bv, r),
+                1.0,
+                (&mut out, n),
+            )?;
+            Ok((
+                CudaStorage::wrap_cuda_slice(out, dev.clone()),
+                Shape::from((m, n)),
+            ))
+        }
+        by_type!(op.dtype, run(op, (x, xl), (a, al), (b, bl), (w, wl)))
+    }
+
+    /// The gradients of x, A and B as one flat tensor in the model's dtype, [dx | dA | dB]:
+    /// one op over (grad, x, A) with B and W its own.
+    struct Backward {
+        weight: Tensor,
+        b: Tensor,
+        scaling: f32,
+        dtype: DType,
+    }
+
+    impl CustomOp3 for Backward {
+        fn name(&self) -> &'static str {
+            "arenaflow-lora-epilogue-backward"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &Layout,
+            _: &candle_core::CpuStorage,
+            _: &Layout,
+            _: &candle_core::CpuStorage,
+            _: &Layout,
+        ) -> Result<(candle_core::CpuStorage, Shape)> {
+            candle_core::bail!("lora epilogue: a GPU's path")
+        }
+
+        fn cuda_fwd(
+            &self,
+            g: &CudaStorage,
+            gl: &Layout,
+            x: &CudaStorage,
+            xl: &Layout,
+            a: &CudaStorage,
+            al: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            let (b, bl) = self.b.storage_and_layout();
+            let (w, wl) = self.weight.storage_and_layout();
+            let (candle_core::Storage::Cuda(b), candle_core::Storage::Cuda(w)) = (&*b, &*w) else {
+                candle_core::bail!("lora epilogue: B and W must be on the GPU");
+            };
+            by_type!(
+                self.dtype,
+                run(self, (g, gl), (x, xl), (a, al), (b, bl), (w, wl))
+            )
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
+        op: &Backward,
+        (g, gl): (&CudaStorage, &Layout),
+        (x, xl): (&CudaStorage, &Layout),
+        (a, al): (&CudaStorage, &Layout),
+        (b, bl): (&CudaStorage, &Layout),
+        (w, wl): (&CudaStorage, &Layout),
+    ) -> Result<(CudaStorage, Shape)> {
+        let (m, k, n, r) = dims(xl, al, bl, wl)?;
+        if gl.shape().dims2()? != (m, n) {
+            candle_core::bail!(
+                "lora epilogue: gradient {:?} of an {m} x {n} output",
+                gl.shape()
+            );
+        }
+        let dev = &x.device;
+        let d = op.dtype;
+        let ((a, al), (b, bl)) = (in_dtype(a, al, d)?, in_dtype(b, bl, d)?);
+        let gv = crate::cuda::view!(g, gl, T);
+        let xv = crate::cuda::view!(x, xl, T);
+        let wv = crate::cuda::view!(w, wl, T);
+        let av = crate::cuda::view!(a, &al, T);
+        let bv = crate::cuda::view!(b, &bl, T);
+        let s = op.scaling;
+        // SAFETY: each buffer is written whole by its first product (beta 0) before a read.
+        let mut xa = unsafe { dev.alloc::<T>(m * r) }?;
+        let mut gxa = unsafe { dev.alloc::<T>(m * r) }?;
+        let mut out = unsafe { dev.alloc::<T>(m * k + r * k + n * r) }?;
+        gemm(
+            dev,
+            d,
+            (false, true),
+            (m, r, k),
+            1.0,
+            (&xv, k),
+            (&av, k),
+            0.0,
+            (&mut xa, r),
+        )?;
+        // d(xA^T) = scaling g B
+        gemm(
+            dev,
+            d,
+            (false, false),
+            (m, r, n),
+            s,
+            (&gv, n),
+            (&bv, r),
+            0.0,
+            (&mut gxa, r),
+        )?;
+        {
+            let (mut dx, mut rest) = out.split_at_mut(m * k);
+            let (mut da, mut db) = rest.split_at_mut(r * k);
+            // dx = g W + d(xA^T) A, the second in the first's epilogue
+            gemm(
+                dev,
+                d,
+                (false, false),
+                (m, k, n),
+                1.0,
+                (&gv, n),
+                (&wv, k),
+                0.0,
+                (&mut dx, k),
+            )?;
+            gemm(
+                dev,
+                d,
+                (false, false),
+                (m, k, r),
+                1.0,
+                (&gxa, r),
+                (&av, k),
+                1.0,
+                (&mut dx, k),
+            )?;
+            // dA = d(xA^T)^T x, dB = scaling g^T (x A^T)
+            gemm(
+                dev,
+                d,
+                (true, false),
+                (r, k, m),
+                1.0,
+                (&gxa, r),
+                (&xv, k),
+                0.0,
+                (&mut da, k),
+            )?;
+            gemm(
+                dev,
+                d,
+                (true, false),
+                (n, r, m),
+                s,
+                (&gv, n),
+                (&xa, r),
+                0.0,
+                (&mut db, r),
+            )?;
+        }
+        let len = m * k + r * k + n * r;
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            Shape::from(len),
+        ))
+    }
+
+    /// dx, dA and dB (A's and B's in their own dtype) from one op.
+    pub(super) fn backward(
+        op: &LoraLinear,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (m, k) = x.dims2()?;
+        let (n, r) = b.dims2()?;
+        let flat = grad.contiguous()?.apply_op3_no_bwd(
+            &x.contiguous()?,
+            a,
+            &Backward {
+                weight: op.weight.clone(),
+                b: b.clone(),
+                scaling: op.scaling,
+                dtype: op.dtype,
+            },
+        )?;
+        let dx = flat.narrow(0, 0, m * k)?.reshape((m, k))?;
+        let da = flat
+            .narrow(0, m * k, r * k)?
+            .reshape((r, k))?
+            .to_dtype(a.dtype())?;
+        let db = flat
+            .narrow(0, m * k + r * k, n * r)?
+            .reshape((n, r))?
+            .to_dtype(b.dtype())?;
+        Ok((Some(dx), Some(da), Some(db)))
+    }
 }
