@@ -33,9 +33,9 @@ def arenaflow_side(path):
     """Steps 2..N of the step table: (step seconds, step tokens), and the peak memory."""
     header, steps, peak = None, [], None
     for line in open(path):
-        m = re.search(r"peak memory ([0-9.]+) GiB", line)
+        m = re.search(r"peak memory ([0-9.]+) GiB( \(([0-9.]+) GiB allocated\))?", line)
         if m:
-            peak = float(m.group(1))
+            peak = (float(m.group(1)), m.group(3) and float(m.group(3)))
         if not line.startswith("|"):
             continue
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -84,7 +84,9 @@ def main():
                                    "device in use", params)
             print(line)
         timed, peak = arenaflow_side(path)
-        memory = f"{peak:.2f} GiB device in use" if peak else "-"
+        memory = "-"
+        if peak:
+            memory = (f"{peak[1]:.2f} GiB allocated, " if peak[1] else "") + f"{peak[0]:.2f} GiB device in use"
         print(row(model, case, "arenaflow", timed, memory, params, torch_rate)[1])
 
 

@@ -1,7 +1,7 @@
 //! Devices by name (`cpu`, `cuda`, `cuda:N`) and the peak memory a run used on them.
 //! A requested device that is missing is an error: there is no silent CPU fallback.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use candle_core::Device;
 
@@ -142,12 +142,18 @@ pub fn device_name(device: &Device) -> String {
 /// The highest device memory in use seen by [`sample_memory`] since [`reset_peak`].
 static CUDA_PEAK: AtomicU64 = AtomicU64::new(0);
 
+/// Set by [`reset_peak`]: the memory pool's high-water mark is reset at the next sample.
+static POOL_RESET: AtomicBool = AtomicBool::new(false);
+
 /// Notes the GPU memory in use now (all of the device's, as nvidia-smi counts it). The
 /// forward pass samples once per layer, when the layer's intermediates are alive. A no-op
 /// on the CPU.
 pub fn sample_memory(device: &Device) {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(cuda) = device {
+        if POOL_RESET.swap(false, Ordering::Relaxed) {
+            pool::reset_high(cuda);
+        }
         if let Ok((free, total)) = cuda.cuda_stream().context().mem_get_info() {
             CUDA_PEAK.fetch_max((total - free) as u64, Ordering::Relaxed);
         }
@@ -158,6 +164,65 @@ pub fn sample_memory(device: &Device) {
 
 pub fn reset_peak() {
     CUDA_PEAK.store(0, Ordering::Relaxed);
+    POOL_RESET.store(true, Ordering::Relaxed);
+}
+
+/// The most memory candle's allocations held at once on a GPU (since the first sample after
+/// [`reset_peak`]): the high-water mark of the device's default memory pool, which cudarc's
+/// stream-ordered allocations come from, as torch's `max_memory_allocated`. [`peak_memory`]
+/// counts the device's memory in use: this, what the pool keeps reserved between
+/// synchronisations, the context and cuBLAS's workspaces. None on the CPU.
+pub fn peak_allocated(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        return pool::used_high(cuda);
+    }
+    let _ = device;
+    None
+}
+
+/// The default memory pool of a CUDA device, through the driver API.
+#[cfg(feature = "cuda")]
+mod pool {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    use candle_core::cuda_backend::CudaDevice;
+
+    fn default_pool(cuda: &CudaDevice) -> Option<sys::CUmemoryPool> {
+        let ctx = cuda.cuda_stream().context().clone();
+        ctx.bind_to_thread().ok()?;
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        // SAFETY: a valid device of a bound context; the driver writes one handle.
+        let status = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) };
+        (status == sys::CUresult::CUDA_SUCCESS).then_some(pool)
+    }
+
+    pub(super) fn used_high(cuda: &CudaDevice) -> Option<u64> {
+        let pool = default_pool(cuda)?;
+        let mut high: u64 = 0;
+        // SAFETY: USED_MEM_HIGH is a cuuint64_t the driver writes.
+        let status = unsafe {
+            sys::cuMemPoolGetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                (&mut high as *mut u64).cast(),
+            )
+        };
+        (status == sys::CUresult::CUDA_SUCCESS && high > 0).then_some(high)
+    }
+
+    pub(super) fn reset_high(cuda: &CudaDevice) {
+        if let Some(pool) = default_pool(cuda) {
+            let mut zero: u64 = 0;
+            // SAFETY: USED_MEM_HIGH takes a cuuint64_t, and only 0 (reset to the current use).
+            let _ = unsafe {
+                sys::cuMemPoolSetAttribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                    (&mut zero as *mut u64).cast(),
+                )
+            };
+        }
+    }
 }
 
 /// Peak memory in bytes: GPU memory in use at its highest sample on a GPU; the process's

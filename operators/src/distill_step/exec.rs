@@ -386,7 +386,11 @@ impl Job {
         if let (Some(dir), true) = (&self.checkpoint, leader) {
             state::save(&trainer, dir).map_err(|e| external(e.into()))?;
         }
-        let peak = arenaflow_models::device::peak_memory(trainer.model.device());
+        let device = trainer.model.device();
+        let peak = (
+            arenaflow_models::device::peak_memory(device),
+            arenaflow_models::device::peak_allocated(device),
+        );
         let events = trainer.events().to_vec();
         let (train_rows, dev_rows, steps) = (
             trainer.train_rows(),
@@ -425,7 +429,7 @@ impl Job {
         (train_rows, dev_rows, steps): (usize, usize, usize),
         computed: usize,
         best: Option<(usize, f64)>,
-        peak_memory_bytes: Option<u64>,
+        (peak_memory_bytes, peak_allocated_bytes): (Option<u64>, Option<u64>),
     ) -> TrainingStats {
         let step_metrics: Vec<_> = events
             .iter()
@@ -470,6 +474,7 @@ impl Job {
             backward_share: share(|m| m.backward_seconds),
             optimizer_share: share(|m| m.optimizer_seconds),
             peak_memory_bytes,
+            peak_allocated_bytes,
             keep: s.current("keep"),
             kept_step: best.map_or(steps, |b| b.0),
             kept_dev_log_loss: best.map(|b| b.1).or(last_dev),

@@ -568,6 +568,9 @@ pub struct TrainingStats {
     pub optimizer_share: f64,
     /// GPU memory in use at its peak (device-wide), or the process's peak resident memory.
     pub peak_memory_bytes: Option<u64>,
+    /// On a GPU, the most memory the run's allocations held at once (torch's
+    /// `max_memory_allocated`; see `arenaflow_models::device::peak_allocated`).
+    pub peak_allocated_bytes: Option<u64>,
     /// `last` or `best`, and the step whose adapter was written.
     pub keep: String,
     pub kept_step: usize,
@@ -580,7 +583,7 @@ pub struct TrainingStats {
 impl TrainingStats {
     pub fn summary(&self) -> String {
         format!(
-            "{} steps ({} computed), {} tokens, {:.1} s, {:.0} tokens/s (forward {:.0}%, backward {:.0}%, optimizer {:.0}%), peak memory {}, kept step {} ({}){}",
+            "{} steps ({} computed), {} tokens, {:.1} s, {:.0} tokens/s (forward {:.0}%, backward {:.0}%, optimizer {:.0}%), peak memory {}{}, kept step {} ({}){}",
             self.steps,
             self.computed_steps,
             self.tokens,
@@ -591,6 +594,10 @@ impl TrainingStats {
             100.0 * self.optimizer_share,
             self.peak_memory_bytes
                 .map_or("-".into(), |b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)),
+            self.peak_allocated_bytes.map_or(String::new(), |b| format!(
+                " ({:.2} GiB allocated)",
+                b as f64 / (1u64 << 30) as f64
+            )),
             self.kept_step,
             self.keep,
             self.kept_dev_log_loss
