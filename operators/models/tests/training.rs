@@ -1230,6 +1230,96 @@ fn cuda_lora_add_matches_the_cpu() {
     }
 }
 
+/// The inputs of a LoRA projection at a Llama projection's width: x (rows, seq, k), W (n, k),
+/// A (r, k), B (n, r) and the loss's weights (rows, seq, n), normal draws.
+struct ProjectionCase {
+    dims: (usize, usize, usize, usize, usize),
+    x: Vec<f32>,
+    w: Vec<f32>,
+    a: Vec<f32>,
+    b: Vec<f32>,
+    up: Vec<f32>,
+}
+
+impl ProjectionCase {
+    fn draw(seed: u64, dims: (usize, usize, usize, usize, usize), scale: f64) -> Self {
+        let mut rng = arenaflow_models::weights::SplitMix64::new(seed);
+        let (rows, seq, k, n, r) = dims;
+        let mut draw = |len: usize, scale: f64| -> Vec<f32> {
+            (0..len)
+                .map(|_| (scale * rng.next_normal()) as f32)
+                .collect()
+        };
+        Self {
+            dims,
+            x: draw(rows * seq * k, 1.0),
+            w: draw(n * k, scale),
+            a: draw(r * k, scale),
+            b: draw(n * r, scale),
+            up: draw(rows * seq * n, 1.0),
+        }
+    }
+
+    /// The projection on `device` in `dtype` (autocast or not, the adapter in f32), through
+    /// `forward_t` (the one op where it applies) or `Linear::composed`: its output and the
+    /// gradients of x, A and B of Σ out ⊙ up, as f32 on the CPU; none of the gradients
+    /// may carry a graph.
+    fn run(
+        &self,
+        device: &Device,
+        dtype: DType,
+        (autocast, scaling): (bool, f64),
+        one_op: bool,
+    ) -> Vec<Tensor> {
+        use arenaflow_models::layers::linear::{Linear, LinearWeight};
+        use arenaflow_models::lora::LoraWeights;
+        use candle_core::Var;
+        let (rows, seq, k, n, r) = self.dims;
+        let t = |v: &[f32], shape: &[usize]| Tensor::from_slice(v, shape, device).unwrap();
+        let xv = Var::from_tensor(&t(&self.x, &[rows, seq, k]).to_dtype(dtype).unwrap()).unwrap();
+        let (av, bv) = (
+            Var::from_tensor(&t(&self.a, &[r, k])).unwrap(),
+            Var::from_tensor(&t(&self.b, &[n, r])).unwrap(),
+        );
+        let layer = Linear {
+            weight: LinearWeight::Dense(t(&self.w, &[n, k]).to_dtype(dtype).unwrap()),
+            bias: None,
+            tap: None,
+            lora: Some(LoraWeights {
+                a: av.clone(),
+                b: bv.clone(),
+                scaling,
+                dropout: 0.0,
+                autocast,
+            }),
+        };
+        let out = if one_op {
+            layer.forward_t(xv.as_tensor(), true).unwrap()
+        } else {
+            layer.composed(xv.as_tensor(), true).unwrap()
+        };
+        let grads = (out.to_dtype(DType::F32).unwrap() * t(&self.up, &[rows, seq, n]))
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let cpu = |x: &Tensor| {
+            x.to_dtype(DType::F32)
+                .unwrap()
+                .to_device(&Device::Cpu)
+                .unwrap()
+        };
+        let mut all = vec![cpu(&out)];
+        for v in [&xv, &av, &bv] {
+            let g = grads.get(v.as_tensor()).unwrap();
+            assert!(!g.track_op(), "one op {one_op}: a gradient keeps a graph");
+            all.push(cpu(g));
+        }
+        all
+    }
+}
+
 /// Training's one-op LoRA projection (`ops::lora_linear`) on a GPU gives the bits of the
 /// composed ops it replaces there (cuBLAS's products in the same layouts, the same casts,
 /// lora_add), output and gradients, at a Llama projection's width: bf16 and f16 with the
@@ -1238,78 +1328,26 @@ fn cuda_lora_add_matches_the_cpu() {
 #[ignore = "needs a CUDA GPU"]
 fn cuda_lora_projection_is_the_composed_ops_bit_for_bit() {
     std::env::remove_var("ARENAFLOW_LORA_EPILOGUE");
-    use arenaflow_models::layers::linear::{Linear, LinearWeight};
-    use arenaflow_models::lora::LoraWeights;
-    use arenaflow_models::weights::SplitMix64;
-    use candle_core::Var;
     let gpu = Device::new_cuda(0).expect("a CUDA GPU");
-    let mut rng = SplitMix64::new(13);
-    let (rows, seq, k, n, r) = (3, 171, 1024, 1536, 64);
-    let mut draw = |len: usize, scale: f64| -> Vec<f32> {
-        (0..len)
-            .map(|_| (scale * rng.next_normal()) as f32)
-            .collect()
-    };
-    let (x, w, a, b, up) = (
-        draw(rows * seq * k, 1.0),
-        draw(n * k, 0.02),
-        draw(r * k, 0.02),
-        draw(n * r, 0.02),
-        draw(rows * seq * n, 1.0),
-    );
+    let case = ProjectionCase::draw(13, (3, 171, 1024, 1536, 64), 0.02);
     for (dtype, autocast) in [
         (DType::F32, false),
         (DType::BF16, false),
         (DType::BF16, true),
         (DType::F16, true),
     ] {
-        let run = |one_op: bool| {
-            let t = |v: &[f32], shape: &[usize]| Tensor::from_slice(v, shape, &gpu).unwrap();
-            let xv = Var::from_tensor(&t(&x, &[rows, seq, k]).to_dtype(dtype).unwrap()).unwrap();
-            let (av, bv) = (
-                Var::from_tensor(&t(&a, &[r, k])).unwrap(),
-                Var::from_tensor(&t(&b, &[n, r])).unwrap(),
-            );
-            let layer = Linear {
-                weight: LinearWeight::Dense(t(&w, &[n, k]).to_dtype(dtype).unwrap()),
-                bias: None,
-                tap: None,
-                lora: Some(LoraWeights {
-                    a: av.clone(),
-                    b: bv.clone(),
-                    scaling: 2.0,
-                    dropout: 0.0,
-                    autocast,
-                }),
-            };
-            let out = if one_op {
-                layer.forward_t(xv.as_tensor(), true).unwrap()
-            } else {
-                layer.composed(xv.as_tensor(), true).unwrap()
-            };
-            let grads = (out.to_dtype(DType::F32).unwrap() * t(&up, &[rows, seq, n]))
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            for v in [&xv, &av, &bv] {
-                let g = grads.get(v.as_tensor()).unwrap();
-                assert!(!g.track_op(), "one op {one_op}: a gradient keeps a graph");
-            }
-            [
-                bits(&out),
-                bits(grads.get(xv.as_tensor()).unwrap()),
-                bits(grads.get(av.as_tensor()).unwrap()),
-                bits(grads.get(bv.as_tensor()).unwrap()),
-            ]
-        };
-        let (one, composed) = (run(true), run(false));
+        let (one, composed) = (
+            case.run(&gpu, dtype, (autocast, 2.0), true),
+            case.run(&gpu, dtype, (autocast, 2.0), false),
+        );
         for (what, (o, c)) in ["output", "dx", "dA", "dB"]
             .iter()
             .zip(one.iter().zip(&composed))
         {
-            assert!(o == c, "{dtype:?} autocast {autocast}: {what} differs");
+            assert!(
+                bits(o) == bits(c),
+                "{dtype:?} autocast {autocast}: {what} differs"
+            );
         }
         eprintln!("lora projection {dtype:?} autocast {autocast}: one op = composed, bit for bit");
     }
@@ -1319,74 +1357,16 @@ fn cuda_lora_projection_is_the_composed_ops_bit_for_bit() {
 /// and the input gradient's two terms summed inside the products, the scaling in their
 /// alpha) under autocast, bf16 and f16 at a Llama projection's width: as close to the f32
 /// computation as the composed ops are (it rounds less often), output and the gradients
-/// of x, A and B, none of them carrying a graph.
+/// of x, A and B. The variable is read where the op is made: run these GPU tests with
+/// --test-threads 1 (the test above reads it too).
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn cuda_lora_epilogue_tracks_the_composed_ops() {
-    use arenaflow_models::layers::linear::{Linear, LinearWeight};
-    use arenaflow_models::lora::LoraWeights;
-    use arenaflow_models::weights::SplitMix64;
-    use candle_core::Var;
     let gpu = Device::new_cuda(0).expect("a CUDA GPU");
-    let mut rng = SplitMix64::new(17);
-    let (rows, seq, k, n, r) = (2, 300, 1024, 1536, 64);
-    let mut draw = |len: usize, scale: f64| -> Vec<f32> {
-        (0..len)
-            .map(|_| (scale * rng.next_normal()) as f32)
-            .collect()
-    };
-    let (x, w, a, b, up) = (
-        draw(rows * seq * k, 1.0),
-        draw(n * k, 0.03),
-        draw(r * k, 0.03),
-        draw(n * r, 0.03),
-        draw(rows * seq * n, 1.0),
-    );
-    // (output, dx, dA, dB) as f32 tensors on the CPU. The variable is read where the op is
-    // made (run these GPU tests with --test-threads 1: cuda_lora_projection_is_the_...
-    // reads it too).
-    let run = |dtype: DType, epilogue: bool| -> Vec<Tensor> {
+    let case = ProjectionCase::draw(17, (2, 300, 1024, 1536, 64), 0.03);
+    let run = |dtype: DType, epilogue: bool| {
         std::env::set_var("ARENAFLOW_LORA_EPILOGUE", if epilogue { "1" } else { "0" });
-        let t = |v: &[f32], shape: &[usize]| Tensor::from_slice(v, shape, &gpu).unwrap();
-        let xv = Var::from_tensor(&t(&x, &[rows, seq, k]).to_dtype(dtype).unwrap()).unwrap();
-        let (av, bv) = (
-            Var::from_tensor(&t(&a, &[r, k])).unwrap(),
-            Var::from_tensor(&t(&b, &[n, r])).unwrap(),
-        );
-        let layer = Linear {
-            weight: LinearWeight::Dense(t(&w, &[n, k]).to_dtype(dtype).unwrap()),
-            bias: None,
-            tap: None,
-            lora: Some(LoraWeights {
-                a: av.clone(),
-                b: bv.clone(),
-                scaling: 16.0 / 12.0,
-                dropout: 0.0,
-                autocast: true,
-            }),
-        };
-        let out = layer.forward_t(xv.as_tensor(), true).unwrap();
-        let grads = (out.to_dtype(DType::F32).unwrap() * t(&up, &[rows, seq, n]))
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let mut all = vec![out
-            .to_dtype(DType::F32)
-            .unwrap()
-            .to_device(&Device::Cpu)
-            .unwrap()];
-        for v in [&xv, &av, &bv] {
-            let g = grads.get(v.as_tensor()).unwrap();
-            assert!(!g.track_op(), "a gradient keeps a graph");
-            all.push(
-                g.to_dtype(DType::F32)
-                    .unwrap()
-                    .to_device(&Device::Cpu)
-                    .unwrap(),
-            );
-        }
+        let all = case.run(&gpu, dtype, (true, 16.0 / 12.0), true);
         std::env::remove_var("ARENAFLOW_LORA_EPILOGUE");
         all
     };

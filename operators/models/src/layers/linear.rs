@@ -330,6 +330,27 @@ mod tests {
             / norm
     }
 
+    /// A dense projection W with the adapter (A, B) as variables, no bias unless given.
+    fn lora_layer(
+        w: Tensor,
+        bias: Option<Tensor>,
+        (a, b): (&Var, &Var),
+        (scaling, dropout, autocast): (f64, f64, bool),
+    ) -> Linear {
+        Linear {
+            weight: LinearWeight::Dense(w),
+            bias,
+            tap: None,
+            lora: Some(LoraWeights {
+                a: a.clone(),
+                b: b.clone(),
+                scaling,
+                dropout,
+                autocast,
+            }),
+        }
+    }
+
     /// A bf16 projection with an f32 adapter, in PEFT's f32 order and in autocast's: both
     /// near the f32 result, the gradients of the f32 weights f32 in both; autocast's output
     /// is `base + round(update * scaling)` with the update's matmuls in bf16 (written out
@@ -348,18 +369,8 @@ mod tests {
                 Var::from_tensor(&a32).unwrap(),
                 Var::from_tensor(&b32).unwrap(),
             );
-            let layer = Linear {
-                weight: LinearWeight::Dense(w32.to_dtype(dtype).unwrap()),
-                bias: None,
-                tap: None,
-                lora: Some(LoraWeights {
-                    a: a.clone(),
-                    b: b.clone(),
-                    scaling: SCALING,
-                    dropout: 0.0,
-                    autocast,
-                }),
-            };
+            let w = w32.to_dtype(dtype).unwrap();
+            let layer = lora_layer(w, None, (&a, &b), (SCALING, 0.0, autocast));
             let out = layer
                 .forward_t(&x32.to_dtype(dtype).unwrap(), true)
                 .unwrap();
@@ -446,18 +457,8 @@ mod tests {
                     Var::from_tensor(&a32).unwrap(),
                     Var::from_tensor(&b32).unwrap(),
                 );
-                let layer = Linear {
-                    weight: LinearWeight::Dense(w32.to_dtype(dtype).unwrap()),
-                    bias: None,
-                    tap: None,
-                    lora: Some(LoraWeights {
-                        a: a.clone(),
-                        b: b.clone(),
-                        scaling: SCALING,
-                        dropout: 0.0,
-                        autocast,
-                    }),
-                };
+                let w = w32.to_dtype(dtype).unwrap();
+                let layer = lora_layer(w, None, (&a, &b), (SCALING, 0.0, autocast));
                 assert!(layer.one_op(x.as_tensor(), true).is_some());
                 assert!(layer.one_op(x.as_tensor(), false).is_none());
                 let out = if fused {
@@ -503,18 +504,8 @@ mod tests {
         );
         let bias = draw(&mut rng, (1, 4), 1.0).flatten_all().unwrap();
         for (bias, dropout) in [(Some(bias), 0.0), (None, 0.3)] {
-            let layer = Linear {
-                weight: LinearWeight::Dense(w.clone()),
-                bias,
-                tap: None,
-                lora: Some(LoraWeights {
-                    a: Var::from_tensor(&a).unwrap(),
-                    b: Var::from_tensor(&b).unwrap(),
-                    scaling: 2.0,
-                    dropout,
-                    autocast: false,
-                }),
-            };
+            let (av, bv) = (Var::from_tensor(&a).unwrap(), Var::from_tensor(&b).unwrap());
+            let layer = lora_layer(w.clone(), bias, (&av, &bv), (2.0, dropout, false));
             assert!(layer.one_op(&x, true).is_none(), "dropout {dropout}");
             let run = |f: &dyn Fn() -> Tensor| values(&super::super::dropout::with_key(7, f));
             assert_eq!(

@@ -247,71 +247,116 @@ mod epilogue {
 
     use super::{dims, LoraLinear};
 
-    /// C = alpha op(A) op(B) + beta C for row-major matrices (C m x n, op(A) m x k, op(B)
-    /// k x n; `lda`, `ldb`, `ldc` their stored rows' lengths): cuBLAS's column-major call
-    /// on the transposes, C^T = op(B)^T op(A)^T. f32 arithmetic, elements of `dtype`.
-    #[allow(clippy::too_many_arguments)]
-    fn gemm<A: DevicePtr<T>, B: DevicePtr<T>, C: DevicePtrMut<T>, T>(
-        dev: &CudaDevice,
-        dtype: DType,
-        (ta, tb): (bool, bool),
-        (m, n, k): (usize, usize, usize),
+    /// One product C = alpha op(A) op(B) + beta C of row-major matrices: `t` says which of
+    /// A and B are transposed, (m, n, k) with C m x n, op(A) m x k, op(B) k x n.
+    #[derive(Clone, Copy)]
+    struct Product {
+        t: (bool, bool),
+        mnk: (usize, usize, usize),
         alpha: f32,
-        (a, lda): (&A, usize),
-        (b, ldb): (&B, usize),
         beta: f32,
-        (c, ldc): (&mut C, usize),
-    ) -> Result<()> {
-        let element = match dtype {
-            DType::BF16 => cudaDataType::CUDA_R_16BF,
-            DType::F16 => cudaDataType::CUDA_R_16F,
-            other => candle_core::bail!("lora epilogue: {other:?}"),
-        };
-        let op = |t: bool| {
-            if t {
-                cublasOperation_t::CUBLAS_OP_T
-            } else {
-                cublasOperation_t::CUBLAS_OP_N
-            }
-        };
-        let blas = dev.cublas_handle();
-        let stream = dev.cuda_stream();
-        let (a, _ra) = a.device_ptr(&stream);
-        let (b, _rb) = b.device_ptr(&stream);
-        let (c, _rc) = c.device_ptr_mut(&stream);
-        // SAFETY: the caller passes matrices of the shapes and leading dimensions named,
-        // on the device's stream (the handle's).
-        unsafe {
-            gemm_ex(
-                *blas.handle(),
-                op(tb),
-                op(ta),
-                n as i32,
-                m as i32,
-                k as i32,
-                (&alpha) as *const f32 as *const _,
-                b as *const _,
-                element,
-                ldb as i32,
-                a as *const _,
-                element,
-                lda as i32,
-                (&beta) as *const f32 as *const _,
-                c as *mut _,
-                element,
-                ldc as i32,
-                cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-        }
-        .w()
     }
 
-    /// A contiguous operand's storage in the model's dtype: cast (A and B from f32) where
-    /// it is not.
-    fn in_dtype(s: &CudaStorage, l: &Layout, dtype: DType) -> Result<(CudaStorage, Layout)> {
-        let cast = s.to_dtype(l, dtype)?;
-        Ok((cast, Layout::contiguous(l.shape())))
+    fn product(t: (bool, bool), mnk: (usize, usize, usize), alpha: f32, beta: f32) -> Product {
+        Product {
+            t,
+            mnk,
+            alpha,
+            beta,
+        }
+    }
+
+    /// Which operands a product transposes: neither, the second (x W^T), the first.
+    const NN: (bool, bool) = (false, false);
+    const NT: (bool, bool) = (false, true);
+    const TN: (bool, bool) = (true, false);
+
+    /// cuBLAS on a device's stream with elements of `dtype` and f32 arithmetic.
+    struct Blas<'a> {
+        dev: &'a CudaDevice,
+        element: cudaDataType,
+    }
+
+    impl<'a> Blas<'a> {
+        fn new(dev: &'a CudaDevice, dtype: DType) -> Result<Self> {
+            let element = match dtype {
+                DType::BF16 => cudaDataType::CUDA_R_16BF,
+                DType::F16 => cudaDataType::CUDA_R_16F,
+                other => candle_core::bail!("lora epilogue: {other:?}"),
+            };
+            Ok(Self { dev, element })
+        }
+
+        /// `p` on A, B and C given with their stored rows' lengths: cuBLAS's column-major
+        /// call on the transposes, C^T = op(B)^T op(A)^T.
+        fn run<A: DevicePtr<T>, B: DevicePtr<T>, C: DevicePtrMut<T>, T>(
+            &self,
+            p: Product,
+            (a, lda): (&A, usize),
+            (b, ldb): (&B, usize),
+            (c, ldc): (&mut C, usize),
+        ) -> Result<()> {
+            let op = |t: bool| {
+                if t {
+                    cublasOperation_t::CUBLAS_OP_T
+                } else {
+                    cublasOperation_t::CUBLAS_OP_N
+                }
+            };
+            let ((ta, tb), (m, n, k)) = (p.t, p.mnk);
+            let blas = self.dev.cublas_handle();
+            let stream = self.dev.cuda_stream();
+            let (a, _ra) = a.device_ptr(&stream);
+            let (b, _rb) = b.device_ptr(&stream);
+            let (c, _rc) = c.device_ptr_mut(&stream);
+            // SAFETY: the caller passes matrices of the shapes and leading dimensions named,
+            // on the device's stream (the handle's).
+            unsafe {
+                gemm_ex(
+                    *blas.handle(),
+                    op(tb),
+                    op(ta),
+                    n as i32,
+                    m as i32,
+                    k as i32,
+                    (&p.alpha) as *const f32 as *const _,
+                    b as *const _,
+                    self.element,
+                    ldb as i32,
+                    a as *const _,
+                    self.element,
+                    lda as i32,
+                    (&p.beta) as *const f32 as *const _,
+                    c as *mut _,
+                    self.element,
+                    ldc as i32,
+                    cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
+            .w()
+        }
+    }
+
+    /// The projection's dimensions (m, k, n, r) and A and B in the model's dtype (cast from
+    /// the adapter's f32), contiguous.
+    #[allow(clippy::type_complexity)]
+    fn operands(
+        dtype: DType,
+        xl: &Layout,
+        (a, al): (&CudaStorage, &Layout),
+        (b, bl): (&CudaStorage, &Layout),
+        wl: &Layout,
+    ) -> Result<(
+        (usize, usize, usize, usize),
+        (CudaStorage, Layout),
+        (CudaStorage, Layout),
+    )> {
+        let dims = dims(xl, al, bl, wl)?;
+        let cast = |s: &CudaStorage, l: &Layout| -> Result<(CudaStorage, Layout)> {
+            Ok((s.to_dtype(l, dtype)?, Layout::contiguous(l.shape())))
+        };
+        Ok((dims, cast(a, al)?, cast(b, bl)?))
     }
 
     macro_rules! by_type {
@@ -339,50 +384,20 @@ mod epilogue {
             (b, bl): (&CudaStorage, &Layout),
             (w, wl): (&CudaStorage, &Layout),
         ) -> Result<(CudaStorage, Shape)> {
-            let (m, k, n, r) = dims(xl, al, bl, wl)?;
+            let ((m, k, n, r), (a, al), (b, bl)) = operands(op.dtype, xl, (a, al), (b, bl), wl)?;
             let dev = &x.device;
-            let ((a, al), (b, bl)) = (in_dtype(a, al, op.dtype)?, in_dtype(b, bl, op.dtype)?);
-            let xv = crate::cuda::view!(x, xl, T);
-            let wv = crate::cuda::view!(w, wl, T);
-            let av = crate::cuda::view!(a, &al, T);
-            let bv = crate::cuda::view!(b, &bl, T);
+            let blas = Blas::new(dev, op.dtype)?;
+            let (xv, wv) = (crate::cuda::view!(x, xl, T), crate::cuda::view!(w, wl, T));
+            let (av, bv) = (crate::cuda::view!(a, &al, T), crate::cuda::view!(b, &bl, T));
             // SAFETY: both are written whole by the products below before any read.
             let mut out = unsafe { dev.alloc::<T>(m * n) }?;
             let mut xa = unsafe { dev.alloc::<T>(m * r) }?;
-            let d = op.dtype;
-            gemm(
-                dev,
-                d,
-                (false, true),
-                (m, n, k),
-                1.0,
-                (&xv, k),
-                (&wv, k),
-                0.0,
-                (&mut out, n),
-            )?;
-            gemm(
-                dev,
-                d,
-                (false, true),
-                (m, r, k),
-                1.0,
-                (&xv, k),
-                (&av, k),
-                0.0,
-                (&mut xa, r),
-            )?;
-            gemm(
-                dev,
-                d,
-                (false, true),
-                (m, n, r),
-                op.scaling,
-                (&xa, r),
-                (&bv, r),
-                1.0,
-                (&mut out, n),
-            )?;
+            let base = product(NT, (m, n, k), 1.0, 0.0);
+            let rank = product(NT, (m, r, k), 1.0, 0.0);
+            blas.run(base, (&xv, k), (&wv, k), (&mut out, n))?;
+            blas.run(rank, (&xv, k), (&av, k), (&mut xa, r))?;
+            let update = product(NT, (m, n, r), op.scaling, 1.0);
+            blas.run(update, (&xa, r), (&bv, r), (&mut out, n))?;
             Ok((
                 CudaStorage::wrap_cuda_slice(out, dev.clone()),
                 Shape::from((m, n)),
@@ -438,7 +453,6 @@ mod epilogue {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn run<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
         op: &Backward,
         (g, gl): (&CudaStorage, &Layout),
@@ -447,7 +461,7 @@ mod epilogue {
         (b, bl): (&CudaStorage, &Layout),
         (w, wl): (&CudaStorage, &Layout),
     ) -> Result<(CudaStorage, Shape)> {
-        let (m, k, n, r) = dims(xl, al, bl, wl)?;
+        let ((m, k, n, r), (a, al), (b, bl)) = operands(op.dtype, xl, (a, al), (b, bl), wl)?;
         if gl.shape().dims2()? != (m, n) {
             candle_core::bail!(
                 "lora epilogue: gradient {:?} of an {m} x {n} output",
@@ -455,90 +469,33 @@ mod epilogue {
             );
         }
         let dev = &x.device;
-        let d = op.dtype;
-        let ((a, al), (b, bl)) = (in_dtype(a, al, d)?, in_dtype(b, bl, d)?);
-        let gv = crate::cuda::view!(g, gl, T);
-        let xv = crate::cuda::view!(x, xl, T);
+        let blas = Blas::new(dev, op.dtype)?;
+        let (gv, xv) = (crate::cuda::view!(g, gl, T), crate::cuda::view!(x, xl, T));
         let wv = crate::cuda::view!(w, wl, T);
-        let av = crate::cuda::view!(a, &al, T);
-        let bv = crate::cuda::view!(b, &bl, T);
+        let (av, bv) = (crate::cuda::view!(a, &al, T), crate::cuda::view!(b, &bl, T));
         let s = op.scaling;
         // SAFETY: each buffer is written whole by its first product (beta 0) before a read.
         let mut xa = unsafe { dev.alloc::<T>(m * r) }?;
         let mut gxa = unsafe { dev.alloc::<T>(m * r) }?;
         let mut out = unsafe { dev.alloc::<T>(m * k + r * k + n * r) }?;
-        gemm(
-            dev,
-            d,
-            (false, true),
-            (m, r, k),
-            1.0,
-            (&xv, k),
-            (&av, k),
-            0.0,
-            (&mut xa, r),
-        )?;
+        let rank = product(NT, (m, r, k), 1.0, 0.0);
+        blas.run(rank, (&xv, k), (&av, k), (&mut xa, r))?;
         // d(xA^T) = scaling g B
-        gemm(
-            dev,
-            d,
-            (false, false),
-            (m, r, n),
-            s,
-            (&gv, n),
-            (&bv, r),
-            0.0,
-            (&mut gxa, r),
-        )?;
+        let rank_grad = product(NN, (m, r, n), s, 0.0);
+        blas.run(rank_grad, (&gv, n), (&bv, r), (&mut gxa, r))?;
         {
             let (mut dx, mut rest) = out.split_at_mut(m * k);
             let (mut da, mut db) = rest.split_at_mut(r * k);
             // dx = g W + d(xA^T) A, the second in the first's epilogue
-            gemm(
-                dev,
-                d,
-                (false, false),
-                (m, k, n),
-                1.0,
-                (&gv, n),
-                (&wv, k),
-                0.0,
-                (&mut dx, k),
-            )?;
-            gemm(
-                dev,
-                d,
-                (false, false),
-                (m, k, r),
-                1.0,
-                (&gxa, r),
-                (&av, k),
-                1.0,
-                (&mut dx, k),
-            )?;
+            let base = product(NN, (m, k, n), 1.0, 0.0);
+            let update = product(NN, (m, k, r), 1.0, 1.0);
+            blas.run(base, (&gv, n), (&wv, k), (&mut dx, k))?;
+            blas.run(update, (&gxa, r), (&av, k), (&mut dx, k))?;
             // dA = d(xA^T)^T x, dB = scaling g^T (x A^T)
-            gemm(
-                dev,
-                d,
-                (true, false),
-                (r, k, m),
-                1.0,
-                (&gxa, r),
-                (&xv, k),
-                0.0,
-                (&mut da, k),
-            )?;
-            gemm(
-                dev,
-                d,
-                (true, false),
-                (n, r, m),
-                s,
-                (&gv, n),
-                (&xa, r),
-                0.0,
-                (&mut db, r),
-            )?;
+            let a_grad = product(TN, (r, k, m), 1.0, 0.0);
+            let b_grad = product(TN, (n, r, m), s, 0.0);
+            blas.run(a_grad, (&gxa, r), (&xv, k), (&mut da, k))?;
+            blas.run(b_grad, (&gv, n), (&xa, r), (&mut db, r))?;
         }
         let len = m * k + r * k + n * r;
         Ok((
