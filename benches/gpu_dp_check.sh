@@ -5,8 +5,8 @@
 # ranks of one command line under torchrun's variables, both on cuda:0 (one GPU holds two
 # 8B replicas). Prints the largest difference between the two adapters (relative to each
 # tensor's largest value) and each run's tokens/s: the ranks' gradients are summed through
-# the host over TCP (NCCL is not written yet), so the second figure is the cost of that sum,
-# not a scaling figure. Carry device/arenaflow.xz and device/train_race.
+# the host over TCP (NCCL, which two GPUs would use, refuses two ranks on one GPU), so the
+# second figure is the cost of that sum, not a scaling figure. Carry device/arenaflow.xz and device/train_race.
 #
 #   benches/gpu_dp_check.sh        # $OUT/dp-check.txt
 set -euo pipefail
@@ -23,7 +23,8 @@ args=(train --model benches/configs/llama-3.1-8b.json --random-weights 0
   "$bin" "${args[@]}" --device cuda:0 --output "$work/alone" 2>&1 | grep -E 'wrote|tokens/s' | tail -2
   port=$((20000 + RANDOM % 20000))
   for rank in 0 1; do
-    WORLD_SIZE=2 RANK=$rank LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
+    # Both ranks on cuda:0: NCCL refuses two ranks on one GPU, so the host sums.
+    ARENAFLOW_NCCL=0 WORLD_SIZE=2 RANK=$rank LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
       "$bin" "${args[@]}" --device cuda:0 --output "$work/together" > "$work/rank$rank.log" 2>&1 &
   done
   wait

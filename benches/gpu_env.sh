@@ -1,6 +1,7 @@
 # Sourced by the GPU-machine scripts of benches/. `unpack [XZ [BIN]]` unpacks the packed
 # CUDA binary (device/arenaflow.xz, from scripts/build-cuda.sh) to BIN
-# (device/bin/arenaflow) once, and points LD_LIBRARY_PATH at PyTorch's CUDA 13 libraries.
+# (device/bin/arenaflow) once, and points LD_LIBRARY_PATH at PyTorch's CUDA 13 libraries and
+# NCCL.
 # `arenaflow_bin` unpacks the staged binary ($stash/arenaflow.xz, from gpu_recipe.sh stage)
 # if there is one, else the carried device/arenaflow.xz, and sets $bin to it.
 # `smollm2` puts the SmolLM2 GGUF, staged in three parts (benches/gpu_recipe.sh stage),
@@ -20,7 +21,9 @@ unpack() {
     mv "$bin.$$" "$bin"
   fi
   LIB=$(python3 -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13", "lib"))')
-  export LD_LIBRARY_PATH=$LIB:${LD_LIBRARY_PATH:-}
+  # NCCL (nvidia-nccl-cu13), which data-parallel training opens at run time.
+  NCCL=$(python3 -c 'import nvidia, glob, os; print(os.path.dirname((glob.glob(os.path.join(list(nvidia.__path__)[0], "**", "libnccl.so*"), recursive=True) or ["/"])[0]))')
+  export LD_LIBRARY_PATH=$LIB:$NCCL:${LD_LIBRARY_PATH:-}
 }
 
 arenaflow_bin() {

@@ -1391,6 +1391,49 @@ fn cuda_lora_epilogue_tracks_the_composed_ops() {
     }
 }
 
+/// NCCL through `train::nccl` on one GPU (what a single lent H200 can run): a world of one
+/// joins (the library opened at run time, rank 0's id handed out, the communicator made)
+/// and its all-reduce of a step's gradients gives them back unchanged, each in its shape
+/// and dtype.
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_nccl_sums_a_world_of_one() {
+    use arenaflow_models::train::collective::{Collective, Single};
+    use arenaflow_models::train::nccl::NcclCollective;
+    let gpu = Device::new_cuda(0).expect("a CUDA GPU");
+    let mut nccl = NcclCollective::join(Box::new(Single), &gpu)
+        .map_err(|(e, _)| e)
+        .expect("NCCL joins a world of one");
+    let mut grads = vec![
+        Tensor::arange(0f32, 6.0, &gpu)
+            .unwrap()
+            .reshape((2, 3))
+            .unwrap(),
+        Tensor::arange(-4f32, 4.0, &gpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap(),
+    ];
+    let want: Vec<(Vec<usize>, DType, Vec<f32>)> = grads
+        .iter()
+        .map(|g| (g.dims().to_vec(), g.dtype(), bits(g)))
+        .collect();
+    assert!(nccl.all_reduce_tensors(&mut grads).unwrap());
+    for (g, (dims, dtype, values)) in grads.iter().zip(&want) {
+        assert_eq!((g.dims(), g.dtype()), (dims.as_slice(), *dtype));
+        assert!(
+            bits(g) == *values,
+            "{dims:?}: {:?} against {values:?}",
+            bits(g)
+        );
+    }
+    eprintln!(
+        "NCCL: a world of one joined and summed {} tensors",
+        grads.len()
+    );
+}
+
 /// The frozen projection (`ops::frozen::frozen_matmul_t`) on a GPU is cuBLAS's `x W^T` as
 /// candle's matmul calls it, bit for bit, with the same input gradient and none for W.
 #[test]

@@ -308,10 +308,12 @@ impl Job {
                 "{NAME}: rank {} of {}, joining rank 0 at {}:{} (up to {timeout} s)",
                 rv.rank, rv.world, rv.master_addr, rv.master_port
             );
-            let collective = rv
-                .connect(std::time::Duration::from_secs(timeout))
-                .map_err(|e| external(e.into()))?;
-            trainer = trainer.with_collective(Box::new(collective));
+            let collective: Box<dyn arenaflow_models::train::collective::Collective> = Box::new(
+                rv.connect(std::time::Duration::from_secs(timeout))
+                    .map_err(|e| external(e.into()))?,
+            );
+            let collective = between_gpus(collective, trainer.model.device());
+            trainer = trainer.with_collective(collective);
         }
         if let Some(dir) = &self.checkpoint {
             if state::exists(dir) {
@@ -652,6 +654,41 @@ pub fn training_figures(plan: &Arc<dyn ExecutionPlan>) -> Vec<TrainingStats> {
         .into_iter()
         .filter_map(|exec| exec.operator().figures())
         .collect()
+}
+
+/// On GPUs the ranks sum their gradients through NCCL (`train::nccl`), unless
+/// `ARENAFLOW_NCCL=0`; where NCCL cannot be opened on every rank they all sum through the
+/// host collective, and say so.
+#[cfg(feature = "cuda")]
+fn between_gpus(
+    host: Box<dyn arenaflow_models::train::collective::Collective>,
+    device: &candle_core::Device,
+) -> Box<dyn arenaflow_models::train::collective::Collective> {
+    let off = matches!(
+        std::env::var("ARENAFLOW_NCCL").as_deref(),
+        Ok("0") | Ok("off")
+    );
+    if off || !device.is_cuda() {
+        return host;
+    }
+    match arenaflow_models::train::nccl::NcclCollective::join(host, device) {
+        Ok(nccl) => {
+            eprintln!("{NAME}: gradients summed between the GPUs by NCCL");
+            Box::new(nccl)
+        }
+        Err((e, host)) => {
+            eprintln!("{NAME}: {e}; gradients summed through the host instead");
+            host
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn between_gpus(
+    host: Box<dyn arenaflow_models::train::collective::Collective>,
+    _device: &candle_core::Device,
+) -> Box<dyn arenaflow_models::train::collective::Collective> {
+    host
 }
 
 /// This process's rank in a data-parallel run, from the launcher's environment (torchrun's

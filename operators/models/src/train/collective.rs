@@ -8,7 +8,8 @@
 //! `SLURM_NTASKS`, `SLURM_LOCALID`, with `MASTER_ADDR` and `MASTER_PORT` set by the batch
 //! script, as for torch under `srun`). [`TcpCollective`] sums over TCP through rank 0, in
 //! rank order: the same bits on every rank and on every run. It carries host memory (a
-//! GPU's gradients go through the host); NCCL between GPUs is not written yet (issue 17).
+//! GPU's gradients go through the host); on GPUs `super::nccl::NcclCollective` sums the
+//! gradients between the devices and keeps TCP for the step's few scalars.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
@@ -25,6 +26,25 @@ pub trait Collective: Send {
     /// Replaces `values` on every rank with the element-wise sum of every rank's `values`
     /// (each rank passes as many), added in rank order.
     fn all_reduce_sum(&mut self, values: &mut [f64]) -> Result<()>;
+
+    /// Replaces each tensor on every rank with its sum over the ranks, on the tensors'
+    /// device; `false` where this collective sums through the host only (the caller then
+    /// uses [`Collective::all_reduce_sum`]).
+    fn all_reduce_tensors(&mut self, _tensors: &mut [candle_core::Tensor]) -> Result<bool> {
+        Ok(false)
+    }
+}
+
+/// Rank 0's `bytes` on every rank (the others pass as many, any values), through the sum:
+/// rank 0 adds its bytes, the others zeros. How NCCL's id reaches the ranks.
+pub fn from_rank_zero(collective: &mut dyn Collective, bytes: &[u8]) -> Result<Vec<u8>> {
+    let leader = collective.rank() == 0;
+    let mut values: Vec<f64> = bytes
+        .iter()
+        .map(|&b| if leader { b as f64 } else { 0.0 })
+        .collect();
+    collective.all_reduce_sum(&mut values)?;
+    Ok(values.iter().map(|&v| v as u8).collect())
 }
 
 /// One process alone: the sum is its own values.
@@ -423,6 +443,36 @@ mod tests {
             } else if rank == 1 {
                 assert!(error.unwrap().contains("rank 0"), "rank 1");
             }
+        }
+    }
+
+    /// Every byte value (0-255) of rank 0 reaches the other ranks as it is, whatever they
+    /// held: how NCCL's 128-byte id is handed out.
+    #[test]
+    fn rank_zeros_bytes_reach_every_rank() {
+        let port = free_port();
+        let world = 3;
+        let id: Vec<u8> = (0..=255u8).rev().collect();
+        let handles: Vec<_> = (0..world)
+            .map(|rank| {
+                let id = id.clone();
+                std::thread::spawn(move || {
+                    let mut c = Rendezvous {
+                        rank,
+                        world,
+                        local_rank: rank,
+                        master_addr: "127.0.0.1".into(),
+                        master_port: port,
+                    }
+                    .connect(Duration::from_secs(20))
+                    .unwrap();
+                    let mine = if rank == 0 { id } else { vec![7u8; 256] };
+                    from_rank_zero(&mut c, &mine).unwrap()
+                })
+            })
+            .collect();
+        for (rank, h) in handles.into_iter().enumerate() {
+            assert_eq!(h.join().unwrap(), id, "rank {rank}");
         }
     }
 }

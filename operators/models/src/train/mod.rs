@@ -9,6 +9,8 @@
 pub mod collective;
 pub mod info_gain;
 pub mod loss;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod optim;
 pub mod state;
 mod trainer;

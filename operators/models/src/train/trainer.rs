@@ -411,8 +411,9 @@ impl Trainer {
     }
 
     /// Sums a step's gradients, loss terms, row logits (each row's from the one rank that
-    /// computed it, zeros elsewhere) and `counts` over the data-parallel ranks, in one
-    /// exchange through the host.
+    /// computed it, zeros elsewhere) and `counts` over the data-parallel ranks: the
+    /// gradients on their devices where the collective can (NCCL), the rest (and the
+    /// gradients otherwise) in one exchange through the host.
     fn all_reduce(
         &self,
         grads: &mut [Tensor],
@@ -423,9 +424,16 @@ impl Trainer {
         let teachers = self.teachers;
         terms.kl.resize(teachers, 0.0);
         terms.cos.resize(teachers, 0.0);
+        let mut collective = self
+            .collective
+            .lock()
+            .map_err(|_| ModelError::Input("the collective's lock is poisoned".into()))?;
+        let on_device = collective.all_reduce_tensors(grads)?;
         let mut flat: Vec<f64> = Vec::new();
-        for g in grads.iter() {
-            flat.extend(g.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?);
+        if !on_device {
+            for g in grads.iter() {
+                flat.extend(g.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?);
+            }
         }
         let scalars = flat.len();
         flat.push(terms.loss);
@@ -434,12 +442,9 @@ impl Trainer {
         flat.extend(&terms.cos);
         flat.extend(logits.iter().flatten().map(|&z| z as f64));
         flat.extend(counts.iter());
-        self.collective
-            .lock()
-            .map_err(|_| ModelError::Input("the collective's lock is poisoned".into()))?
-            .all_reduce_sum(&mut flat)?;
+        collective.all_reduce_sum(&mut flat)?;
         let mut at = 0;
-        for g in grads.iter_mut() {
+        for g in grads.iter_mut().filter(|_| !on_device) {
             let n = g.elem_count();
             let summed = Tensor::from_slice(&flat[at..at + n], g.shape(), g.device())?;
             *g = summed.to_dtype(g.dtype())?;
