@@ -405,6 +405,19 @@ mod tests {
             .port()
     }
 
+    /// Rank `rank` of `world` on this host, rank 0 listening on `port`.
+    fn join_local(rank: usize, world: usize, port: u16) -> TcpCollective {
+        Rendezvous {
+            rank,
+            world,
+            local_rank: rank,
+            master_addr: "127.0.0.1".into(),
+            master_port: port,
+        }
+        .connect(Duration::from_secs(20))
+        .unwrap()
+    }
+
     /// Three ranks in threads: every rank ends with the same sum, added in rank order; a
     /// rank that goes away fails the others' next sum, naming it.
     #[test]
@@ -414,15 +427,7 @@ mod tests {
         let handles: Vec<_> = (0..world)
             .map(|rank| {
                 std::thread::spawn(move || {
-                    let mut c = Rendezvous {
-                        rank,
-                        world,
-                        local_rank: rank,
-                        master_addr: "127.0.0.1".into(),
-                        master_port: port,
-                    }
-                    .connect(Duration::from_secs(20))
-                    .unwrap();
+                    let mut c = join_local(rank, world, port);
                     // 0.1 + 1e16 - 1e16 in rank order is 0, in another order 0.1.
                     let mut values = vec![[0.1, 1e16, -1e16][rank], rank as f64];
                     c.all_reduce_sum(&mut values).unwrap();
@@ -457,15 +462,7 @@ mod tests {
             .map(|rank| {
                 let id = id.clone();
                 std::thread::spawn(move || {
-                    let mut c = Rendezvous {
-                        rank,
-                        world,
-                        local_rank: rank,
-                        master_addr: "127.0.0.1".into(),
-                        master_port: port,
-                    }
-                    .connect(Duration::from_secs(20))
-                    .unwrap();
+                    let mut c = join_local(rank, world, port);
                     let mine = if rank == 0 { id } else { vec![7u8; 256] };
                     from_rank_zero(&mut c, &mine).unwrap()
                 })
