@@ -14,8 +14,12 @@ use arenaflow_tests::{
 const MODEL: &str = "tests/fixtures/teacher/model";
 const TOKENIZER: &str = "tests/fixtures/teacher/tokenizer.json";
 
+fn arenaflow_strings(args: &[String]) -> std::process::Output {
+    arenaflow(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
 fn run_ok(args: &[String]) -> String {
-    let out = arenaflow(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let out = arenaflow_strings(args);
     let log = text(&out);
     assert!(out.status.success(), "{log}");
     log
@@ -229,34 +233,22 @@ fn arenaflow_train_resumes_and_refuses_bad_settings() {
     assert_eq!(bytes(&killed), bytes(&whole));
     assert!(!tmp.path().join(".killed.checkpoint").exists());
 
-    let out = arenaflow(&[
-        "train",
-        "--model",
-        MODEL,
-        "--input",
-        rows.to_str().unwrap(),
-        "--output",
-        tmp.path().join("x").to_str().unwrap(),
-        "--lr",
-        "fast",
-    ]);
+    let out = arenaflow_strings(&cli_train_args(
+        &rows,
+        &tmp.path().join("x"),
+        &["--lr", "fast"],
+    ));
     assert!(!out.status.success());
     assert!(
         text(&out).contains("lr = \"fast\": not a number"),
         "{}",
         text(&out)
     );
-    let out = arenaflow(&[
-        "train",
-        "--model",
-        MODEL,
-        "--input",
-        rows.to_str().unwrap(),
-        "--output",
-        tmp.path().join("x").to_str().unwrap(),
-        "--teacher",
-        "logits",
-    ]);
+    let out = arenaflow_strings(&cli_train_args(
+        &rows,
+        &tmp.path().join("x"),
+        &["--teacher", "logits"],
+    ));
     assert!(!out.status.success());
     assert!(
         text(&out).contains("no teacher column logits"),

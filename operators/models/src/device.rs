@@ -196,32 +196,34 @@ mod pool {
         (status == sys::CUresult::CUDA_SUCCESS).then_some(pool)
     }
 
-    pub(super) fn used_high(cuda: &CudaDevice) -> Option<u64> {
-        let pool = default_pool(cuda)?;
-        let mut high: u64 = 0;
-        // SAFETY: USED_MEM_HIGH is a cuuint64_t the driver writes.
-        let status = unsafe {
-            sys::cuMemPoolGetAttribute(
-                pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-                (&mut high as *mut u64).cast(),
-            )
+    /// The pool's USED_MEM_HIGH through `access` (get or set; a cuuint64_t), true where
+    /// the driver took the call.
+    fn used_mem_high(
+        cuda: &CudaDevice,
+        value: &mut u64,
+        access: unsafe fn(
+            sys::CUmemoryPool,
+            sys::CUmemPool_attribute,
+            *mut std::ffi::c_void,
+        ) -> sys::CUresult,
+    ) -> bool {
+        let Some(pool) = default_pool(cuda) else {
+            return false;
         };
-        (status == sys::CUresult::CUDA_SUCCESS && high > 0).then_some(high)
+        let attribute = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+        // SAFETY: USED_MEM_HIGH is a cuuint64_t, read or written by the driver.
+        let status = unsafe { access(pool, attribute, (value as *mut u64).cast()) };
+        status == sys::CUresult::CUDA_SUCCESS
     }
 
+    pub(super) fn used_high(cuda: &CudaDevice) -> Option<u64> {
+        let mut high = 0;
+        (used_mem_high(cuda, &mut high, sys::cuMemPoolGetAttribute) && high > 0).then_some(high)
+    }
+
+    /// Setting USED_MEM_HIGH takes only 0: the mark restarts at the current use.
     pub(super) fn reset_high(cuda: &CudaDevice) {
-        if let Some(pool) = default_pool(cuda) {
-            let mut zero: u64 = 0;
-            // SAFETY: USED_MEM_HIGH takes a cuuint64_t, and only 0 (reset to the current use).
-            let _ = unsafe {
-                sys::cuMemPoolSetAttribute(
-                    pool,
-                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-                    (&mut zero as *mut u64).cast(),
-                )
-            };
-        }
+        used_mem_high(cuda, &mut 0, sys::cuMemPoolSetAttribute);
     }
 }
 

@@ -444,11 +444,13 @@ impl Trainer {
         flat.extend(counts.iter());
         collective.all_reduce_sum(&mut flat)?;
         let mut at = 0;
-        for g in grads.iter_mut().filter(|_| !on_device) {
-            let n = g.elem_count();
-            let summed = Tensor::from_slice(&flat[at..at + n], g.shape(), g.device())?;
-            *g = summed.to_dtype(g.dtype())?;
-            at += n;
+        if !on_device {
+            for g in grads.iter_mut() {
+                let n = g.elem_count();
+                let summed = Tensor::from_slice(&flat[at..at + n], g.shape(), g.device())?;
+                *g = summed.to_dtype(g.dtype())?;
+                at += n;
+            }
         }
         debug_assert_eq!(at, scalars);
         let mut rest = flat[at..].iter().copied();
