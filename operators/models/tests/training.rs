@@ -1402,7 +1402,7 @@ fn cuda_nccl_sums_a_world_of_one() {
     use arenaflow_models::train::collective::{Collective, Single};
     use arenaflow_models::train::nccl::NcclCollective;
     let gpu = Device::new_cuda(0).expect("a CUDA GPU");
-    let mut nccl = NcclCollective::join(Box::new(Single), &gpu)
+    let mut nccl = NcclCollective::join(Box::new(Single), &gpu, true)
         .map_err(|(e, _)| e)
         .expect("NCCL joins a world of one");
     let mut grads = vec![

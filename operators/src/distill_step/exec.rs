@@ -657,21 +657,22 @@ pub fn training_figures(plan: &Arc<dyn ExecutionPlan>) -> Vec<TrainingStats> {
 }
 
 /// On GPUs the ranks sum their gradients through NCCL (`train::nccl`), unless
-/// `ARENAFLOW_NCCL=0`; where NCCL cannot be opened on every rank they all sum through the
-/// host collective, and say so.
+/// `ARENAFLOW_NCCL=0` on any rank; where NCCL cannot be opened on every rank they all sum
+/// through the host collective, and say so.
 #[cfg(feature = "cuda")]
 fn between_gpus(
     host: Box<dyn arenaflow_models::train::collective::Collective>,
     device: &candle_core::Device,
 ) -> Box<dyn arenaflow_models::train::collective::Collective> {
-    let off = matches!(
+    if !device.is_cuda() {
+        return host;
+    }
+    // Off on one rank is off on all: the handshake counts it as not ready.
+    let wanted = !matches!(
         std::env::var("ARENAFLOW_NCCL").as_deref(),
         Ok("0") | Ok("off")
     );
-    if off || !device.is_cuda() {
-        return host;
-    }
-    match arenaflow_models::train::nccl::NcclCollective::join(host, device) {
+    match arenaflow_models::train::nccl::NcclCollective::join(host, device, wanted) {
         Ok(nccl) => {
             eprintln!("{NAME}: gradients summed between the GPUs by NCCL");
             Box::new(nccl)

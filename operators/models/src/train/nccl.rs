@@ -6,7 +6,7 @@
 //! libnccl is opened at run time (`libloading`), not linked: the CUDA binary starts where
 //! no NCCL is installed and single-GPU runs never need it. cudarc's `nccl` feature would
 //! link it into every CUDA build (its `dynamic-linking` is one switch for all of CUDA's
-//! libraries), so the six entry points used here are declared by hand, from nccl.h.
+//! libraries), so the five entry points used here are declared by hand, from nccl.h.
 //!
 //! Sums by NCCL are not in rank order: with two ranks they are the same bits as the host's
 //! sum (a + b = b + a), with more they agree within f32 rounding.
@@ -15,7 +15,7 @@ use std::ffi::{c_char, c_int, c_void, CStr};
 use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 
 use super::collective::{from_rank_zero, Collective};
@@ -36,7 +36,6 @@ const SUM: c_int = 0;
 
 /// The library and the entry points used.
 struct Nccl {
-    _library: libloading::Library,
     get_unique_id: unsafe extern "C" fn(*mut UniqueId) -> NcclResult,
     comm_init_rank: unsafe extern "C" fn(*mut Comm, c_int, UniqueId, c_int) -> NcclResult,
     all_reduce: unsafe extern "C" fn(
@@ -48,7 +47,9 @@ struct Nccl {
         Comm,
         *mut c_void,
     ) -> NcclResult,
-    comm_destroy: unsafe extern "C" fn(Comm) -> NcclResult,
+    /// ncclCommAbort: unlike ncclCommDestroy it does not wait for work a dead peer will
+    /// never finish.
+    comm_abort: unsafe extern "C" fn(Comm) -> NcclResult,
     error_string: unsafe extern "C" fn(NcclResult) -> *const c_char,
 }
 
@@ -73,10 +74,12 @@ impl Nccl {
                  library in ARENAFLOW_NCCL_LIBRARY"
             ))
         })?;
+        // Never unloaded: NCCL's bootstrap threads may outlive a failed join.
+        let library: &'static libloading::Library = Box::leak(Box::new(library));
         macro_rules! symbol {
             ($name:literal) => {
-                // SAFETY: the type is the entry point's in nccl.h; the library outlives the
-                // pointer (both are fields of Nccl).
+                // SAFETY: the type is the entry point's in nccl.h; the library is never
+                // unloaded.
                 *unsafe { library.get($name) }.map_err(|e| fail(e.to_string()))?
             };
         }
@@ -84,9 +87,8 @@ impl Nccl {
             get_unique_id: symbol!(b"ncclGetUniqueId\0"),
             comm_init_rank: symbol!(b"ncclCommInitRank\0"),
             all_reduce: symbol!(b"ncclAllReduce\0"),
-            comm_destroy: symbol!(b"ncclCommDestroy\0"),
+            comm_abort: symbol!(b"ncclCommAbort\0"),
             error_string: symbol!(b"ncclGetErrorString\0"),
-            _library: library,
         })
     }
 
@@ -112,14 +114,17 @@ pub struct NcclCollective {
 
 impl NcclCollective {
     /// Opens NCCL and joins the ranks of `host` on `device` (this rank's GPU). Every rank
-    /// first says whether it could open NCCL: where one could not, every rank gets the
-    /// error back with `host`, to carry on with it alone (no rank waits for another's NCCL).
+    /// first says whether it is ready (NCCL opened, the GPU bound, `wanted`), and rank 0
+    /// whether it made the id: where one is not, every rank gets the error back with
+    /// `host`, to carry on with it alone (no rank waits for another's NCCL). Every rank
+    /// takes part in both exchanges, `wanted` or not.
     #[allow(clippy::result_large_err)]
     pub fn join(
         mut host: Box<dyn Collective>,
         device: &Device,
+        wanted: bool,
     ) -> std::result::Result<Self, (ModelError, Box<dyn Collective>)> {
-        match Self::handshake(host.as_mut(), device) {
+        match Self::handshake(host.as_mut(), device, wanted) {
             Ok((nccl, comm)) => Ok(Self {
                 host,
                 nccl: Arc::new(nccl),
@@ -129,11 +134,18 @@ impl NcclCollective {
         }
     }
 
-    fn handshake(host: &mut dyn Collective, device: &Device) -> Result<(Nccl, Comm)> {
-        let Device::Cuda(cuda) = device else {
-            return Err(ModelError::Config("NCCL: the device is not a GPU".into()));
+    fn handshake(host: &mut dyn Collective, device: &Device, wanted: bool) -> Result<(Nccl, Comm)> {
+        let opened = match device {
+            Device::Cuda(cuda) if wanted => Nccl::open().and_then(|nccl| {
+                cuda.cuda_stream()
+                    .context()
+                    .bind_to_thread()
+                    .map_err(|e| ModelError::Config(format!("NCCL: binding the GPU: {e}")))?;
+                Ok(nccl)
+            }),
+            Device::Cuda(_) => Err(ModelError::Config("NCCL: off on this rank".into())),
+            _ => Err(ModelError::Config("NCCL: the device is not a GPU".into())),
         };
-        let opened = Nccl::open();
         let mut ready = [if opened.is_ok() { 1.0 } else { 0.0 }];
         host.all_reduce_sum(&mut ready)?;
         let world = host.world();
@@ -141,23 +153,29 @@ impl NcclCollective {
         if ready[0] as usize != world {
             let missing = world - ready[0] as usize;
             return Err(ModelError::Config(format!(
-                "NCCL: {missing} of {world} ranks could not open libnccl"
+                "NCCL: {missing} of {world} ranks could not open it or bind their GPU"
             )));
         }
         let rank = host.rank();
         let mut id = UniqueId { internal: [0; 128] };
+        let mut made = Ok(());
         if rank == 0 {
             // SAFETY: NCCL writes one id.
-            nccl.check("ncclGetUniqueId", unsafe { (nccl.get_unique_id)(&mut id) })?;
+            made = nccl.check("ncclGetUniqueId", unsafe { (nccl.get_unique_id)(&mut id) });
         }
-        let bytes: Vec<u8> = id.internal.iter().map(|&c| c as u8).collect();
-        for (slot, b) in id.internal.iter_mut().zip(from_rank_zero(host, &bytes)?) {
+        // The id and, last, whether rank 0 made it: every rank takes part either way.
+        let mut bytes: Vec<u8> = id.internal.iter().map(|&c| c as u8).collect();
+        bytes.push(u8::from(made.is_ok()));
+        let shared = from_rank_zero(host, &bytes)?;
+        made?;
+        if shared[128] == 0 {
+            return Err(ModelError::Config(
+                "NCCL: rank 0 could not make the id".into(),
+            ));
+        }
+        for (slot, &b) in id.internal.iter_mut().zip(&shared) {
             *slot = b as c_char;
         }
-        cuda.cuda_stream()
-            .context()
-            .bind_to_thread()
-            .map_err(|e| ModelError::Config(format!("NCCL: binding the GPU: {e}")))?;
         let mut comm: Comm = std::ptr::null_mut();
         // SAFETY: every rank passes the same id and world, each its own rank, with its GPU's
         // context current; NCCL writes the communicator.
@@ -170,8 +188,9 @@ impl NcclCollective {
 impl Drop for NcclCollective {
     fn drop(&mut self) {
         if Arc::strong_count(&self.comm) == 1 {
-            // SAFETY: the communicator is not used after this.
-            let _ = unsafe { (self.nccl.comm_destroy)(self.comm.0) };
+            // SAFETY: the communicator is not used after this. Abort, not destroy: after a
+            // peer died an all-reduce may be queued that will never finish.
+            let _ = unsafe { (self.nccl.comm_abort)(self.comm.0) };
         }
     }
 }
@@ -235,11 +254,11 @@ impl CustomOp1 for AllReduce {
         let n = l.shape().elem_count();
         let input = crate::cuda::view!(s, l, f32);
         // SAFETY: NCCL writes all n elements.
-        let output = unsafe { dev.alloc::<f32>(n) }?;
+        let mut output = unsafe { dev.alloc::<f32>(n) }?;
         let stream = dev.cuda_stream();
         {
             let (send, _read) = input.device_ptr(&stream);
-            let (recv, _write) = output.device_ptr(&stream);
+            let (recv, _write) = output.device_ptr_mut(&stream);
             // SAFETY: n f32 on this rank's GPU each, on its stream; the communicator is this
             // run's, used one call at a time.
             let result = unsafe {
