@@ -4,6 +4,12 @@ bf16 with random weights and a real config, over the same rows and the same batc
 arenaflow (longest first, as many rows per batch as fit the padded token budget, right
 padding), timed after one warm-up batch. Prints one JSON line.
 
+`--attn sdpa-unmasked` is torch at its best for right-padded batches: sdpa with no
+attention mask (its causal flash path). A causal classifier that pools its last real token
+does not need the mask: padding sits after every real token, so no real token sees it. The
+batch with the most padding is also run masked, and the largest logit difference between
+the two is reported (`unmasked_vs_masked`).
+
     python3 benches/teacher_race.py --config benches/configs/llama-3.1-8b.json \
         --attn sdpa --rows rows.npz --max-batch-tokens 8192
 """
@@ -30,7 +36,7 @@ def batches(lengths, budget):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--config", required=True)
-    p.add_argument("--attn", required=True, choices=["sdpa", "eager"])
+    p.add_argument("--attn", required=True, choices=["sdpa", "sdpa-unmasked", "eager"])
     p.add_argument("--rows", required=True, help="npz with `lengths` and flat `tokens`")
     p.add_argument("--max-batch-tokens", type=int, default=8192)
     p.add_argument("--label", default="")
@@ -43,7 +49,8 @@ def main():
     rows = [flat[offsets[i]:offsets[i + 1]] for i in range(len(lengths))]
 
     config = AutoConfig.from_pretrained(args.config)
-    config._attn_implementation = args.attn
+    unmasked = args.attn == "sdpa-unmasked"
+    config._attn_implementation = "sdpa" if unmasked else args.attn
     torch.manual_seed(0)
     with torch.device("meta"):
         model = AutoModelForSequenceClassification.from_config(config, torch_dtype=torch.bfloat16)
@@ -58,7 +65,7 @@ def main():
     pad = config.pad_token_id
 
     planned = batches(lengths, args.max_batch_tokens)
-    tensors = []
+    tensors, masks = [], []
     for members in planned:
         longest = max(lengths[i] for i in members)
         ids = torch.full((len(members), longest), pad, dtype=torch.long)
@@ -66,10 +73,18 @@ def main():
         for r, i in enumerate(members):
             ids[r, : lengths[i]] = torch.from_numpy(rows[i])
             mask[r, : lengths[i]] = 1
-        tensors.append((ids.cuda(), mask.cuda()))
+        tensors.append((ids.cuda(), None if unmasked else mask.cuda()))
+        masks.append(mask)
 
     with torch.inference_mode():
         model(input_ids=tensors[0][0], attention_mask=tensors[0][1]).logits.float().cpu()
+        difference = None
+        if unmasked:  # on the batch with the most padding
+            b = max(range(len(masks)), key=lambda b: int((masks[b] == 0).sum()))
+            ids = tensors[b][0]
+            bare = model(input_ids=ids).logits.float().cpu()
+            masked = model(input_ids=ids, attention_mask=masks[b].cuda()).logits.float().cpu()
+            difference = float((bare - masked).abs().max())
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
@@ -89,7 +104,7 @@ def main():
         "tokens_per_second": tokens / seconds, "rows_per_second": len(lengths) / seconds,
         "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
         "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
-        "finite": finite, "torch": torch.__version__,
+        "finite": finite, "unmasked_vs_masked": difference, "torch": torch.__version__,
         "device": torch.cuda.get_device_name(),
     }), flush=True)
 
