@@ -837,7 +837,7 @@ fn cuda_attention_backward_matches_composed_autograd() {
             .iter()
             .map(|x| store.get(x.as_tensor()).unwrap().clone())
             .collect();
-        // bf16 through both kernels: the f32 arithmetic and, asked for, the tensor cores.
+        // bf16 through both kernels: the f32 arithmetic (asked for) and the tensor cores.
         for (dtype, kernels, bound) in [
             (DType::F32, "f32", 1e-4),
             (DType::BF16, "f32", 3e-2),
@@ -1323,11 +1323,11 @@ impl ProjectionCase {
 /// Training's one-op LoRA projection (`ops::lora_linear`) on a GPU gives the bits of the
 /// composed ops it replaces there (cuBLAS's products in the same layouts, the same casts,
 /// lora_add), output and gradients, at a Llama projection's width: bf16 and f16 with the
-/// adapter in f32 (PEFT) and under autocast, and f32.
+/// adapter in f32 (PEFT) and under autocast, and f32; cuBLAS's epilogue turned off.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn cuda_lora_projection_is_the_composed_ops_bit_for_bit() {
-    std::env::remove_var("ARENAFLOW_LORA_EPILOGUE");
+    std::env::set_var("ARENAFLOW_LORA_EPILOGUE", "0");
     let gpu = Device::new_cuda(0).expect("a CUDA GPU");
     let case = ProjectionCase::draw(13, (3, 171, 1024, 1536, 64), 0.02);
     for (dtype, autocast) in [
@@ -1351,11 +1351,12 @@ fn cuda_lora_projection_is_the_composed_ops_bit_for_bit() {
         }
         eprintln!("lora projection {dtype:?} autocast {autocast}: one op = composed, bit for bit");
     }
+    std::env::remove_var("ARENAFLOW_LORA_EPILOGUE");
 }
 
-/// The one-op projection with cuBLAS's epilogue (`ARENAFLOW_LORA_EPILOGUE=1`: the update
-/// and the input gradient's two terms summed inside the products, the scaling in their
-/// alpha) under autocast, bf16 and f16 at a Llama projection's width: as close to the f32
+/// The one-op projection with cuBLAS's epilogue (the default; `ARENAFLOW_LORA_EPILOGUE=0`
+/// turns it off: the update and the input gradient's two terms summed inside the
+/// products, the scaling in their alpha) under autocast, bf16 and f16 at a Llama projection's width: as close to the f32
 /// computation as the composed ops are (it rounds less often), output and the gradients
 /// of x, A and B. The variable is read where the op is made: run these GPU tests with
 /// --test-threads 1 (the test above reads it too).

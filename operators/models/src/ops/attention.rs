@@ -523,13 +523,13 @@ impl AttentionBackward {
         let (nq, nk) = (b * s * nh * d, b * s * nkv * d);
         let mut grads = dev.alloc_zeros::<T>(nq + 2 * nk)?;
         // Tensor cores for bf16/f16 at head sizes 64, 128 and 256 (64 keys or queries a
-        // block of 128 threads) where ARENAFLOW_ATTENTION_BACKWARD=mma asks for them (they
-        // are not yet checked on a GPU: `cuda_attention_backward_matches_composed_autograd`);
-        // the f32 kernels otherwise, their tile sizes those of attention_backward.cu's GRADS
-        // lines.
+        // block of 128 threads; checked on an H200 by
+        // `cuda_attention_backward_matches_composed_autograd`) unless
+        // ARENAFLOW_ATTENTION_BACKWARD=f32 asks for the f32 kernels, which take every
+        // other case, their tile sizes those of attention_backward.cu's GRADS lines.
         let mma = dtype != "f32"
             && matches!(d, 64 | 128 | 256)
-            && std::env::var("ARENAFLOW_ATTENTION_BACKWARD").as_deref() == Ok("mma");
+            && std::env::var("ARENAFLOW_ATTENTION_BACKWARD").as_deref() != Ok("f32");
         let dm = match d {
             0..=64 => 64,
             65..=128 => 128,

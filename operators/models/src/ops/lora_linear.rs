@@ -25,7 +25,7 @@ struct LoraLinear {
     scaling: f32,
     dtype: DType,
     /// cuBLAS's epilogue instead of the composed arithmetic (`epilogue`): the GPU under
-    /// autocast, where `ARENAFLOW_LORA_EPILOGUE=1` asks for it.
+    /// autocast, unless `ARENAFLOW_LORA_EPILOGUE=0` turns it off.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     epilogue: bool,
 }
@@ -204,13 +204,13 @@ pub fn lora_linear(
     dtype: DType,
 ) -> Result<Tensor> {
     // cuBLAS's epilogue: autocast (the adapter's products in the model's bf16 or f16) on a
-    // GPU, asked for.
+    // GPU, unless turned off.
     let epilogue = x.device().is_cuda()
         && dtype == x.dtype()
         && matches!(dtype, DType::BF16 | DType::F16)
-        && matches!(
+        && !matches!(
             std::env::var("ARENAFLOW_LORA_EPILOGUE").as_deref(),
-            Ok("1") | Ok("on")
+            Ok("0") | Ok("off")
         );
     x.apply_op3(
         a,
@@ -229,7 +229,7 @@ pub fn lora_linear(
 /// output or the input of its own (LoraAdd's sum, Scaled's gradient, the gradient's add);
 /// the second product is accumulated in f32 onto the first's rounded result and rounded
 /// once more. Under autocast only (the adapter's products in the
-/// model's dtype), on a GPU, where `ARENAFLOW_LORA_EPILOGUE=1` asks for it: it rounds
+/// model's dtype), on a GPU, unless `ARENAFLOW_LORA_EPILOGUE=0` turns it off: it rounds
 /// less often than PyTorch's autocast (which rounds the update, the scaled update and the
 /// sum, and each term of the input gradient), so its bits are not the composed path's; `cuda_lora_epilogue_tracks_the_composed_ops`
 /// holds it within bf16's rounding of them. Backward: dA and dB come out of their products
