@@ -548,13 +548,20 @@ impl Trainer {
                 .ok_or_else(|| ModelError::Input("no gradient reached the last layer".into()))?
                 .detach();
             for (l, layer) in layers.iter().enumerate().rev() {
-                let input = if l == 0 {
-                    None
+                // Each layer's input is released once its backward is done, as torch's
+                // checkpointing does: the last layers' inputs are not held while the
+                // gradients of the first ones accumulate.
+                let saved = inputs
+                    .pop()
+                    .ok_or_else(|| ModelError::Input(format!("layer {l}'s input was not kept")))?;
+                let (input, x) = if l == 0 {
+                    (None, saved)
                 } else {
-                    Some(Var::from_tensor(&inputs[l])?)
+                    let var = Var::from_tensor(&saved)?;
+                    let x = var.as_tensor().clone();
+                    (Some(var), x)
                 };
-                let x = input.as_ref().map_or(&inputs[l], |v| v.as_tensor());
-                let out = dropout::with_key(layer_key(l), || layer.forward_t(x, &state, true))?;
+                let out = dropout::with_key(layer_key(l), || layer.forward_t(&x, &state, true))?;
                 // The vector-Jacobian product d/dθ Σ (out ⊙ upstream): the layer's backward
                 // seeded with upstream.
                 let store = crate::ops::seed::seeded(&out, &upstream)?.backward()?;
