@@ -1028,6 +1028,147 @@ fn cuda_gptq_dequantize_matches_the_cpu() {
     }
 }
 
+/// A GPTQ case for the fused product: codes, scales, zeros and act-order's scattered groups
+/// for an (out, in) weight, and x (rows, in).
+struct GptqCase {
+    shape: (usize, usize, usize),
+    codes: Vec<u8>,
+    scales: Vec<f32>,
+    zeros: Vec<f32>,
+    g_idx: Vec<u32>,
+    x: Vec<f32>,
+}
+
+impl GptqCase {
+    fn draw(seed: u64, (rows, out, inp): (usize, usize, usize)) -> Self {
+        use arenaflow_models::weights::SplitMix64;
+        let groups = inp / 128;
+        let mut rng = SplitMix64::new(seed);
+        Self {
+            shape: (rows, out, inp),
+            codes: (0..out * inp)
+                .map(|_| (rng.next_u64() % 256) as u8)
+                .collect(),
+            scales: (0..groups * out)
+                .map(|_| (1e-3 * (1.0 + rng.next_normal().abs())) as f32)
+                .collect(),
+            zeros: (0..groups * out)
+                .map(|_| (120 + rng.next_u64() % 16) as f32)
+                .collect(),
+            g_idx: (0..inp)
+                .map(|_| (rng.next_u64() % groups as u64) as u32)
+                .collect(),
+            x: (0..rows * inp).map(|_| rng.next_normal() as f32).collect(),
+        }
+    }
+
+    /// x and the weight's tensors on `device`, x in `dtype`.
+    fn tensors(&self, device: &Device, dtype: DType) -> [Tensor; 5] {
+        let (rows, out, inp) = self.shape;
+        let groups = inp / 128;
+        [
+            Tensor::from_slice(&self.x, (rows, inp), device)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap(),
+            Tensor::from_slice(&self.codes, (out, inp), device).unwrap(),
+            Tensor::from_slice(&self.scales, (groups, out), device).unwrap(),
+            Tensor::from_slice(&self.zeros, (groups, out), device).unwrap(),
+            Tensor::from_slice(&self.g_idx, inp, device).unwrap(),
+        ]
+    }
+}
+
+/// The fused GPTQ product (`gptq_matmul_*`: codes dequantized per step in shared memory,
+/// tensor cores) against the same product in f64 from the dequantized weight's bits, beside
+/// the path it may replace (the one-pass dequantization, then cuBLAS): bf16 and f16, rows
+/// from 1 to 300 and an output width that is no multiple of the 128-wide tile.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_gptq_fused_matmul_tracks_dequantize_then_cublas() {
+    use arenaflow_models::ops::gptq::{dequantize, fused_matmul};
+    let gpu = Device::new_cuda(0).expect("a CUDA GPU");
+    for (seed, shape) in [
+        (1, (1, 1000, 1024)),
+        (2, (37, 4096, 3584)),
+        (3, (300, 520, 14336)),
+    ] {
+        let case = GptqCase::draw(seed, shape);
+        let (rows, out, inp) = shape;
+        for dtype in [DType::BF16, DType::F16] {
+            let [x, c, s, z, g] = case.tensors(&gpu, dtype);
+            let w = dequantize(&c, &s, &z, &g, dtype).unwrap();
+            let fused = values(&fused_matmul(&x, &c, &s, &z, &g).unwrap());
+            let cublas = values(&x.matmul(&w.t().unwrap()).unwrap());
+            let (xv, wv) = (values(&x), values(&w));
+            let (mut worst_fused, mut worst_cublas, mut largest) = (0f64, 0f64, 0f64);
+            for r in 0..rows {
+                for o in 0..out {
+                    let exact: f64 = (0..inp).map(|i| xv[r * inp + i] * wv[o * inp + i]).sum();
+                    let at = r * out + o;
+                    worst_fused = worst_fused.max((fused[at] - exact).abs());
+                    worst_cublas = worst_cublas.max((cublas[at] - exact).abs());
+                    largest = largest.max(exact.abs());
+                }
+            }
+            eprintln!(
+                "gptq matmul {dtype:?} {rows} x {out} x {inp}: fused off f64 by {worst_fused:.3e}, \
+                 dequantize + cuBLAS by {worst_cublas:.3e} (largest {largest:.3e})"
+            );
+            assert!(
+                worst_fused <= 1.5 * worst_cublas + 1e-6,
+                "{dtype:?} {shape:?}: fused {worst_fused} against cuBLAS {worst_cublas}"
+            );
+        }
+    }
+}
+
+/// Times the fused GPTQ product against the one-pass dequantization then cuBLAS at
+/// Gemma-2-9B's MLP shapes over growing row counts (medians of 20 after 3 warm-ups, the
+/// device synchronised around each): the measurement behind `ops::gptq::FUSED_MAX_ROWS`.
+/// Prints only; nothing is asserted about time.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_gptq_fused_matmul_timings() {
+    use arenaflow_models::ops::gptq::{dequantize, fused_matmul};
+    let gpu = Device::new_cuda(0).expect("a CUDA GPU");
+    let median = |f: &dyn Fn() -> Tensor| {
+        let mut times: Vec<f64> = (0..23)
+            .map(|_| {
+                gpu.synchronize().unwrap();
+                let started = std::time::Instant::now();
+                drop(f());
+                gpu.synchronize().unwrap();
+                started.elapsed().as_secs_f64()
+            })
+            .skip(3)
+            .collect();
+        times.sort_by(f64::total_cmp);
+        times[times.len() / 2]
+    };
+    for (out, inp) in [(14336, 3584), (3584, 14336)] {
+        let case = GptqCase::draw(4, (8192, out, inp));
+        let [x, c, s, z, g] = case.tensors(&gpu, DType::BF16);
+        for rows in [1, 16, 64, 256, 1024, 4096, 8192] {
+            let xr = x.narrow(0, 0, rows).unwrap();
+            let fused = median(&|| fused_matmul(&xr, &c, &s, &z, &g).unwrap());
+            let cublas = median(&|| {
+                let w = dequantize(&c, &s, &z, &g, DType::BF16).unwrap();
+                xr.matmul(&w.t().unwrap()).unwrap()
+            });
+            let tflops = |t: f64| 2.0 * (rows * out * inp) as f64 / t / 1e12;
+            eprintln!(
+                "gptq timing {rows} x {out} x {inp}: fused {:.1} us ({:.0} TFLOP/s), dequantize + cuBLAS {:.1} us ({:.0} TFLOP/s), fused/cuBLAS {:.2}",
+                fused * 1e6,
+                tflops(fused),
+                cublas * 1e6,
+                tflops(cublas),
+                fused / cublas
+            );
+        }
+    }
+}
+
 /// The fused RMSNorm on a GPU against its CPU side, with a few of Gemma's (1 + w) weights
 /// large enough to overflow f16: the GPU saturates those outputs at f16's largest finite
 /// value, as the CPU does, and agrees elsewhere.

@@ -123,6 +123,19 @@ impl GptqWeight {
         Ok(Self::new(&tensors.unpack(), vb.dtype(), vb.device())?)
     }
 
+    /// x (rows, in) times the weight's transpose. Where no gradient is asked for and
+    /// `ops::gptq::matmul_path` picks it, on the fused kernel straight from the codes;
+    /// otherwise the weight dequantized for the call in one pass, then the dense product
+    /// (int8 storage, bf16 compute).
+    pub fn matmul_t(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        use crate::ops::gptq::{fused_matmul, matmul_path, MatmulPath};
+        let (rows, inp) = x.dims2()?;
+        if !x.track_op() && matmul_path(x.device(), x.dtype(), rows, inp) == MatmulPath::Fused {
+            return fused_matmul(x, &self.codes, &self.scales, &self.zeros, &self.g_idx);
+        }
+        crate::ops::frozen::frozen_matmul_t(x, &self.dequantize()?)
+    }
+
     /// scale · (code − zero) per weight, (out, in) in the model's dtype: the arithmetic in
     /// f32, rounded once.
     pub fn dequantize(&self) -> candle_core::Result<Tensor> {
@@ -224,14 +237,7 @@ impl Linear {
             LinearWeight::Dense(w) => project(xs, self.bias.as_ref(), |flat| {
                 crate::ops::frozen::frozen_matmul_t(flat, w)
             })?,
-            // The weight dequantized for the call in one pass (ops::gptq), then the dense
-            // product: int8 storage, bf16 compute.
-            LinearWeight::Gptq(q) => {
-                let w = q.dequantize()?;
-                project(xs, self.bias.as_ref(), |flat| {
-                    crate::ops::frozen::frozen_matmul_t(flat, &w)
-                })?
-            }
+            LinearWeight::Gptq(q) => project(xs, self.bias.as_ref(), |flat| q.matmul_t(flat))?,
         };
         let Some(lora) = &self.lora else {
             return Ok(base);

@@ -180,6 +180,164 @@ pub fn dequantize(
     )
 }
 
+/// How a GPTQ projection multiplies on a GPU: `Fused` multiplies straight from the codes
+/// (`gptq_matmul_*`: each step of 32 input columns dequantized into shared memory, then
+/// tensor cores; no (out, in) weight in device memory), `Dequantize` writes the weight in
+/// one pass and runs cuBLAS's product. `ARENAFLOW_GPTQ_MATMUL=fused` or `dequantize`
+/// chooses; by default the fused kernel takes products of at most [`FUSED_MAX_ROWS`] rows
+/// (where reading the codes once is what counts), cuBLAS the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MatmulPath {
+    Fused,
+    Dequantize,
+}
+
+/// The most rows (tokens) a GPTQ product takes the fused kernel for by default; none until
+/// `cuda_gptq_fused_matmul_timings` has measured where it wins on a GPU.
+pub const FUSED_MAX_ROWS: Option<usize> = None;
+
+/// The path a product of `rows` rows in `dtype` on `device` with `inp` input columns takes.
+pub fn matmul_path(
+    device: &candle_core::Device,
+    dtype: DType,
+    rows: usize,
+    inp: usize,
+) -> MatmulPath {
+    let possible =
+        device.is_cuda() && matches!(dtype, DType::BF16 | DType::F16) && inp.is_multiple_of(32);
+    match std::env::var("ARENAFLOW_GPTQ_MATMUL").as_deref() {
+        _ if !possible => MatmulPath::Dequantize,
+        Ok("fused") => MatmulPath::Fused,
+        Ok("dequantize") => MatmulPath::Dequantize,
+        _ if FUSED_MAX_ROWS.is_some_and(|max| rows <= max) => MatmulPath::Fused,
+        _ => MatmulPath::Dequantize,
+    }
+}
+
+/// x (rows, in) times the GPTQ weight's transpose, (rows, out) in x's dtype, on the fused
+/// kernel (see [`MatmulPath`]): x bf16 or f16 on a GPU, `in` a multiple of 32. No
+/// gradient (the weight is frozen and the product is inference's).
+pub fn fused_matmul(
+    x: &Tensor,
+    codes: &Tensor,
+    scales: &Tensor,
+    zeros: &Tensor,
+    g_idx: &Tensor,
+) -> Result<Tensor> {
+    let params = Tensor::stack(
+        &[scales.to_dtype(DType::F32)?, zeros.to_dtype(DType::F32)?],
+        0,
+    )?;
+    x.contiguous()?.apply_op3_no_bwd(
+        &codes.contiguous()?,
+        &params.contiguous()?,
+        &FusedMatmul {
+            g_idx: g_idx.to_dtype(DType::U32)?.contiguous()?,
+        },
+    )
+}
+
+/// The fused product's op: x (rows, in), codes (out, in) u8, params (2, groups, out) f32;
+/// g_idx (in) u32 rides along.
+struct FusedMatmul {
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    g_idx: Tensor,
+}
+
+impl CustomOp3 for FusedMatmul {
+    fn name(&self) -> &'static str {
+        "arenaflow-gptq-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("gptq matmul: the fused kernel runs on a GPU only (matmul_path)")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        c: &candle_core::CudaStorage,
+        cl: &Layout,
+        p: &candle_core::CudaStorage,
+        pl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (g, gl) = self.g_idx.storage_and_layout();
+        let candle_core::Storage::Cuda(g) = &*g else {
+            candle_core::bail!("gptq matmul: g_idx is not on the GPU");
+        };
+        let dev = x.device.clone();
+        match x.dtype() {
+            DType::BF16 => self.launch::<half::bf16>(&dev, (x, xl), (c, cl), (p, pl), (g, gl)),
+            DType::F16 => self.launch::<half::f16>(&dev, (x, xl), (c, cl), (p, pl), (g, gl)),
+            other => candle_core::bail!("gptq matmul: x in {other:?}, not bf16 or f16"),
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl FusedMatmul {
+    fn launch<T>(
+        &self,
+        dev: &candle_core::cuda_backend::CudaDevice,
+        (x, xl): (&candle_core::CudaStorage, &Layout),
+        (c, cl): (&candle_core::CudaStorage, &Layout),
+        (p, pl): (&candle_core::CudaStorage, &Layout),
+        (g, gl): (&candle_core::CudaStorage, &Layout),
+    ) -> Result<(candle_core::CudaStorage, Shape)>
+    where
+        T: candle_core::cuda_backend::CudaDType
+            + candle_core::cuda_backend::cudarc::driver::DeviceRepr,
+    {
+        use crate::cuda::{launch, suffix, view, GPTQ};
+        let (out, inp, groups) = Dequantize::dims(cl, pl, gl)?;
+        let (rows, xin) = xl.shape().dims2()?;
+        let aligned = xl.start_offset() % 8 == 0 && cl.start_offset() % 16 == 0;
+        if xin != inp || inp % 32 != 0 || p.dtype() != DType::F32 || !aligned {
+            candle_core::bail!(
+                "gptq matmul: x {:?} against codes {:?} (in a multiple of 32, rows 16-byte \
+                 aligned), params in {:?}",
+                xl.shape(),
+                cl.shape(),
+                p.dtype()
+            );
+        }
+        let (xv, cv, pv, gv) = (
+            view!(x, xl, T),
+            view!(c, cl, u8),
+            view!(p, pl, f32),
+            view!(g, gl, u32),
+        );
+        // SAFETY: every (row, out) element is written by the block of its tile.
+        let y = unsafe { dev.alloc::<T>(rows * out) }?;
+        let cfg = candle_core::cuda_backend::cudarc::driver::LaunchConfig {
+            grid_dim: (out.div_ceil(128) as u32, rows.div_ceil(128) as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (m, n, k, gs) = (rows as u32, out as u32, inp as u32, groups as u32);
+        // SAFETY: gptq_matmul_* take (x, codes, params, g_idx, y, m, n, k, groups): x
+        // (m, k) and y (m, n) in T, codes (n, k), params 2 x groups x n, g_idx k, k a
+        // multiple of 32 and every row 16-byte aligned for its 16-byte loads (both checked
+        // above).
+        launch!(dev, GPTQ, format!("gptq_matmul_{}", suffix(x.dtype())?), cfg;
+            &xv, &cv, &pv, &gv, &y, &m, &n, &k, &gs);
+        Ok((
+            candle_core::CudaStorage::wrap_cuda_slice(y, dev.clone()),
+            Shape::from((rows, out)),
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
