@@ -1125,7 +1125,8 @@ fn cuda_gptq_fused_matmul_tracks_dequantize_then_cublas() {
 
 /// Times the fused GPTQ product against the one-pass dequantization then cuBLAS at
 /// Gemma-2-9B's MLP shapes over growing row counts (medians of 20 after 3 warm-ups, the
-/// device synchronised around each): the measurement behind `ops::gptq::FUSED_MAX_ROWS`.
+/// device synchronised around each): the measurement behind `ops::gptq::FUSED_MAX_ROWS`
+/// and `FUSED_MIN_OUT`.
 /// Prints only; nothing is asserted about time.
 #[test]
 #[ignore = "needs a CUDA GPU"]

@@ -129,8 +129,14 @@ impl GptqWeight {
     /// (int8 storage, bf16 compute).
     pub fn matmul_t(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         use crate::ops::gptq::{fused_matmul, matmul_path, MatmulPath};
-        let (rows, inp) = x.dims2()?;
-        if !x.track_op() && matmul_path(x.device(), x.dtype(), rows, inp) == MatmulPath::Fused {
+        let (rows, shape) = (x.dim(0)?, self.codes.dims2()?);
+        // The kernel's 16-byte loads need x's rows aligned: a view that starts mid-row
+        // takes the other path.
+        let aligned = x.is_contiguous() && x.layout().start_offset().is_multiple_of(8);
+        if aligned
+            && !x.track_op()
+            && matmul_path(x.device(), x.dtype(), rows, shape) == MatmulPath::Fused
+        {
             return fused_matmul(x, &self.codes, &self.scales, &self.zeros, &self.g_idx);
         }
         crate::ops::frozen::frozen_matmul_t(x, &self.dequantize()?)

@@ -184,24 +184,31 @@ pub fn dequantize(
 /// (`gptq_matmul_*`: each step of 32 input columns dequantized into shared memory, then
 /// tensor cores; no (out, in) weight in device memory), `Dequantize` writes the weight in
 /// one pass and runs cuBLAS's product. `ARENAFLOW_GPTQ_MATMUL=fused` or `dequantize`
-/// chooses; by default the fused kernel takes products of at most [`FUSED_MAX_ROWS`] rows
-/// (where reading the codes once is what counts), cuBLAS the rest.
+/// chooses; by default the fused kernel takes the products it was measured to win.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MatmulPath {
     Fused,
     Dequantize,
 }
 
-/// The most rows (tokens) a GPTQ product takes the fused kernel for by default; none until
-/// `cuda_gptq_fused_matmul_timings` has measured where it wins on a GPU.
-pub const FUSED_MAX_ROWS: Option<usize> = None;
+/// The products the fused kernel takes by default: at most `FUSED_MAX_ROWS` rows (tokens)
+/// into at least `FUSED_MIN_OUT` outputs. On an H200 (`cuda_gptq_fused_matmul_timings`,
+/// bf16, Gemma-2-9B's MLP) it took 0.70-0.74x the time of dequantize + cuBLAS at 1-64 rows
+/// into 14,336 outputs (the codes read once instead of the weight written and read),
+/// 1.02x at 256 and 2.8-6.8x from 1,024 rows on (cuBLAS's products are faster); into 3,584
+/// outputs it was 2.7-8.3x slower at every row count (28 output tiles of 128 leave most of
+/// the 132 SMs idle: it splits no k).
+pub const FUSED_MAX_ROWS: usize = 64;
+/// See [`FUSED_MAX_ROWS`].
+pub const FUSED_MIN_OUT: usize = 14336;
 
-/// The path a product of `rows` rows in `dtype` on `device` with `inp` input columns takes.
+/// The path a product of `rows` rows in `dtype` on `device` from `inp` input columns into
+/// `out` outputs takes.
 pub fn matmul_path(
     device: &candle_core::Device,
     dtype: DType,
     rows: usize,
-    inp: usize,
+    (out, inp): (usize, usize),
 ) -> MatmulPath {
     let possible =
         device.is_cuda() && matches!(dtype, DType::BF16 | DType::F16) && inp.is_multiple_of(32);
@@ -209,7 +216,7 @@ pub fn matmul_path(
         _ if !possible => MatmulPath::Dequantize,
         Ok("fused") => MatmulPath::Fused,
         Ok("dequantize") => MatmulPath::Dequantize,
-        _ if FUSED_MAX_ROWS.is_some_and(|max| rows <= max) => MatmulPath::Fused,
+        _ if rows <= FUSED_MAX_ROWS && out >= FUSED_MIN_OUT => MatmulPath::Fused,
         _ => MatmulPath::Dequantize,
     }
 }
@@ -301,7 +308,7 @@ impl FusedMatmul {
         use crate::cuda::{launch, suffix, view, GPTQ};
         let (out, inp, groups) = Dequantize::dims(cl, pl, gl)?;
         let (rows, xin) = xl.shape().dims2()?;
-        let aligned = xl.start_offset() % 8 == 0 && cl.start_offset() % 16 == 0;
+        let aligned = xl.start_offset().is_multiple_of(8) && cl.start_offset().is_multiple_of(16);
         if xin != inp || inp % 32 != 0 || p.dtype() != DType::F32 || !aligned {
             candle_core::bail!(
                 "gptq matmul: x {:?} against codes {:?} (in a multiple of 32, rows 16-byte \
