@@ -1086,7 +1086,7 @@ impl GptqCase {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn cuda_gptq_fused_matmul_tracks_dequantize_then_cublas() {
-    use arenaflow_models::ops::gptq::{dequantize, fused_matmul};
+    use arenaflow_models::ops::gptq::{dequantize, fused_matmul, params};
     let gpu = Device::new_cuda(0).expect("a CUDA GPU");
     for (seed, shape) in [
         (1, (1, 1000, 1024)),
@@ -1098,7 +1098,8 @@ fn cuda_gptq_fused_matmul_tracks_dequantize_then_cublas() {
         for dtype in [DType::BF16, DType::F16] {
             let [x, c, s, z, g] = case.tensors(&gpu, dtype);
             let w = dequantize(&c, &s, &z, &g, dtype).unwrap();
-            let fused = values(&fused_matmul(&x, &c, &s, &z, &g).unwrap());
+            let p = params(&s, &z).unwrap();
+            let fused = values(&fused_matmul(&x, &c, &p, &g).unwrap());
             let cublas = values(&x.matmul(&w.t().unwrap()).unwrap());
             let (xv, wv) = (values(&x), values(&w));
             let (mut worst_fused, mut worst_cublas, mut largest) = (0f64, 0f64, 0f64);
@@ -1131,7 +1132,7 @@ fn cuda_gptq_fused_matmul_tracks_dequantize_then_cublas() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn cuda_gptq_fused_matmul_timings() {
-    use arenaflow_models::ops::gptq::{dequantize, fused_matmul};
+    use arenaflow_models::ops::gptq::{dequantize_stacked, fused_matmul, params};
     let gpu = Device::new_cuda(0).expect("a CUDA GPU");
     let median = |f: &dyn Fn() -> Tensor| {
         let mut times: Vec<f64> = (0..23)
@@ -1150,11 +1151,12 @@ fn cuda_gptq_fused_matmul_timings() {
     for (out, inp) in [(14336, 3584), (3584, 14336)] {
         let case = GptqCase::draw(4, (8192, out, inp));
         let [x, c, s, z, g] = case.tensors(&gpu, DType::BF16);
+        let p = params(&s, &z).unwrap();
         for rows in [1, 16, 64, 256, 1024, 4096, 8192] {
             let xr = x.narrow(0, 0, rows).unwrap();
-            let fused = median(&|| fused_matmul(&xr, &c, &s, &z, &g).unwrap());
+            let fused = median(&|| fused_matmul(&xr, &c, &p, &g).unwrap());
             let cublas = median(&|| {
-                let w = dequantize(&c, &s, &z, &g, DType::BF16).unwrap();
+                let w = dequantize_stacked(&c, &p, &g, DType::BF16).unwrap();
                 xr.matmul(&w.t().unwrap()).unwrap()
             });
             let tflops = |t: f64| 2.0 * (rows * out * inp) as f64 / t / 1e12;

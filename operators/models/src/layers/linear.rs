@@ -39,8 +39,8 @@ impl LinearWeight {
 #[derive(Debug, Clone)]
 pub struct GptqWeight {
     pub codes: Tensor,
-    pub scales: Tensor,
-    pub zeros: Tensor,
+    /// (2, groups, out) f32: the scales, then the zero codes (`ops::gptq::params`).
+    pub params: Tensor,
     /// The dequantized weight's dtype (the model's).
     pub dtype: DType,
     pub g_idx: Tensor,
@@ -58,8 +58,10 @@ impl GptqWeight {
         Ok(Self {
             codes: Tensor::from_slice(&q.codes, (out, inp), device)?,
             // In f32: a checkpoint's f16 scales exactly (bf16 would drop 3 bits of each).
-            scales: Tensor::from_slice(&q.scales, (groups, out), device)?.to_dtype(DType::F32)?,
-            zeros: Tensor::from_slice(&zeros, (groups, out), device)?,
+            params: crate::ops::gptq::params(
+                &Tensor::from_slice(&q.scales, (groups, out), device)?,
+                &Tensor::from_slice(&zeros, (groups, out), device)?,
+            )?,
             dtype,
             g_idx: Tensor::from_slice(&q.g_idx, inp, device)?,
         })
@@ -137,7 +139,7 @@ impl GptqWeight {
             && !x.track_op()
             && matmul_path(x.device(), x.dtype(), rows, shape) == MatmulPath::Fused
         {
-            return fused_matmul(x, &self.codes, &self.scales, &self.zeros, &self.g_idx);
+            return fused_matmul(x, &self.codes, &self.params, &self.g_idx);
         }
         crate::ops::frozen::frozen_matmul_t(x, &self.dequantize()?)
     }
@@ -145,13 +147,7 @@ impl GptqWeight {
     /// scale · (code − zero) per weight, (out, in) in the model's dtype: the arithmetic in
     /// f32, rounded once.
     pub fn dequantize(&self) -> candle_core::Result<Tensor> {
-        crate::ops::gptq::dequantize(
-            &self.codes,
-            &self.scales,
-            &self.zeros,
-            &self.g_idx,
-            self.dtype,
-        )
+        crate::ops::gptq::dequantize_stacked(&self.codes, &self.params, &self.g_idx, self.dtype)
     }
 }
 

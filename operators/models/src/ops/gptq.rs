@@ -159,6 +159,17 @@ impl Dequantize {
     }
 }
 
+/// GPTQ's per-(group, output) `scales` and `zeros` as the kernels take them: one
+/// (2, groups, out) f32 tensor, the scales, then the zeros (a checkpoint's f16 scales held
+/// exactly). A loaded weight stacks them once ([`crate::layers::linear::GptqWeight`]).
+pub fn params(scales: &Tensor, zeros: &Tensor) -> Result<Tensor> {
+    Tensor::stack(
+        &[scales.to_dtype(DType::F32)?, zeros.to_dtype(DType::F32)?],
+        0,
+    )?
+    .contiguous()
+}
+
 /// The dense (out, in) weight in `dtype` of GPTQ `codes` (out, in) u8, `scales` and
 /// `zeros` (groups, out, taken in f32) and `g_idx` (in) u32: scale · (code − zero), in f32,
 /// rounded once.
@@ -169,10 +180,16 @@ pub fn dequantize(
     g_idx: &Tensor,
     dtype: DType,
 ) -> Result<Tensor> {
-    let params = Tensor::stack(
-        &[scales.to_dtype(DType::F32)?, zeros.to_dtype(DType::F32)?],
-        0,
-    )?;
+    dequantize_stacked(codes, &params(scales, zeros)?, g_idx, dtype)
+}
+
+/// [`dequantize`] with the scales and zeros already stacked by [`params`].
+pub fn dequantize_stacked(
+    codes: &Tensor,
+    params: &Tensor,
+    g_idx: &Tensor,
+    dtype: DType,
+) -> Result<Tensor> {
     codes.contiguous()?.apply_op3_no_bwd(
         &params.contiguous()?,
         &g_idx.to_dtype(DType::U32)?.contiguous()?,
@@ -222,19 +239,10 @@ pub fn matmul_path(
 }
 
 /// x (rows, in) times the GPTQ weight's transpose, (rows, out) in x's dtype, on the fused
-/// kernel (see [`MatmulPath`]): x bf16 or f16 on a GPU, `in` a multiple of 32. No
+/// kernel (see [`MatmulPath`]): x bf16 or f16 on a GPU, `in` a multiple of 32; the scales
+/// and zeros stacked by [`params`]. No
 /// gradient (the weight is frozen and the product is inference's).
-pub fn fused_matmul(
-    x: &Tensor,
-    codes: &Tensor,
-    scales: &Tensor,
-    zeros: &Tensor,
-    g_idx: &Tensor,
-) -> Result<Tensor> {
-    let params = Tensor::stack(
-        &[scales.to_dtype(DType::F32)?, zeros.to_dtype(DType::F32)?],
-        0,
-    )?;
+pub fn fused_matmul(x: &Tensor, codes: &Tensor, params: &Tensor, g_idx: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op3_no_bwd(
         &codes.contiguous()?,
         &params.contiguous()?,
