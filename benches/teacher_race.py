@@ -8,7 +8,7 @@ padding), timed after one warm-up batch. Prints one JSON line.
 attention mask (its causal flash path). A causal classifier that pools its last real token
 does not need the mask: padding sits after every real token, so no real token sees it. The
 batch with the most padding is also run masked, and the largest logit difference between
-the two is reported (`unmasked_vs_masked`).
+the two is reported (`unmasked_vs_masked`), beside the largest logit (`largest_logit`).
 
     python3 benches/teacher_race.py --config benches/configs/llama-3.1-8b.json \
         --attn sdpa --rows rows.npz --max-batch-tokens 8192
@@ -78,13 +78,14 @@ def main():
 
     with torch.inference_mode():
         model(input_ids=tensors[0][0], attention_mask=tensors[0][1]).logits.float().cpu()
-        difference = None
+        difference = scale = None
         if unmasked:  # on the batch with the most padding
             b = max(range(len(masks)), key=lambda b: int((masks[b] == 0).sum()))
             ids = tensors[b][0]
             bare = model(input_ids=ids).logits.float().cpu()
             masked = model(input_ids=ids, attention_mask=masks[b].cuda()).logits.float().cpu()
             difference = float((bare - masked).abs().max())
+            scale = float(masked.abs().max())
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
@@ -104,7 +105,7 @@ def main():
         "tokens_per_second": tokens / seconds, "rows_per_second": len(lengths) / seconds,
         "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
         "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
-        "finite": finite, "unmasked_vs_masked": difference, "torch": torch.__version__,
+        "finite": finite, "unmasked_vs_masked": difference, "largest_logit": scale, "torch": torch.__version__,
         "device": torch.cuda.get_device_name(),
     }), flush=True)
 
