@@ -22,6 +22,17 @@ __device__ __forceinline__ float block_sum(float v, float* partial) {
     return partial[0];
 }
 
+// A row times r, then the weight, rounded as the style asks.
+template <typename T>
+__device__ __forceinline__ void normalise_row(const T* xr, const float* __restrict__ w, T* orow,
+                                              int cols, float r, int gemma) {
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        float v = to_float(xr[c]) * r;
+        orow[c] = gemma ? from_float_saturating<T>(v * w[c])
+                        : from_float<T>(to_float(from_float<T>(v)) * w[c]);
+    }
+}
+
 template <typename T>
 __device__ void rms_norm(const T* __restrict__ x, const float* __restrict__ w, T* __restrict__ out,
                          int cols, float eps, int gemma) {
@@ -34,12 +45,41 @@ __device__ void rms_norm(const T* __restrict__ x, const float* __restrict__ w, T
         sum += v * v;
     }
     float r = rsqrtf(block_sum(sum, partial) / cols + eps);
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        float v = to_float(xr[c]) * r;
-        orow[c] = gemma ? from_float_saturating<T>(v * w[c])
-                        : from_float<T>(to_float(from_float<T>(v)) * w[c]);
-    }
+    normalise_row(xr, w, orow, cols, r, gemma);
 }
+
+// The residual add and the RMSNorm after it, one block per row: s = T(a + b) (in f32,
+// saturating in f16, as the composed add of src/layers/rms_norm.rs), written out, then
+// rms_norm's arithmetic on the rounded s, which each thread reads back from its own
+// writes (the same columns, the same block size: the same sums as rms_norm over s).
+// `both` is (2, rows, cols): s, then the normalised rows.
+template <typename T>
+__device__ void add_rms_norm(const T* __restrict__ a, const T* __restrict__ b,
+                             const float* __restrict__ w, T* both, int cols, float eps,
+                             int gemma) {
+    __shared__ float partial[32];
+    const size_t at = (size_t)blockIdx.x * cols;
+    T* s = both;
+    T* out = both + (size_t)gridDim.x * cols;
+    float sum = 0.f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        T v = from_float_saturating<T>(to_float(a[at + c]) + to_float(b[at + c]));
+        s[at + c] = v;
+        float f = to_float(v);
+        sum += f * f;
+    }
+    float r = rsqrtf(block_sum(sum, partial) / cols + eps);
+    normalise_row(s + at, w, out + at, cols, r, gemma);
+}
+
+#define ADD_RMS(NAME, T)                                                                      \
+    extern "C" __global__ void NAME(const T* a, const T* b, const float* w, T* both, int cols, \
+                                    float eps, int gemma) {                                    \
+        add_rms_norm<T>(a, b, w, both, cols, eps, gemma);                                      \
+    }
+ADD_RMS(add_rms_norm_f32, float)
+ADD_RMS(add_rms_norm_bf16, __nv_bfloat16)
+ADD_RMS(add_rms_norm_f16, __half)
 
 #define RMS(NAME, T)                                                                          \
     extern "C" __global__ void NAME(const T* x, const float* w, T* out, int cols, float eps,  \

@@ -1172,6 +1172,62 @@ fn cuda_gptq_fused_matmul_timings() {
     }
 }
 
+/// The residual add and the RMSNorm after it in one pass on a GPU (`add_rms_norm`) against
+/// the same add and norm composed on the GPU, both outputs bit for bit: f32, bf16 and f16
+/// (with sums past f16's range, which both saturate), Llama's and Gemma's weight.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_add_rms_norm_is_the_add_then_the_norm_bit_for_bit() {
+    use arenaflow_models::ops::rms_norm::{add_rms_norm, rms_norm};
+    use arenaflow_models::weights::SplitMix64;
+    let gpu = Device::new_cuda(0).expect("a CUDA GPU");
+    let mut rng = SplitMix64::new(19);
+    let (rows, cols) = (37, 3584);
+    let mut draw = |scale: f64| -> Vec<f32> {
+        (0..rows * cols)
+            .map(|_| (scale * rng.next_normal()) as f32)
+            .collect()
+    };
+    let (mut a, b) = (draw(40.0), draw(3.0));
+    a[5] = 60000.0;
+    a[9] = -60000.0;
+    let w: Vec<f32> = (0..cols).map(|c| 1.0 + 0.001 * c as f32).collect();
+    let w = Tensor::from_slice(&w, cols, &gpu).unwrap();
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let t = |v: &[f32]| {
+            Tensor::from_slice(v, (rows, cols), &gpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+        };
+        let (at, bt) = (t(&a), t(&b));
+        for gemma in [false, true] {
+            let (sum, normed) = add_rms_norm(&at, &bt, &w, 1e-6, gemma).unwrap();
+            let composed = if dtype == DType::F16 {
+                let s = (at.to_dtype(DType::F32).unwrap() + bt.to_dtype(DType::F32).unwrap())
+                    .unwrap()
+                    .clamp(-65504f32, 65504f32)
+                    .unwrap();
+                s.to_dtype(DType::F16).unwrap()
+            } else {
+                (&at + &bt).unwrap()
+            };
+            let composed_norm = rms_norm(&composed, &w, 1e-6, gemma).unwrap();
+            assert!(
+                bits(&sum) == bits(&composed),
+                "{dtype:?} gemma {gemma}: the sum"
+            );
+            assert!(
+                bits(&normed) == bits(&composed_norm),
+                "{dtype:?} gemma {gemma}: the norm"
+            );
+            eprintln!(
+                "add_rms_norm {dtype:?} gemma {gemma}: one pass = add then norm, bit for bit"
+            );
+        }
+    }
+}
+
 /// The fused RMSNorm on a GPU against its CPU side, with a few of Gemma's (1 + w) weights
 /// large enough to overflow f16: the GPU saturates those outputs at f16's largest finite
 /// value, as the CPU does, and agrees elsewhere.

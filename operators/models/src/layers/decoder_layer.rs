@@ -1,7 +1,7 @@
 //! One decoder layer: pre-norm self-attention and gated MLP with residuals, and Gemma-2's
 //! sandwich norms (after attention, and before and after the MLP) where the family has them.
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
 use crate::error::Result;
 use crate::lora::Projection;
@@ -12,7 +12,7 @@ use crate::weights::Weights;
 use super::attention::SelfAttention;
 use super::linear::Linear;
 use super::mlp::Mlp;
-use super::rms_norm::RmsNorm;
+use super::rms_norm::{residual_add, RmsNorm};
 use super::{BatchState, Kernels};
 
 #[derive(Debug, Clone)]
@@ -50,26 +50,42 @@ impl DecoderLayer {
     }
 
     pub fn forward_t(&self, xs: &Tensor, state: &BatchState, train: bool) -> Result<Tensor> {
-        let dev = xs.device();
-        let residual = xs;
-        let h = self.input_layernorm.forward_t(xs, train)?;
-        let h = self.self_attn.forward_t(&h, state, train)?;
-        let h = match &self.pre_feedforward_layernorm {
-            // Gemma-2 normalises the attention output before the residual add.
-            Some(_) => self.post_attention_layernorm.forward_t(&h, train)?,
-            None => h,
+        let (residual, h) = self.forward_pending(xs, None, state, train)?;
+        profile::time(xs.device(), "residual", || residual_add(&residual, &h))
+    }
+
+    /// The layer with its last residual add left to the caller: (the residual stream
+    /// before it, the MLP's output to add). `pending` is the previous layer's MLP output,
+    /// still to be added to `xs`: the add then runs with this layer's input norm
+    /// (`RmsNorm::add_forward_t`), as the attention's add runs with the norm after it.
+    pub fn forward_pending(
+        &self,
+        xs: &Tensor,
+        pending: Option<&Tensor>,
+        state: &BatchState,
+        train: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        let (residual, h) = match pending {
+            Some(p) => self.input_layernorm.add_forward_t(xs, p, train)?,
+            None => (xs.clone(), self.input_layernorm.forward_t(xs, train)?),
         };
-        let xs = profile::time(dev, "residual", || residual_add(residual, &h))?;
-        let h = match &self.pre_feedforward_layernorm {
-            Some(pre) => pre.forward_t(&xs, train)?,
-            None => self.post_attention_layernorm.forward_t(&xs, train)?,
+        let h = self.self_attn.forward_t(&h, state, train)?;
+        let (xs, h) = match &self.pre_feedforward_layernorm {
+            // Gemma-2 normalises the attention output before the residual add.
+            Some(pre) => {
+                let h = self.post_attention_layernorm.forward_t(&h, train)?;
+                pre.add_forward_t(&residual, &h, train)?
+            }
+            None => self
+                .post_attention_layernorm
+                .add_forward_t(&residual, &h, train)?,
         };
         let h = self.mlp.forward_t(&h, train)?;
         let h = match &self.post_feedforward_layernorm {
             Some(post) => post.forward_t(&h, train)?,
             None => h,
         };
-        profile::time(dev, "residual", || residual_add(&xs, &h))
+        Ok((xs, h))
     }
 
     pub fn projection(&self, p: Projection) -> &Linear {
@@ -110,14 +126,4 @@ impl DecoderLayer {
         }
         norms
     }
-}
-
-/// `residual + h`; in an f16 model added in f32 and saturated at f16's largest finite
-/// value, so that a residual stream outgrowing f16 (Gemma-2's does) stays finite.
-fn residual_add(residual: &Tensor, h: &Tensor) -> Result<Tensor> {
-    if residual.dtype() != DType::F16 {
-        return Ok((residual + h)?);
-    }
-    let sum = (residual.to_dtype(DType::F32)? + h.to_dtype(DType::F32)?)?;
-    Ok(super::rms_norm::saturate_f16(&sum, DType::F16)?.to_dtype(DType::F16)?)
 }

@@ -45,6 +45,37 @@ impl RmsNorm {
         profile::time(xs.device(), "norms", || self.normalise(xs, train))
     }
 
+    /// The residual add `residual + h` and this norm of the sum: (sum, normalised). In
+    /// inference on a GPU, where `ARENAFLOW_ADD_NORM=1` asks for it, one pass
+    /// (`ops::rms_norm::add_rms_norm`, the same bits); otherwise the add, then the norm.
+    pub fn add_forward_t(
+        &self,
+        residual: &Tensor,
+        h: &Tensor,
+        train: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        let dev = residual.device();
+        let one_pass = self.fused
+            && !train
+            && dev.is_cuda()
+            && std::env::var("ARENAFLOW_ADD_NORM").as_deref() == Ok("1");
+        if one_pass {
+            let (w, eps, gemma) = (
+                &self.weight,
+                self.eps as f32,
+                self.style == NormStyle::Gemma,
+            );
+            return profile::time(dev, "norms", || {
+                Ok(crate::ops::rms_norm::add_rms_norm(
+                    residual, h, w, eps, gemma,
+                )?)
+            });
+        }
+        let sum = profile::time(dev, "residual", || residual_add(residual, h))?;
+        let normalised = self.forward_t(&sum, train)?;
+        Ok((sum, normalised))
+    }
+
     fn normalise(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         // The fused op has a backward pass for the input: training on a GPU runs it too.
         if self.fused && (!train || xs.device().is_cuda()) {
@@ -78,6 +109,16 @@ impl RmsNorm {
             NormStyle::Gemma => (&self.weight - 1.0)?.to_dtype(self.dtype)?,
         })
     }
+}
+
+/// `residual + h`; in an f16 model added in f32 and saturated at f16's largest finite
+/// value, so that a residual stream outgrowing f16 (Gemma-2's does) stays finite.
+pub(crate) fn residual_add(residual: &Tensor, h: &Tensor) -> Result<Tensor> {
+    if residual.dtype() != DType::F16 {
+        return Ok((residual + h)?);
+    }
+    let sum = (residual.to_dtype(DType::F32)? + h.to_dtype(DType::F32)?)?;
+    Ok(saturate_f16(&sum, DType::F16)?.to_dtype(DType::F16)?)
 }
 
 /// `xs` (f32) clamped to f16's finite range when it is about to be rounded to f16

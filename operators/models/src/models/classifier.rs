@@ -455,8 +455,13 @@ impl SequenceClassifier {
     /// token (transformers' rule, which handles left and right padding alike): the 3
     /// logits per row, in f32 (f64 for an f64 model).
     pub fn head(&self, xs: &Tensor, state: &BatchState, train: bool) -> Result<Tensor> {
-        let (b, s) = (state.rows, state.seq_len);
         let xs = self.norm.forward_t(xs, train)?;
+        self.score_normed(&xs, state, train)
+    }
+
+    /// [`Self::head`] after the final norm.
+    fn score_normed(&self, xs: &Tensor, state: &BatchState, train: bool) -> Result<Tensor> {
+        let (b, s) = (state.rows, state.seq_len);
         let rows: Vec<u32> = state
             .pool
             .iter()
@@ -481,10 +486,18 @@ impl SequenceClassifier {
     pub fn forward_t(&self, batch: &PaddedBatch, train: bool) -> Result<Tensor> {
         let state = self.batch_state(batch, train)?;
         let mut xs = self.embed(batch)?;
+        // Each layer's last residual add runs with the next norm (the next layer's input
+        // norm, then the final one): `DecoderLayer::forward_pending`.
+        let mut pending: Option<Tensor> = None;
         for layer in &self.layers {
-            xs = layer.forward_t(&xs, &state, train)?;
+            let (residual, h) = layer.forward_pending(&xs, pending.as_ref(), &state, train)?;
+            (xs, pending) = (residual, Some(h));
             crate::device::sample_memory(&self.device);
         }
-        self.head(&xs, &state, train)
+        let normed = match &pending {
+            Some(h) => self.norm.add_forward_t(&xs, h, train)?.1,
+            None => self.norm.forward_t(&xs, train)?,
+        };
+        self.score_normed(&normed, &state, train)
     }
 }

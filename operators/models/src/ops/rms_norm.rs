@@ -5,7 +5,7 @@
 //! the input's gradient only: the weight is frozen in LoRA training.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::{contiguous, Element};
@@ -292,6 +292,120 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32, gemma: bool) -> Result<Te
         &weight.to_dtype(DType::F32)?.contiguous()?,
         RmsNorm { eps, gemma },
     )
+}
+
+/// The residual add and the RMSNorm after it as one pass on a GPU (`add_rms_norm_*`): a and
+/// b in, (2, ..) out: T(a + b) (in f32, saturating in f16) and [`RmsNorm`] of it, the
+/// bits of the composed add and norm. Inference only: no backward.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct AddRmsNorm {
+    eps: f32,
+    gemma: bool,
+}
+
+impl CustomOp3 for AddRmsNorm {
+    fn name(&self) -> &'static str {
+        "arenaflow-add-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!(
+            "add_rms_norm: one pass on a GPU only; the CPU composes the add and the norm"
+        )
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        a: &candle_core::CudaStorage,
+        al: &Layout,
+        b: &candle_core::CudaStorage,
+        bl: &Layout,
+        w: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::by_dtype!(
+            self,
+            "add_rms_norm",
+            a.dtype(),
+            &a.device.clone(),
+            (a, al),
+            (b, bl),
+            (w, wl)
+        )
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl AddRmsNorm {
+    fn launch<T>(
+        &self,
+        dev: &candle_core::cuda_backend::CudaDevice,
+        (a, al): (&candle_core::CudaStorage, &Layout),
+        (b, bl): (&candle_core::CudaStorage, &Layout),
+        (w, wl): (&candle_core::CudaStorage, &Layout),
+    ) -> Result<(candle_core::CudaStorage, Shape)>
+    where
+        T: candle_core::cuda_backend::CudaDType
+            + candle_core::cuda_backend::cudarc::driver::DeviceRepr,
+    {
+        use crate::cuda::{launch, suffix, view, RMS_NORM};
+        use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
+        let norm = RmsNorm {
+            eps: self.eps,
+            gemma: self.gemma,
+        };
+        let cols = norm.columns(al, wl)?;
+        if al.shape() != bl.shape() || a.dtype() != b.dtype() {
+            candle_core::bail!("add_rms_norm: {:?} + {:?}", al.shape(), bl.shape());
+        }
+        let rows = al.shape().elem_count() / cols;
+        let (av, bv, wv) = (view!(a, al, T), view!(b, bl, T), view!(w, wl, f32));
+        // SAFETY: one block per row writes every column of its row in both halves.
+        let both = unsafe { dev.alloc::<T>(2 * rows * cols) }?;
+        // The block size of rms_norm_*: the same sums.
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (c, gemma) = (cols as i32, self.gemma as i32);
+        // SAFETY: add_rms_norm_* take (a, b, w, both, cols, eps, gemma); a and b are rows x
+        // cols, both 2 x rows x cols (rows = the grid), w cols.
+        launch!(dev, RMS_NORM, format!("add_rms_norm_{}", suffix(a.dtype())?), cfg;
+            &av, &bv, &wv, &both, &c, &self.eps, &gemma);
+        let mut dims = vec![2];
+        dims.extend_from_slice(al.shape().dims());
+        Ok((
+            candle_core::CudaStorage::wrap_cuda_slice(both, dev.clone()),
+            Shape::from(dims),
+        ))
+    }
+}
+
+/// `a + b` and the RMSNorm of it with `weight` (taken in f32) in one pass on a GPU: the
+/// composed add's and [`rms_norm`]'s bits. No gradient.
+pub fn add_rms_norm(
+    a: &Tensor,
+    b: &Tensor,
+    weight: &Tensor,
+    eps: f32,
+    gemma: bool,
+) -> Result<(Tensor, Tensor)> {
+    let both = a.contiguous()?.apply_op3_no_bwd(
+        &b.contiguous()?,
+        &weight.to_dtype(DType::F32)?.contiguous()?,
+        &AddRmsNorm { eps, gemma },
+    )?;
+    Ok((both.get(0)?, both.get(1)?))
 }
 
 #[cfg(test)]
