@@ -13,6 +13,7 @@
 # Two builds side by side (a change against the commit before it), on the GPU machine:
 #                 benches/teacher_race.sh versions MODEL BEFORE.xz AFTER.xz [CASES]
 #                 # each case runs BEFORE then AFTER; writes $OUT/versions-MODEL.jsonl
+# A switch of one build, off and on:  benches/teacher_race.sh switch MODEL ENV=VALUE [CASES]
 # CASES default: fixed_1024 sample_1024 sample_2000.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +23,12 @@ CASES_DEFAULT="fixed_1024 sample_1024 sample_2000"
 . benches/gpu_env.sh
 
 family() { case $1 in llama) echo llama3;; gemma) echo gemma2;; esac; }
+# compare A B A.parquet B.parquet LABEL: the largest logit difference of two runs' outputs.
+compare() {
+  python3 -c 'import pyarrow.parquet as pq, numpy as np, sys
+a, b = (np.array(pq.read_table(p).column("logits").to_pylist()) for p in sys.argv[3:5])
+print(f"{sys.argv[5]}: max |{sys.argv[1]} - {sys.argv[2]}| logits {np.abs(a - b).max():.3g} over {len(a)} rows")' "$@"
+}
 config() { case $1 in llama) echo benches/configs/llama-3.1-8b.json;; gemma) echo benches/configs/gemma-2-9b.json;; esac; }
 
 case ${1:-} in
@@ -97,10 +104,27 @@ PY
           --max-batch-tokens $BUDGET --warmup | grep '^stats ' | sed 's/^stats //')
         echo "{\"side\": \"arenaflow $side\", \"model\": \"$model\", \"case\": \"$case\", \"stats\": $line}" | tee -a "$OUT/versions-$model.jsonl"
       done
-      python3 -c 'import pyarrow.parquet as pq, numpy as np, sys
-a, b = (np.array(pq.read_table(p).column("logits").to_pylist()) for p in sys.argv[1:3])
-print(f"{sys.argv[3]}: max |before - after| logits {np.abs(a - b).max():.3g} over {len(a)} rows")' \
-        device/scratch/out-before-$model-$case.parquet device/scratch/out-after-$model-$case.parquet "$model $case" | tee -a "$OUT/versions-$model.txt"
+      compare before after device/scratch/out-before-$model-$case.parquet \
+        device/scratch/out-after-$model-$case.parquet "$model $case" | tee -a "$OUT/versions-$model.txt"
+    done
+    ;;
+  switch)
+    # One build with and without a switch (e.g. ARENAFLOW_ADD_NORM=1), side by side, each
+    # case off then on; the logits of both compared. Writes $OUT/switch-MODEL.jsonl.
+    model=$2 f=$(family $2) switch=$3
+    unpack
+    mkdir -p device/scratch
+    for case in ${4:-$CASES_DEFAULT}; do
+      for side in off on; do
+        env=()
+        [ $side = on ] && env=("$switch")
+        line=$(env "${env[@]}" device/bin/arenaflow logits --model "$(config $model)" --random-weights 0 --dtype bf16 \
+          --device cuda:0 --input device/race/${f}_$case.parquet --output device/scratch/out-$side-$model-$case.parquet \
+          --max-batch-tokens $BUDGET --warmup | grep '^stats ' | sed 's/^stats //')
+        echo "{\"side\": \"arenaflow $switch $side\", \"model\": \"$model\", \"case\": \"$case\", \"stats\": $line}" | tee -a "$OUT/switch-$model.jsonl"
+      done
+      compare off on device/scratch/out-off-$model-$case.parquet \
+        device/scratch/out-on-$model-$case.parquet "$model $case $switch" | tee -a "$OUT/switch-$model.txt"
     done
     ;;
   torch)
@@ -113,7 +137,7 @@ print(f"{sys.argv[3]}: max |before - after| logits {np.abs(a - b).max():.3g} ove
     done
     ;;
   *)
-    sed -n 2,16p "$0"
+    sed -n 2,17p "$0"
     exit 2
     ;;
 esac
