@@ -98,6 +98,17 @@ pub(crate) fn grid_stride(n: usize) -> candle_core::cuda_backend::cudarc::driver
     }
 }
 
+/// One block of 256 threads per row: the RMSNorm kernels' launch. Every one of them takes
+/// it, so that a row's sums run in the same order in each (`add_rms_norm_*` gives
+/// `rms_norm_*`'s bits).
+pub(crate) fn per_row(rows: usize) -> candle_core::cuda_backend::cudarc::driver::LaunchConfig {
+    candle_core::cuda_backend::cudarc::driver::LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 pub(crate) fn fail(message: String) -> candle_core::Error {
     candle_core::Error::Cuda(message.into())
 }

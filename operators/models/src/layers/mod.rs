@@ -30,6 +30,9 @@ pub struct Kernels {
     pub attention: bool,
     /// arenaflow's GPU kernels for RMSNorm and the gated activation too.
     pub gpu: bool,
+    /// The residual add and the RMSNorm after it in one pass (GPU inference, where
+    /// `ARENAFLOW_ADD_NORM=1` asks for it; `RmsNorm::add_forward_t`).
+    pub add_norm: bool,
 }
 
 impl Kernels {
@@ -39,6 +42,7 @@ impl Kernels {
             Self {
                 attention: on,
                 gpu: on,
+                add_norm: on && std::env::var("ARENAFLOW_ADD_NORM").as_deref() == Ok("1"),
             }
         } else {
             Self {
@@ -46,6 +50,7 @@ impl Kernels {
                     && dtype == DType::F32
                     && kernels_enabled("ARENAFLOW_CPU_KERNELS"),
                 gpu: false,
+                add_norm: false,
             }
         }
     }
@@ -55,6 +60,7 @@ impl Kernels {
         Self {
             attention: false,
             gpu: false,
+            add_norm: false,
         }
     }
 }

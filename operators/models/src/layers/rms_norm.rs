@@ -22,6 +22,8 @@ pub struct RmsNorm {
     dtype: DType,
     /// arenaflow's GPU kernel in inference.
     fused: bool,
+    /// The residual add before it in the same pass, in inference ([`Kernels::add_norm`]).
+    add_norm: bool,
 }
 
 impl RmsNorm {
@@ -38,6 +40,7 @@ impl RmsNorm {
             style: cfg.norm,
             dtype: vb.dtype(),
             fused: kernels.gpu,
+            add_norm: kernels.add_norm,
         })
     }
 
@@ -46,8 +49,8 @@ impl RmsNorm {
     }
 
     /// The residual add `residual + h` and this norm of the sum: (sum, normalised). In
-    /// inference on a GPU, where `ARENAFLOW_ADD_NORM=1` asks for it, one pass
-    /// (`ops::rms_norm::add_rms_norm`, the same bits); otherwise the add, then the norm.
+    /// inference where the model's kernels say so ([`Kernels::add_norm`]), one pass on the
+    /// GPU (`ops::rms_norm::add_rms_norm`, the same bits); otherwise the add, then the norm.
     pub fn add_forward_t(
         &self,
         residual: &Tensor,
@@ -55,11 +58,7 @@ impl RmsNorm {
         train: bool,
     ) -> Result<(Tensor, Tensor)> {
         let dev = residual.device();
-        let one_pass = self.fused
-            && !train
-            && dev.is_cuda()
-            && std::env::var("ARENAFLOW_ADD_NORM").as_deref() == Ok("1");
-        if one_pass {
+        if self.add_norm && !train {
             let (w, eps, gemma) = (
                 &self.weight,
                 self.eps as f32,

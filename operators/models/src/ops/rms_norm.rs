@@ -146,7 +146,6 @@ impl RmsNormBackward {
             + candle_core::cuda_backend::cudarc::driver::DeviceRepr,
     {
         use crate::cuda::{fail, launch, suffix, view, RMS_NORM};
-        use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
         let cols = *xl.shape().dims().last().unwrap_or(&0);
         if xl.shape() != dl.shape() || self.weight.elem_count() != cols || cols == 0 {
             return Err(fail(format!(
@@ -165,11 +164,7 @@ impl RmsNormBackward {
         let (xv, dv, wv) = (view!(x, xl, T), view!(dy, dl, T), view!(ws, wl, f32));
         // SAFETY: one block per row writes every column of its row.
         let dx = unsafe { dev.alloc::<T>(rows * cols) }?;
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = crate::cuda::per_row(rows);
         let c = cols as i32;
         // SAFETY: rms_norm_backward_* take (x, dy, w, dx, cols, eps); x, dy and dx are rows x
         // cols, w cols.
@@ -264,17 +259,12 @@ impl RmsNorm {
             + candle_core::cuda_backend::cudarc::driver::DeviceRepr,
     {
         use crate::cuda::{launch, suffix, view, RMS_NORM};
-        use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
         let cols = self.columns(xl, wl)?;
         let rows = xl.shape().elem_count() / cols;
         let (xv, wv) = (view!(x, xl, T), view!(w, wl, f32));
         // SAFETY: one block per row writes every column of its row.
         let out = unsafe { dev.alloc::<T>(rows * cols) }?;
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = crate::cuda::per_row(rows);
         let (c, gemma) = (cols as i32, self.gemma as i32);
         // SAFETY: rms_norm_* take (x, w, out, cols, eps, gemma); x and out are rows x cols.
         launch!(dev, RMS_NORM, format!("rms_norm_{}", suffix(x.dtype())?), cfg;
@@ -358,7 +348,6 @@ impl AddRmsNorm {
             + candle_core::cuda_backend::cudarc::driver::DeviceRepr,
     {
         use crate::cuda::{launch, suffix, view, RMS_NORM};
-        use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
         let norm = RmsNorm {
             eps: self.eps,
             gemma: self.gemma,
@@ -371,12 +360,7 @@ impl AddRmsNorm {
         let (av, bv, wv) = (view!(a, al, T), view!(b, bl, T), view!(w, wl, f32));
         // SAFETY: one block per row writes every column of its row in both halves.
         let both = unsafe { dev.alloc::<T>(2 * rows * cols) }?;
-        // The block size of rms_norm_*: the same sums.
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = crate::cuda::per_row(rows);
         let (c, gemma) = (cols as i32, self.gemma as i32);
         // SAFETY: add_rms_norm_* take (a, b, w, both, cols, eps, gemma); a and b are rows x
         // cols, both 2 x rows x cols (rows = the grid), w cols.
