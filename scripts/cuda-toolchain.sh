@@ -22,6 +22,8 @@ CU=$("$VENV/bin/python" -c 'import nvidia,os;print(os.path.join(list(nvidia.__pa
   && ln -sf libcurand.so.10 libcurand.so)
 if [ ! -f "$CU/lib/stubs/libcuda.so" ]; then
   mkdir -p "$CU/lib/stubs"
+  # On a fresh machine cudarc's sources are not in the registry yet: fetch them first.
+  cargo fetch --quiet >&2
   SYS=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.*/src/driver/sys/mod.rs | sort -V | tail -1)
   grep -oE '\bcu[A-Z][A-Za-z0-9_]*\b' "$SYS" | sort -u | sed 's/.*/void &(void){}/' >"$CU/lib/stubs/stub.c"
   gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$CU/lib/stubs/libcuda.so" "$CU/lib/stubs/stub.c"
