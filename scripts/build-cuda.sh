@@ -5,7 +5,9 @@
 # beside the checkout so that the CPU and CUDA builds do not evict each other.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-eval "$(scripts/cuda-toolchain.sh)"
+# Through a variable: a failed set-up stops here instead of building without nvcc.
+vars=$(scripts/cuda-toolchain.sh)
+eval "$vars"
 export CARGO_TARGET_DIR=${CUDA_TARGET_DIR:-$PWD/../cuda-target}
 cargo build --release --features arenaflow-engine/cuda -p arenaflow-engine --bin arenaflow
 mkdir -p device
