@@ -22,14 +22,79 @@ __device__ __forceinline__ float block_sum(float v, float* partial) {
     return partial[0];
 }
 
+// The forward kernels read and write a row in chunks of 16 bytes (8 bf16/f16 or 4 f32
+// values): thread t takes chunks t, t + blockDim, ..., and sums each chunk's squares in
+// column order. A row that is not 16-byte aligned, or whose width is not a whole number of
+// chunks, takes the same chunks element by element: the same sums in the same order, so
+// both paths give the same bits (and add_rms_norm gives rms_norm's over its sum).
+template <typename T>
+struct Chunk {
+    static constexpr int N = 16 / sizeof(T);
+    alignas(16) T v[N];
+};
+
+template <typename T>
+__device__ __forceinline__ bool whole_chunks(int cols, const void* p, const void* q,
+                                             const void* r, const void* s) {
+    uintptr_t any = (uintptr_t)p | (uintptr_t)q | (uintptr_t)r | (uintptr_t)s;
+    return cols % Chunk<T>::N == 0 && any % 16 == 0;
+}
+
+// Chunk `k` of a row: its valid values (n of them, the rest zero).
+template <typename T>
+__device__ __forceinline__ int load_chunk(const T* row, int k, int cols, bool vec, Chunk<T>& c) {
+    constexpr int N = Chunk<T>::N;
+    if (vec) {
+        *reinterpret_cast<uint4*>(c.v) = *reinterpret_cast<const uint4*>(row + k * N);
+        return N;
+    }
+    int n = min(N, cols - k * N);
+#pragma unroll
+    for (int j = 0; j < N; ++j) c.v[j] = j < n ? row[k * N + j] : from_float<T>(0.f);
+    return n;
+}
+
+template <typename T>
+__device__ __forceinline__ void store_chunk(T* row, int k, int n, bool vec, const Chunk<T>& c) {
+    constexpr int N = Chunk<T>::N;
+    if (vec) {
+        *reinterpret_cast<uint4*>(row + k * N) = *reinterpret_cast<const uint4*>(c.v);
+        return;
+    }
+#pragma unroll
+    for (int j = 0; j < N; ++j)
+        if (j < n) row[k * N + j] = c.v[j];
+}
+
+template <typename T>
+__device__ __forceinline__ int chunks_of(int cols) {
+    return (cols + Chunk<T>::N - 1) / Chunk<T>::N;
+}
+
 // A row times r, then the weight, rounded as the style asks.
 template <typename T>
 __device__ __forceinline__ void normalise_row(const T* xr, const float* __restrict__ w, T* orow,
-                                              int cols, float r, int gemma) {
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        float v = to_float(xr[c]) * r;
-        orow[c] = gemma ? from_float_saturating<T>(v * w[c])
-                        : from_float<T>(to_float(from_float<T>(v)) * w[c]);
+                                              int cols, float r, int gemma, bool vec) {
+    constexpr int N = Chunk<T>::N;
+    for (int k = threadIdx.x; k < chunks_of<T>(cols); k += blockDim.x) {
+        Chunk<T> c;
+        int n = load_chunk(xr, k, cols, vec, c);
+        alignas(16) float wc[N];
+        if (vec) {
+#pragma unroll
+            for (int q = 0; q < N; q += 4)
+                *reinterpret_cast<float4*>(wc + q) = *reinterpret_cast<const float4*>(w + k * N + q);
+        } else {
+#pragma unroll
+            for (int j = 0; j < N; ++j) wc[j] = j < n ? w[k * N + j] : 0.f;
+        }
+#pragma unroll
+        for (int j = 0; j < N; ++j) {
+            float v = to_float(c.v[j]) * r;
+            c.v[j] = gemma ? from_float_saturating<T>(v * wc[j])
+                           : from_float<T>(to_float(from_float<T>(v)) * wc[j]);
+        }
+        store_chunk(orow, k, n, vec, c);
     }
 }
 
@@ -39,19 +104,25 @@ __device__ void rms_norm(const T* __restrict__ x, const float* __restrict__ w, T
     __shared__ float partial[32];
     const T* xr = x + (size_t)blockIdx.x * cols;
     T* orow = out + (size_t)blockIdx.x * cols;
+    const bool vec = whole_chunks<T>(cols, x, out, w, w);
     float sum = 0.f;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        float v = to_float(xr[c]);
-        sum += v * v;
+    for (int k = threadIdx.x; k < chunks_of<T>(cols); k += blockDim.x) {
+        Chunk<T> c;
+        load_chunk(xr, k, cols, vec, c);
+#pragma unroll
+        for (int j = 0; j < Chunk<T>::N; ++j) {
+            float v = to_float(c.v[j]);
+            sum += v * v;
+        }
     }
     float r = rsqrtf(block_sum(sum, partial) / cols + eps);
-    normalise_row(xr, w, orow, cols, r, gemma);
+    normalise_row(xr, w, orow, cols, r, gemma, vec);
 }
 
 // The residual add and the RMSNorm after it, one block per row: s = T(a + b) (in f32,
 // saturating in f16, as the composed add of src/layers/rms_norm.rs), written out, then
 // rms_norm's arithmetic on the rounded s, which each thread reads back from its own
-// writes (the same columns, the same block size: the same sums as rms_norm over s).
+// writes (the same chunks, the same block size: the same sums as rms_norm over s).
 // `both` is (2, rows, cols): s, then the normalised rows.
 template <typename T>
 __device__ void add_rms_norm(const T* __restrict__ a, const T* __restrict__ b,
@@ -61,15 +132,23 @@ __device__ void add_rms_norm(const T* __restrict__ a, const T* __restrict__ b,
     const size_t at = (size_t)blockIdx.x * cols;
     T* s = both;
     T* out = both + (size_t)gridDim.x * cols;
+    const bool vec = whole_chunks<T>(cols, a, b, both, w);
     float sum = 0.f;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        T v = from_float_saturating<T>(to_float(a[at + c]) + to_float(b[at + c]));
-        s[at + c] = v;
-        float f = to_float(v);
-        sum += f * f;
+    for (int k = threadIdx.x; k < chunks_of<T>(cols); k += blockDim.x) {
+        Chunk<T> ca, cb;
+        int n = load_chunk(a + at, k, cols, vec, ca);
+        load_chunk(b + at, k, cols, vec, cb);
+#pragma unroll
+        for (int j = 0; j < Chunk<T>::N; ++j) {
+            T v = from_float_saturating<T>(to_float(ca.v[j]) + to_float(cb.v[j]));
+            ca.v[j] = v;
+            float f = to_float(v);
+            sum += f * f;
+        }
+        store_chunk(s + at, k, n, vec, ca);
     }
     float r = rsqrtf(block_sum(sum, partial) / cols + eps);
-    normalise_row(s + at, w, out + at, cols, r, gemma);
+    normalise_row(s + at, w, out + at, cols, r, gemma, vec);
 }
 
 #define ADD_RMS(NAME, T)                                                                      \

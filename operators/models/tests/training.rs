@@ -1251,6 +1251,84 @@ fn cuda_add_rms_norm_is_the_add_then_the_norm_bit_for_bit() {
     }
 }
 
+/// The RMSNorm kernels read a row in 16-byte chunks where the row is 16-byte aligned and a
+/// whole number of chunks wide, and element by element otherwise, summing in the same
+/// order: a row one element off the alignment gives the aligned row's bits (both kernels,
+/// every dtype and style), and a width of no whole chunks (4,001) agrees with the CPU.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn cuda_rms_norm_chunked_and_element_paths_agree_bit_for_bit() {
+    use arenaflow_models::ops::rms_norm::{add_rms_norm, rms_norm};
+    use arenaflow_models::weights::SplitMix64;
+    let gpu = Device::new_cuda(0).expect("a CUDA GPU");
+    let mut rng = SplitMix64::new(23);
+    let (rows, cols) = (11, 4096);
+    let mut draw =
+        |n: usize| -> Vec<f32> { (0..n).map(|_| (3.0 * rng.next_normal()) as f32).collect() };
+    let (x, y) = (draw(rows * cols + 1), draw(rows * cols + 1));
+    let w: Vec<f32> = (0..cols).map(|c| 1.0 + 0.0003 * c as f32).collect();
+    let w = Tensor::from_slice(&w, cols, &gpu).unwrap();
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        // The same rows at the buffer's start (aligned) and one element in (not aligned).
+        let rows_at = |v: &[f32], at: usize| {
+            Tensor::from_slice(v, rows * cols + 1, &gpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+                .narrow(0, at, rows * cols)
+                .unwrap()
+                .reshape((rows, cols))
+                .unwrap()
+        };
+        let shifted = |v: &[f32]| {
+            let mut s = vec![0f32];
+            s.extend_from_slice(&v[..rows * cols]);
+            s
+        };
+        let (xa, xs) = (rows_at(&x, 0), rows_at(&shifted(&x), 1));
+        let (ya, ys) = (rows_at(&y, 0), rows_at(&shifted(&y), 1));
+        assert!(bits(&xa) == bits(&xs));
+        for gemma in [false, true] {
+            let aligned = rms_norm(&xa, &w, 1e-6, gemma).unwrap();
+            let off = rms_norm(&xs, &w, 1e-6, gemma).unwrap();
+            assert!(
+                bits(&aligned) == bits(&off),
+                "rms_norm {dtype:?} gemma {gemma}"
+            );
+            let (sa, na) = add_rms_norm(&xa, &ya, &w, 1e-6, gemma).unwrap();
+            let (so, no) = add_rms_norm(&xs, &ys, &w, 1e-6, gemma).unwrap();
+            assert!(
+                bits(&sa) == bits(&so),
+                "add_rms_norm {dtype:?} gemma {gemma}: the sum"
+            );
+            assert!(
+                bits(&na) == bits(&no),
+                "add_rms_norm {dtype:?} gemma {gemma}: the norm"
+            );
+        }
+        // A width of no whole chunks: element by element, against the CPU.
+        let odd = 4001;
+        let xo: Vec<f32> = x[..rows * odd].to_vec();
+        let wo: Vec<f32> = (0..odd).map(|c| 1.0 + 0.0003 * c as f32).collect();
+        let run = |device: &Device| -> Vec<f32> {
+            let t = Tensor::from_slice(&xo, (rows, odd), device)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let wt = Tensor::from_slice(&wo, odd, device).unwrap();
+            bits(&rms_norm(&t, &wt, 1e-6, false).unwrap())
+        };
+        let (cpu, cuda) = (run(&Device::Cpu), run(&gpu));
+        let worst = cpu
+            .iter()
+            .zip(&cuda)
+            .map(|(a, b)| (a - b).abs() / a.abs().max(1.0))
+            .fold(0f32, f32::max);
+        eprintln!("rms_norm {dtype:?}: chunked = element by element, bit for bit; width {odd} off the CPU by {worst:.2e}");
+        assert!(worst < 1e-2, "{dtype:?} width {odd}: {worst}");
+    }
+}
+
 /// The fused RMSNorm on a GPU against its CPU side, with a few of Gemma's (1 + w) weights
 /// large enough to overflow f16: the GPU saturates those outputs at f16's largest finite
 /// value, as the CPU does, and agrees elsewhere.
