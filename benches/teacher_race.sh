@@ -109,7 +109,7 @@ PY
     done
     ;;
   switch)
-    # One build with and without a switch (e.g. ARENAFLOW_ADD_NORM=1), side by side, each
+    # One build with and without a switch (e.g. ARENAFLOW_ADD_NORM=off), side by side, each
     # case off then on; the logits of both compared. Writes $OUT/switch-MODEL.jsonl.
     model=$2 f=$(family $2) switch=$3
     unpack

@@ -30,8 +30,8 @@ pub struct Kernels {
     pub attention: bool,
     /// arenaflow's GPU kernels for RMSNorm and the gated activation too.
     pub gpu: bool,
-    /// The residual add and the RMSNorm after it in one pass (GPU inference, where
-    /// `ARENAFLOW_ADD_NORM=1` asks for it; `RmsNorm::add_forward_t`).
+    /// The residual add and the RMSNorm after it in one pass (GPU inference, unless
+    /// `ARENAFLOW_ADD_NORM=off`; `RmsNorm::add_forward_t`).
     pub add_norm: bool,
 }
 
@@ -42,7 +42,7 @@ impl Kernels {
             Self {
                 attention: on,
                 gpu: on,
-                add_norm: on && std::env::var("ARENAFLOW_ADD_NORM").as_deref() == Ok("1"),
+                add_norm: on && kernels_enabled("ARENAFLOW_ADD_NORM"),
             }
         } else {
             Self {
