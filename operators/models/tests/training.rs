@@ -81,6 +81,14 @@ fn values(t: &Tensor) -> Vec<f64> {
         .unwrap()
 }
 
+/// The largest of |cpu - gpu| / max(|cpu|, 1), element by element.
+fn worst_elementwise(cpu: &[f32], gpu: &[f32]) -> f32 {
+    cpu.iter()
+        .zip(gpu)
+        .map(|(a, b)| (a - b).abs() / a.abs().max(1.0))
+        .fold(0f32, f32::max)
+}
+
 /// max |a - b| / max(max |b|, 1e-3) over the tensor.
 fn relative_error(a: &Tensor, b: &Tensor) -> f64 {
     let (a, b) = (values(a), values(b));
@@ -1319,11 +1327,7 @@ fn cuda_rms_norm_chunked_and_element_paths_agree_bit_for_bit() {
             bits(&rms_norm(&t, &wt, 1e-6, false).unwrap())
         };
         let (cpu, cuda) = (run(&Device::Cpu), run(&gpu));
-        let worst = cpu
-            .iter()
-            .zip(&cuda)
-            .map(|(a, b)| (a - b).abs() / a.abs().max(1.0))
-            .fold(0f32, f32::max);
+        let worst = worst_elementwise(&cpu, &cuda);
         eprintln!("rms_norm {dtype:?}: chunked = element by element, bit for bit; width {odd} off the CPU by {worst:.2e}");
         assert!(worst < 1e-2, "{dtype:?} width {odd}: {worst}");
     }
@@ -1366,11 +1370,7 @@ fn cuda_rms_norm_matches_the_cpu_and_saturates_in_f16() {
     };
     for dtype in [DType::F32, DType::BF16, DType::F16] {
         let (cpu, cuda) = (run(&Device::Cpu, dtype, true), run(&gpu, dtype, true));
-        let worst = cpu
-            .iter()
-            .zip(&cuda)
-            .map(|(a, b)| (a - b).abs() / a.abs().max(1.0))
-            .fold(0f32, f32::max);
+        let worst = worst_elementwise(&cpu, &cuda);
         let saturated = cuda.iter().filter(|v| v.abs() == F16_MAX).count();
         eprintln!("rms_norm gemma {dtype:?}: GPU off the CPU by {worst:.2e} (relative), {saturated} outputs at 65504");
         assert!(cuda.iter().all(|v| v.is_finite()), "{dtype:?}: not finite");
@@ -1451,11 +1451,7 @@ fn cuda_gated_backward_matches_the_cpu() {
                 .zip(&cuda)
                 .map(|((w, c), g)| (w, c, g))
             {
-                let worst = c
-                    .iter()
-                    .zip(g)
-                    .map(|(a, b)| (a - b).abs() / a.abs().max(1.0))
-                    .fold(0f32, f32::max);
+                let worst = worst_elementwise(c, g);
                 eprintln!("gated backward {activation:?} {dtype:?} {what}: GPU off the CPU by {worst:.2e}");
                 assert!(worst < bar, "{activation:?} {dtype:?} {what}: {worst}");
             }
